@@ -1,0 +1,102 @@
+"""Capture an nn.Module with torch.export into an ATen-level graph with symbolic batch and sequence dims."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+import torch
+
+from caramba.errors import CaptureError
+
+DEFAULT_MAX_BATCH = 1024
+DEFAULT_MAX_SEQ = 4096
+# Example sizes for tracing: >= 2 (torch specialises 0 and 1) and distinct from each other and from model dims.
+EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 5
+
+
+class LogitsAdapter(torch.nn.Module):
+    """Calls a model as `model(input_ids)` and returns the logits tensor whatever the model's output type is."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.is_hf = hasattr(model, "config") and hasattr(model.config, "to_dict") and hasattr(model, "generation_config")
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, use_cache=False) if self.is_hf else self.model(input_ids)
+        if isinstance(out, torch.Tensor):
+            return out
+        if hasattr(out, "logits"):
+            return out.logits
+        if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+            return out[0]
+        raise CaptureError(f"{type(self.model).__name__} returned {type(out).__name__}; caramba needs logits: a tensor, "
+                           "an object with .logits, or a tuple whose first item is the logits")
+
+
+@dataclass
+class Capture:
+    program: torch.export.ExportedProgram
+    seconds: float
+    max_batch: int
+    max_seq: int
+    prefix: str = "model."  # the adapter's attribute name, stripped from weight names
+
+
+def max_seq_of(model: torch.nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    for attr in ("max_seq_len", "max_position_embeddings"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value >= EXAMPLE_SEQ:
+            return value
+    return DEFAULT_MAX_SEQ
+
+
+def capture(model: torch.nn.Module, *, max_batch: int = DEFAULT_MAX_BATCH, max_seq: int | None = None) -> Capture:
+    """torch.export the model's logits with batch and seq symbolic; raise CaptureError with a reason otherwise."""
+    max_seq = max_seq or max_seq_of(model)
+    adapter = LogitsAdapter(model).eval()
+    device = _device_of(model)
+    ids = torch.zeros(EXAMPLE_BATCH, EXAMPLE_SEQ, dtype=torch.long, device=device)
+    dims = {"input_ids": {0: torch.export.Dim("batch", min=1, max=max_batch),
+                          1: torch.export.Dim("seq", min=1, max=max_seq)}}
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(adapter, (ids,), dynamic_shapes=dims, strict=False)
+            ep = ep.run_decompositions({})
+    except CaptureError:
+        raise
+    except Exception as e:  # torch raises many types here; all mean "this module cannot be traced as written"
+        raise CaptureError(_explain(model, e)) from e
+    return Capture(ep, time.perf_counter() - start, max_batch, max_seq)
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _explain(model: torch.nn.Module, e: Exception) -> str:
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    hint = ("caramba traces forward(input_ids) once for every batch and sequence length, so forward must not branch "
+            "in Python on tensor values or on the sequence length (use torch.where / masks instead), must not call "
+            ".item() or .tolist(), and must return logits.")
+    if "data-dependent" in text.lower() or "guardondatadependent" in type(e).__name__.lower():
+        hint = ("forward branches on a tensor's value (data-dependent control flow), which a graph cannot hold: "
+                "replace the Python `if` on a tensor with torch.where or a mask. " + hint)
+    elif "constraint" in text.lower() and "seq" in text:
+        hint = ("forward only works for some sequence lengths (e.g. it branches on or specialises the length). " + hint)
+    where = _user_frame(text)
+    return (f"could not capture {type(model).__name__} with torch.export: {type(e).__name__}: {first[:500]}"
+            f"{where}\n{hint}")
+
+
+def _user_frame(text: str) -> str:
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("File \"") and "site-packages/torch" not in s:
+            return f"\n  at {s}"
+    return ""
+

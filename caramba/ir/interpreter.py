@@ -1,0 +1,144 @@
+"""The reference interpreter: runs any graph, at any stage of the pipeline, with each op's torch implementation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import sympy
+import torch
+
+from caramba.errors import InputError
+from caramba.ir import symbolic
+from caramba.ir.graph import Graph, Node
+from caramba.ir.registry import get_op
+
+
+def bind_symbols(g: Graph, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
+    """Check inputs against the graph's input types and return the symbol values they imply."""
+    if len(inputs) != len(g.inputs):
+        names = ", ".join(v.name for v in g.inputs)
+        raise InputError(f"expected {len(g.inputs)} input(s) ({names}), got {len(inputs)}")
+    bindings: dict[str, int] = {}
+    for v, x in zip(g.inputs, inputs):
+        _bind_one(g, v.name, v.type, x, bindings)
+    for v, x in zip(g.inputs, inputs):  # compound dims (seq + past) are checked once every symbol is bound
+        want = v.type.concrete(bindings)
+        if tuple(x.shape) != want:
+            raise InputError(f"input {v.name!r} should have shape {list(want)} ({v.type}), got {list(x.shape)}")
+    return bindings
+
+
+def _bind_one(g: Graph, name: str, t, x: Any, bindings: dict[str, int]) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"input {name!r} must be a torch.Tensor of {t}, got {type(x).__name__}")
+    if x.dtype != t.dtype.torch:
+        hint = " (token ids are integers: pass a torch.long tensor)" if not t.dtype.is_float else ""
+        raise InputError(f"input {name!r} must have dtype {t.dtype.torch}, got {x.dtype}{hint}")
+    if x.dim() != t.rank:
+        raise InputError(f"input {name!r} must have {t.rank} dims ({t}), got shape {list(x.shape)}")
+    for d, size in zip(t.shape, x.shape):
+        if isinstance(d, sympy.Symbol):
+            r = g.symbols.get(d.name)
+            if r is not None and not r.lo <= size <= r.hi:
+                raise InputError(f"input {name!r}: {d.name}={size} is outside the captured range [{r.lo}, {r.hi}]; "
+                                 f"re-capture with a larger maximum")
+            if bindings.setdefault(d.name, size) != size:
+                raise InputError(f"inputs disagree on {d.name}: {bindings[d.name]} vs {size} in {name!r}")
+
+
+def _resolve(v: Any, bindings: Mapping[str, int]) -> Any:
+    if isinstance(v, sympy.Expr):
+        return symbolic.evaluate(v, bindings)
+    if isinstance(v, tuple):
+        return tuple(_resolve(x, bindings) for x in v)
+    return v
+
+
+def _is_symbolic(v: Any) -> bool:
+    return isinstance(v, sympy.Expr) or (isinstance(v, tuple) and any(_is_symbolic(x) for x in v))
+
+
+@dataclass(frozen=True)
+class _Step:
+    node: Node
+    impl: Callable[..., Any]
+    args: tuple[int, ...]  # slots of the inputs
+    outs: tuple[int, ...]
+    attrs: Mapping[str, Any]
+    symbolic_attrs: bool
+    frees: tuple[int, ...]  # slots whose last use is this step
+
+
+class Interpreter:
+    """Compile a graph into a flat list of steps once; run it many times.
+
+    `check_types=True` also checks every produced tensor against its declared type (tests and debug runs).
+    """
+
+    def __init__(self, g: Graph, weights: Mapping[str, torch.Tensor] | None = None, check_types: bool = False) -> None:
+        self.graph = g
+        self.check_types = check_types
+        weights = g.weights if weights is None else weights
+        missing = [n for n in g.params if n not in weights]
+        if missing:
+            raise ValueError(f"no weight tensor for param(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        slot = {v: i for i, v in enumerate(g.values())}
+        self._nslots = len(slot)
+        self._input_slots = [slot[v] for v in g.inputs]
+        self._params = [(slot[v], weights[n]) for n, v in g.params.items()]
+        self._out_slots = [slot[v] for v in g.outputs]
+        self._steps = self._plan(g, slot)
+
+    def _plan(self, g: Graph, slot: dict) -> list[_Step]:
+        last_use: dict[int, int] = {}
+        for i, n in enumerate(g.nodes):
+            for v in n.inputs:
+                last_use[slot[v]] = i
+        keep = set(self._out_slots) | {s for s, _ in self._params}
+        frees: dict[int, list[int]] = {}
+        for s, i in last_use.items():
+            if s not in keep:
+                frees.setdefault(i, []).append(s)
+        steps = []
+        for i, n in enumerate(g.nodes):
+            opdef = get_op(n.op)
+            attrs = opdef.full_attrs(n.attrs)
+            steps.append(_Step(n, opdef.impl, tuple(slot[v] for v in n.inputs), tuple(slot[v] for v in n.outputs),
+                               attrs, any(_is_symbolic(a) for a in attrs.values()), tuple(frees.get(i, ()))))
+        return steps
+
+    def run(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        bindings = bind_symbols(self.graph, inputs)
+        env: list[Any] = [None] * self._nslots
+        for s, x in zip(self._input_slots, inputs):
+            env[s] = x
+        for s, w in self._params:
+            env[s] = w
+        device = inputs[0].device if inputs else torch.device("cpu")
+        with torch.device(device):
+            for st in self._steps:
+                self._step(st, env, bindings)
+        return [env[s] for s in self._out_slots]
+
+    def _step(self, st: _Step, env: list, bindings: Mapping[str, int]) -> None:
+        attrs = {k: _resolve(v, bindings) for k, v in st.attrs.items()} if st.symbolic_attrs else st.attrs
+        result = st.impl(*(env[s] for s in st.args), **attrs)
+        results = result if isinstance(result, tuple) else (result,)
+        for s, r in zip(st.outs, results):
+            env[s] = r
+        if self.check_types:
+            for v, r in zip(st.node.outputs, results):
+                _check_result(st.node, v, r, bindings)
+        for s in st.frees:
+            env[s] = None
+
+
+def _check_result(node: Node, v, r: torch.Tensor, bindings: Mapping[str, int]) -> None:
+    want = v.type.concrete(bindings)
+    if tuple(r.shape) != want or r.dtype != v.type.dtype.torch:
+        raise AssertionError(f"{node.op} produced {r.dtype} {list(r.shape)} for %{v.name}: {v.type} = {list(want)}")
+
+
+def interpret(g: Graph, *inputs: torch.Tensor, check_types: bool = False) -> list[torch.Tensor]:
+    """Run `g` once on `inputs` with its attached weights."""
+    return Interpreter(g, check_types=check_types).run(*inputs)

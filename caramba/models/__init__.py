@@ -1,0 +1,17 @@
+"""Reference eager models (standard, GQA, decoupled DBA), presets and safetensors I/O."""
+
+from .config import ModelConfig
+from .io import CheckpointError, load, save
+from .presets import PRESETS, preset
+from .transformer import Transformer, count_parameters
+
+__all__ = [
+    "PRESETS",
+    "CheckpointError",
+    "ModelConfig",
+    "Transformer",
+    "count_parameters",
+    "load",
+    "preset",
+    "save",
+]

@@ -1,0 +1,191 @@
+"""Checkpoint directories: config.json + model.safetensors, written atomically, never unpickled."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ModelConfig
+from .transformer import Transformer
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+_CHECKPOINT_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE})
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read back into a Transformer."""
+
+
+def save(model: Transformer, directory: str | os.PathLike[str]) -> Path:
+    """Write `model` to `directory` (config.json + model.safetensors) and return the path.
+
+    The files are written into a temporary sibling and renamed into place, so a
+    crash leaves either the old checkpoint or the new one, never a mix. An
+    existing directory is replaced only if it holds nothing but checkpoint files.
+    """
+    target = Path(directory)
+    _check_replaceable(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(target, "tmp")
+    staging.mkdir()  # mkdir, not mkdtemp: the checkpoint should get umask permissions, not 0700
+    try:
+        _write_config(model.config, staging / CONFIG_FILE)
+        _write_weights(model, staging / WEIGHTS_FILE)
+        _fsync_dir(staging)
+        _swap_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def load(directory: str | os.PathLike[str], dtype: torch.dtype | None = None) -> Transformer:
+    """Read a checkpoint written by `save`; the model comes back in eval mode.
+
+    `dtype` casts the weights (the RoPE table stays fp32); None keeps the stored dtype.
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; pass a directory written by caramba.models.save.")
+    config = _read_config(path / CONFIG_FILE)
+    tensors = _read_weights(path / WEIGHTS_FILE)
+    with torch.device("meta"):
+        model = Transformer(config)  # no memory, no init: every weight comes from the file
+    _check_tensors(model, tensors, path / WEIGHTS_FILE)
+    model.load_state_dict(tensors, assign=True)
+    model.rotary.reset_inv_freq("cpu")  # non-persistent, so still on meta after assign
+    if dtype is not None:
+        model.to(dtype=dtype)
+    return model.eval()
+
+
+# ---- save ------------------------------------------------------------------------------
+
+
+def _check_replaceable(target: Path) -> None:
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory; choose another path.")
+    if target.is_dir():
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in _CHECKPOINT_FILES)
+        if foreign:
+            raise FileExistsError(
+                f"refusing to replace {target}: it holds files that are not a caramba checkpoint "
+                f"({foreign[:5]}); save to a new or empty directory."
+            )
+
+
+def _write_config(config: ModelConfig, path: Path) -> None:
+    data = {"format_version": FORMAT_VERSION, **config.to_dict()}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_weights(model: nn.Module, path: Path) -> None:
+    # Tied embeddings have no lm_head entry (see Transformer), so each tensor is stored once.
+    tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    save_file(tensors, str(path), metadata={"format": "pt", "format_version": str(FORMAT_VERSION)})
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    """A fresh hidden name next to target: same filesystem, so renames are atomic."""
+    return target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _swap_into_place(staging: Path, target: Path) -> None:
+    # rename(2) cannot replace a non-empty directory, so move the old one aside first;
+    # if the second rename fails the old checkpoint is put back.
+    if not target.exists():
+        os.replace(staging, target)
+    else:
+        old = _sibling(target, "old")
+        os.replace(target, old)
+        try:
+            os.replace(staging, target)
+        except BaseException:
+            os.replace(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(target.parent)
+
+
+# ---- load ------------------------------------------------------------------------------
+
+
+def _read_config(path: Path) -> ModelConfig:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; a checkpoint directory needs the config.json written by save.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-save the model with caramba.models.save.") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}; re-save the model.")
+    return _config_from_json(data, path)
+
+
+def _config_from_json(data: dict[str, Any], path: Path) -> ModelConfig:
+    version = data.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION}); "
+            "re-save the model with this version of caramba."
+        )
+    try:
+        return ModelConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; a checkpoint directory needs the weights written by save.")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for every kind of damage
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}); it is damaged or truncated, re-save the model."
+        ) from e
+
+
+def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match config.json: missing tensors {missing[:8]}, unexpected tensors "
+            f"{unexpected[:8]}; the two files come from different models, re-save them together."
+        )
+    wrong = [
+        f"{name}: file {tuple(tensors[name].shape)}, config {tuple(t.shape)}"
+        for name, t in expected.items()
+        if tensors[name].shape != t.shape
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"{path} has tensors whose shapes do not match config.json ({wrong[:8]}); "
+            "the two files come from different models, re-save them together."
+        )
