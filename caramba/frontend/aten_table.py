@@ -94,9 +94,9 @@ def _gelu(ctx: ImportContext, a: dict) -> Any:
     return ctx.emit_as_node("gelu", [ctx.value(a["self"])], {"approximate": a["approximate"]})
 
 
-@converts(aten.clamp.default)
+@converts(aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default)
 def _clamp(ctx: ImportContext, a: dict) -> Any:
-    return ctx.emit_as_node("clamp", [ctx.value(a["self"])], {"min": a["min"], "max": a["max"]})
+    return ctx.emit_as_node("clamp", [ctx.value(a["self"])], {"min": a.get("min"), "max": a.get("max")})
 
 
 def binary(ctx: ImportContext, op: str, x: Any, y: Any) -> Value:
@@ -166,7 +166,16 @@ def _masked_fill(ctx: ImportContext, a: dict) -> Any:
     return ctx.emit_as_node("masked_fill", [ctx.value(a["self"]), ctx.value(a["mask"])], {"value": a["value"]})
 
 
-@converts(aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device)
+@converts(aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar)
+def _where_scalar(ctx: ImportContext, a: dict) -> Any:
+    t = ctx.type_of(ctx.node)
+    sides = [_operand(ctx, a[k]) for k in ("self", "other")]
+    sides = [v if isinstance(v, Value) else ctx.emit("full", [], {"shape": (), "value": v, "dtype": t.dtype})
+             for v in sides]
+    return ctx.emit_as_node("where", [ctx.value(a["condition"])] + sides)
+
+
+@converts(aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.type_as.default)
 def _to(ctx: ImportContext, a: dict) -> Any:
     x = ctx.value(a["self"])
     want = ctx.type_of(ctx.node).dtype
@@ -236,7 +245,32 @@ def _diff(ctx: ImportContext, a: dict) -> Any:
 # -- views and data movement ---------------------------------------------------------------------------------------
 @converts(aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 def _reshape(ctx: ImportContext, a: dict) -> Any:
-    return ctx.emit_as_node("reshape", [ctx.value(a["self"])], {"shape": ctx.dims(a["size"])})
+    size = a["size"] if "size" in a else a["shape"]
+    return ctx.emit_as_node("reshape", [ctx.value(a["self"])], {"shape": ctx.dims(size)})
+
+
+@converts(aten.view_as.default, aten.reshape_as.default)
+def _reshape_as(ctx: ImportContext, a: dict) -> Any:
+    return ctx.emit_as_node("reshape", [ctx.value(a["self"])], {"shape": ctx.type_of(ctx.node).shape})
+
+
+@converts(aten.expand_as.default)
+def _expand_as(ctx: ImportContext, a: dict) -> Any:
+    return ctx.emit_as_node("expand", [ctx.value(a["self"])], {"shape": ctx.type_of(ctx.node).shape})
+
+
+@converts(aten.repeat_interleave.self_int)
+def _repeat_interleave(ctx: ImportContext, a: dict) -> Any:
+    """x.repeat_interleave(r, dim) -> unsqueeze(dim+1), expand, reshape (how repeat_kv is written anyway)."""
+    x = ctx.value(a["self"])
+    if a["dim"] is None or a["output_size"] is not None:
+        raise UnsupportedOpError(f"repeat_interleave without dim or with output_size {ctx.where()}")
+    dim = a["dim"] % x.type.rank
+    r = ctx.dim(a["repeats"])
+    up = ctx.emit("unsqueeze", [x], {"dim": dim + 1})
+    shape = list(x.type.shape[:dim + 1]) + [r] + list(x.type.shape[dim + 1:])
+    wide = ctx.emit("expand", [up], {"shape": tuple(shape)})
+    return ctx.emit_as_node("reshape", [wide], {"shape": ctx.type_of(ctx.node).shape})
 
 
 @converts(aten.flatten.using_ints, aten.unflatten.int)
@@ -390,7 +424,7 @@ def _sdpa(ctx: ImportContext, a: dict) -> Any:
 
 @converts(aten.native_layer_norm.default)
 def _native_layer_norm(ctx: ImportContext, a: dict) -> list:
-    out = _layer_norm_value(ctx, a["input"], a["normalized_shape"], a["weight"], a["bias"], a["eps"])
+    out = _layer_norm_value(ctx, a["input"], a["normalized_shape"], a["weight"], a["bias"], a["eps"], index=0)
     return [out, None, None]  # mean and rstd are training-only outputs
 
 
@@ -399,11 +433,12 @@ def _layer_norm(ctx: ImportContext, a: dict) -> Any:
     return _layer_norm_value(ctx, a["input"], a["normalized_shape"], a["weight"], a["bias"], a["eps"])
 
 
-def _layer_norm_value(ctx: ImportContext, x: Any, shape: Any, w: Any, b: Any, eps: float) -> Any:
+def _layer_norm_value(ctx: ImportContext, x: Any, shape: Any, w: Any, b: Any, eps: float,
+                      index: int | None = None) -> Any:
     if w is None and b is not None:
         raise UnsupportedOpError(f"layer_norm with a bias but no weight {ctx.where()}")
     ins = [ctx.value(x)] + [ctx.value(t) for t in (w, b) if t is not None]
-    return ctx.emit("layer_norm", ins, {"normalized_shape": ctx.dims(shape), "eps": eps}, ctx.type_of(ctx.node, index=0))
+    return ctx.emit("layer_norm", ins, {"normalized_shape": ctx.dims(shape), "eps": eps}, ctx.type_of(ctx.node, index))
 
 
 @converts(aten.rms_norm.default)

@@ -1,7 +1,10 @@
 """Capture an nn.Module with torch.export into an ATen-level graph with symbolic batch and sequence dims."""
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
+from typing import Iterator
 from dataclasses import dataclass
 import torch
 
@@ -54,21 +57,52 @@ def max_seq_of(model: torch.nn.Module) -> int:
 def capture(model: torch.nn.Module, *, max_batch: int = DEFAULT_MAX_BATCH, max_seq: int | None = None) -> Capture:
     """torch.export the model's logits with batch and seq symbolic; raise CaptureError with a reason otherwise."""
     max_seq = max_seq or max_seq_of(model)
-    adapter = LogitsAdapter(model).eval()
+    adapter = LogitsAdapter(model)
     device = _device_of(model)
     ids = torch.zeros(EXAMPLE_BATCH, EXAMPLE_SEQ, dtype=torch.long, device=device)
     dims = {"input_ids": {0: torch.export.Dim("batch", min=1, max=max_batch),
                           1: torch.export.Dim("seq", min=1, max=max_seq)}}
     start = time.perf_counter()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _eval_mode(model), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch-internal pytree deprecations, not the user's
             ep = torch.export.export(adapter, (ids,), dynamic_shapes=dims, strict=False)
-            ep = ep.run_decompositions({})
+            if _needs_functionalization(ep):
+                ep = ep.run_decompositions({})
     except CaptureError:
         raise
     except Exception as e:  # torch raises many types here; all mean "this module cannot be traced as written"
         raise CaptureError(_explain(model, e)) from e
     return Capture(ep, time.perf_counter() - start, max_batch, max_seq)
+
+
+def _needs_functionalization(ep: torch.export.ExportedProgram) -> bool:
+    """Whether the graph holds in-place ops or higher-order ops (autocast/no_grad regions) to be flattened.
+
+    run_decompositions({}) does that without decomposing anything else, but costs as much as the export itself,
+    so it runs only when needed.
+    """
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if isinstance(node.target, torch._ops.HigherOrderOperator):
+            return True
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None and schema.is_mutable:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Trace in eval mode (no dropout), then give the caller's modules their own training flags back."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

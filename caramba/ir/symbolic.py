@@ -83,6 +83,8 @@ def equal(a: Dim, b: Dim, ranges: Mapping[str, tuple[int, int]] | None = None) -
     """
     if isinstance(a, int) and isinstance(b, int):
         return a == b
+    if a == b:
+        return True
     diff = sympy.simplify(sympy.sympify(a) - sympy.sympify(b))
     if diff == 0:
         return True

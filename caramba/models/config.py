@@ -6,10 +6,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from caramba.errors import CarambaError
+
 ATTENTION_KINDS = ("standard", "gqa", "decoupled")
 GATE_KINDS = ("off", "static", "dynamic")
 NORM_KINDS = ("rms", "layer")
 MLP_KINDS = ("swiglu", "gelu")
+
+
+class ConfigError(CarambaError, ValueError):
+    """A model configuration (or preset request) that cannot describe a model."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,7 @@ class ModelConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
         unknown = sorted(set(data) - set(field_names()))
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"ModelConfig: unknown key(s) {unknown}; valid keys are {list(field_names())}. "
                 "Remove or rename them."
             )
@@ -110,7 +116,7 @@ def field_names() -> tuple[str, ...]:
 
 
 def _fail(message: str) -> None:
-    raise ValueError(f"ModelConfig: {message}")
+    raise ConfigError(f"ModelConfig: {message}")
 
 
 _POSITIVE_INTS = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len",

@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import ModelConfig
+from caramba.errors import CarambaError
+
+from .config import ConfigError, ModelConfig
 from .transformer import Transformer
 
 FORMAT_VERSION = 1
@@ -22,7 +24,7 @@ WEIGHTS_FILE = "model.safetensors"
 _CHECKPOINT_FILES = frozenset({CONFIG_FILE, WEIGHTS_FILE})
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CarambaError, ValueError):
     """A checkpoint directory that cannot be read back into a Transformer."""
 
 
@@ -155,7 +157,7 @@ def _config_from_json(data: dict[str, Any], path: Path) -> ModelConfig:
         )
     try:
         return ModelConfig.from_dict(data)
-    except (TypeError, ValueError) as e:
+    except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from e
 
 

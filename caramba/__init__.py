@@ -1,0 +1,11 @@
+"""caramba: a compiler for transformer inference (torch.fx capture -> IR -> passes -> Triton | Metal | ONNX)."""
+from caramba.compiler import CompiledModel, cast_model, compile
+from caramba.errors import (CaptureError, CarambaError, InputError, ParseError, UnsupportedOpError,
+                            VerificationError)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CaptureError", "CarambaError", "CompiledModel", "InputError", "ParseError", "UnsupportedOpError",
+    "VerificationError", "cast_model", "compile", "__version__",
+]

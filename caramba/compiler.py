@@ -1,0 +1,128 @@
+"""`caramba.compile`: capture -> IR -> (passes) -> a target's executor, behind one `CompiledModel` interface."""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from caramba.frontend import Capture, import_model
+from caramba.ir.graph import Graph
+from caramba.ir.interpreter import Interpreter
+from caramba.ir.types import DType
+from caramba.ir.verifier import verify
+
+log = logging.getLogger("caramba")
+
+TARGETS = ("auto", "cuda", "metal", "onnx", "eager")
+IMPLEMENTED_TARGETS = ("eager",)
+COMPUTE_DTYPES = (DType.f32, DType.f16, DType.bf16)
+
+
+@dataclass
+class CompileStats:
+    capture_seconds: float
+    import_seconds: float
+    op_counts: dict[str, int] = field(default_factory=dict)
+
+
+class CompiledModel:
+    """Behaves like the model: `cm(input_ids)` -> logits (B, T, vocab). `graph` is the IR that runs."""
+
+    def __init__(self, graph: Graph, target: str, dtype: DType, stats: CompileStats, capture: Capture) -> None:
+        self.graph = graph
+        self.target = target
+        self.dtype = dtype
+        self.stats = stats
+        self.capture = capture
+        self._executor = Interpreter(graph)
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._executor.run(input_ids)[0]
+
+    def ir(self) -> str:
+        return str(self.graph)
+
+    def __repr__(self) -> str:
+        return (f"CompiledModel(target={self.target!r}, dtype={self.dtype}, nodes={len(self.graph.nodes)}, "
+                f"params={len(self.graph.params)})")
+
+
+def resolve_target(target: str) -> str:
+    """The concrete target for `target`; "auto" picks the best one this build implements on this machine."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target == "auto":
+        chosen = next(t for t in ("cuda", "metal", "onnx", "eager") if t in IMPLEMENTED_TARGETS and _available(t))
+        log.info("target='auto' resolved to %r", chosen)
+        return chosen
+    if target not in IMPLEMENTED_TARGETS:
+        raise NotImplementedError(f"target {target!r} is not implemented in this version of caramba yet; "
+                                  f"available: {', '.join(IMPLEMENTED_TARGETS)} (or 'auto')")
+    if not _available(target):
+        raise RuntimeError(f"target {target!r} needs hardware this machine does not have")
+    return target
+
+
+def _available(target: str) -> bool:
+    if target == "cuda":
+        return torch.cuda.is_available()
+    if target == "metal":
+        return torch.backends.mps.is_available()
+    return True
+
+
+def resolve_dtype(dtype: Any, model: torch.nn.Module) -> DType:
+    if dtype is None:
+        first = next(model.parameters(), None)
+        return DType.from_torch(first.dtype) if first is not None else DType.f32
+    d = DType.from_torch(dtype) if isinstance(dtype, torch.dtype) else DType.parse(str(dtype))
+    if d not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype {d} is not a compute dtype; use fp32, fp16 or bf16")
+    return d
+
+
+def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, max_batch: int = 1024,
+            max_seq_len: int | None = None) -> CompiledModel:
+    """Capture `model` once (batch and sequence length stay symbolic) and build it for `target`.
+
+    dtype: fp32 / fp16 / bf16 (a torch.dtype or a name); the model is captured in that dtype without touching the
+    caller's module. max_batch / max_seq_len bound the symbolic sizes (defaults: 1024, the model's max length).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"caramba.compile expects a torch.nn.Module, got {type(model).__name__}")
+    chosen = resolve_target(target)
+    want = resolve_dtype(dtype, model)
+    model = cast_model(model, want)
+    start = time.perf_counter()
+    graph, cap = import_model(model, max_batch=max_batch, max_seq=max_seq_len)
+    verify(graph)
+    stats = CompileStats(cap.seconds, time.perf_counter() - start - cap.seconds, graph.op_counts())
+    log.info("captured %s: %d nodes in %.2fs (target %s, %s)", type(model).__name__, len(graph.nodes),
+             cap.seconds, chosen, want)
+    return CompiledModel(graph, chosen, want, stats, cap)
+
+
+def cast_model(model: torch.nn.Module, dtype: DType) -> torch.nn.Module:
+    """The model in `dtype`: the module itself when nothing changes, else a cast copy (the caller's is untouched).
+
+    Like model.to(dtype), except that non-persistent fp32 tables (RoPE inverse frequencies) stay fp32: rounding
+    them to fp16 moves rotation angles by radians at long positions.
+    """
+    floats = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    if all(t.dtype == dtype.torch for t in floats):
+        return model
+    out = copy.deepcopy(model)
+    keep = {}
+    for mod in out.modules():
+        for name in getattr(mod, "_non_persistent_buffers_set", ()):
+            buf = mod._buffers.get(name)
+            if buf is not None and buf.dtype == torch.float32:
+                keep[(mod, name)] = buf
+    out.to(dtype.torch)
+    for (mod, name), buf in keep.items():
+        mod._buffers[name] = buf
+    return out

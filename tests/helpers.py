@@ -1,0 +1,30 @@
+"""Shared test helpers: small Hugging Face models built offline from configs, and numeric comparison."""
+from __future__ import annotations
+
+import torch
+
+HF_FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def hf_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A 2-layer decoder from `transformers` with random weights (no download)."""
+    import transformers as tf
+
+    cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+           "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[family]
+    kw = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+              num_key_value_heads=2, max_position_embeddings=256)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    return cls[1](cls[0](**kw)).eval()
+
+
+def hf_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|, in float64."""
+    out, ref = out.double(), ref.double()
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
