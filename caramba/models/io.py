@@ -31,9 +31,11 @@ class CheckpointError(CarambaError, ValueError):
 def save(model: Transformer, directory: str | os.PathLike[str]) -> Path:
     """Write `model` to `directory` (config.json + model.safetensors) and return the path.
 
-    The files are written into a temporary sibling and renamed into place, so a
-    crash leaves either the old checkpoint or the new one, never a mix. An
-    existing directory is replaced only if it holds nothing but checkpoint files.
+    The files are written into a hidden sibling and renamed into place, so
+    `directory` never holds a half-written checkpoint: an interrupted save leaves
+    the old one (or, after a crash in the instant between the two renames, the
+    old one under a hidden `.NAME.old-*` sibling). An existing directory is
+    replaced only if it holds nothing but checkpoint files.
     """
     target = Path(directory)
     _check_replaceable(target)
