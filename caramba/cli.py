@@ -47,7 +47,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.max_seq_len is not None and args.max_seq_len < 2:
+    if getattr(args, "max_seq_len", None) is not None and args.max_seq_len < 2:
         parser.error("--max-seq-len must be at least 2")
     try:
         return args.func(args)

@@ -117,7 +117,8 @@ _BINARY = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "eq": "eq", "
 for _aname, _op in _BINARY.items():
     for _ov in ("Tensor", "Scalar", "default"):
         _target = getattr(getattr(aten, _aname), _ov, None)
-        if _target is not None:
+        # only tensor overloads: e.g. aten.add.default adds two Python scalars and never reaches a converter
+        if _target is not None and [a.name for a in _target._schema.arguments][:2] == ["self", "other"]:
             converts(_target)(lambda ctx, a, _op=_op: _binary_with_alpha(ctx, _op, a))
 
 

@@ -14,7 +14,8 @@ from typing import Any, Callable, Mapping, Sequence
 import pytest
 import torch
 
-from caramba.ir import DType, Graph, Interpreter, TensorType, VerificationError, all_ops, get_op, symbolic, verify
+from caramba.errors import VerificationError
+from caramba.ir import DType, Graph, Interpreter, TensorType, all_ops, get_op, symbolic, verify
 
 BATCH = symbolic.symbol("batch")
 SEQ = symbolic.symbol("seq")
