@@ -37,6 +37,11 @@ class Node:
         return self.outputs[0]
 
 
+def replace_inputs(node: Node, mapping: Mapping[Value, Value]) -> Node:
+    """The same node reading `mapping[v]` instead of each mapped input (outputs, the values, are kept)."""
+    return Node(node.op, tuple(mapping.get(v, v) for v in node.inputs), node.outputs, node.attrs, node.loc)
+
+
 @dataclass(frozen=True)
 class SymbolRange:
     lo: int
@@ -105,6 +110,40 @@ class Graph:
             raise ValueError(f"value name %{name} is defined twice")
         self._names.add(name)
         return name
+
+    def replace_uses(self, old: Value, new: Value) -> int:
+        """Point every use of `old` (node inputs and graph outputs) at `new`; returns the number of uses moved."""
+        moved = 0
+        for i, n in enumerate(self.nodes):
+            if old in n.inputs:
+                moved += n.inputs.count(old)
+                self.nodes[i] = replace_inputs(n, {old: new})
+        for i, v in enumerate(self.outputs):
+            if v is old:
+                self.outputs[i] = new
+                moved += 1
+        return moved
+
+    def remove_dead(self, candidates: Iterable[Node] | None = None) -> int:
+        """Drop nodes (all of them, or just `candidates`) whose outputs nothing uses; returns how many."""
+        pool = set(self.nodes if candidates is None else candidates)
+        removed = 0
+        while True:
+            used = {v for n in self.nodes for v in n.inputs} | set(self.outputs)
+            dead = [n for n in self.nodes if n in pool and not any(v in used for v in n.outputs)]
+            if not dead:
+                return removed
+            gone = set(dead)
+            self.nodes = [n for n in self.nodes if n not in gone]
+            removed += len(dead)
+
+    def copy(self) -> "Graph":
+        """A structural copy sharing Values, Nodes and weight tensors (passes replace nodes, never mutate them)."""
+        g = Graph(self.name)
+        g.inputs, g.params, g.nodes, g.outputs = list(self.inputs), dict(self.params), list(self.nodes), list(self.outputs)
+        g.symbols, g.weights = dict(self.symbols), dict(self.weights)
+        g._names, g._counter = set(self._names), itertools.count(next(self._counter))
+        return g
 
     # -- queries ----------------------------------------------------------------------------------------------
     def values(self) -> Iterator[Value]:

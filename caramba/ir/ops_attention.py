@@ -1,0 +1,2 @@
+"""Fused attention ops produced by fuse_attention and fuse_decoupled_attention."""
+from __future__ import annotations
