@@ -301,9 +301,9 @@ def _unsqueeze(ctx: ImportContext, a: dict) -> Any:
 
 @converts(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
 def _squeeze(ctx: ImportContext, a: dict) -> Any:
-    dims = a.get("dim", ())
-    dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
-    return ctx.emit_as_node("squeeze", [ctx.value(a["self"])], {"dims": dims})
+    """squeeze -> reshape to torch's traced shape: whether a symbolic dim of size 1 is squeezed is a run-time
+    question, and the traced shape already records torch's answer (with a guard)."""
+    return ctx.emit_as_node("reshape", [ctx.value(a["self"])], {"shape": ctx.type_of(ctx.node).shape})
 
 
 @converts(aten.expand.default)

@@ -99,12 +99,17 @@ def _compare_infer(t: Types, a: Attrs) -> list[TensorType]:
     return [TensorType(_binary_shape(t), DType.bool)]
 
 
+_TENSOR_ONLY = {torch.maximum, torch.minimum, torch.logical_and, torch.logical_or}  # no Python-scalar overloads
+
+
 def _binary_impl(fn):
     def impl(x, y=None, *, scalar, reverse):
         if y is not None:
             return fn(x, y)
-        if not reverse:
+        if not reverse and fn not in _TENSOR_ONLY:
             return fn(x, scalar)
+        if not reverse:
+            return fn(x, torch.scalar_tensor(scalar, dtype=torch.result_type(x, scalar)))
         # torch.sub(2.0, x) has no scalar-first overload for every op: wrap the scalar like torch's own rsub does.
         return fn(torch.scalar_tensor(scalar, dtype=torch.result_type(x, scalar)), x)
 
@@ -129,8 +134,7 @@ def _where(cond, x, y):
 
 
 def _masked_fill_infer(t: Types, a: Attrs) -> list[TensorType]:
-    broadcast(t[0].shape, t[1].shape)
-    return [t[0]]
+    return [t[0].with_shape(broadcast(t[0].shape, t[1].shape))]
 
 
 @register_op("masked_fill", ["x", "mask"], _masked_fill_infer, attrs={"value": REQUIRED}, tags=["elementwise"])
@@ -287,6 +291,9 @@ def _unsqueeze(x, dim):
 def _squeeze_infer(t: Types, a: Attrs) -> list[TensorType]:
     s = t[0].shape
     dims = {norm_dim(d, len(s)) for d in a["dims"]} if a["dims"] else set(range(len(s)))
+    if any(not symbolic.is_static(s[d]) for d in dims):
+        # whether a symbolic dim is squeezed depends on its run-time value: the importer emits a reshape instead
+        raise ShapeError(f"squeeze over symbolic dim(s) of {t[0]}; name static dims to squeeze")
     return [t[0].with_shape(d for i, d in enumerate(s) if not (i in dims and d == 1))]
 
 
@@ -357,7 +364,7 @@ def _cat_infer(t: Types, a: Attrs) -> list[TensorType]:
             raise ShapeError(f"cat inputs differ outside dim {d}: {[str(x) for x in t]}")
     shape = list(parts[0].shape)
     shape[d] = size
-    return [TensorType(shape, promote(*parts))]
+    return [TensorType(shape, promote(*t))]
 
 
 @register_op("cat", ["*xs"], _cat_infer, attrs={"dim": 0})

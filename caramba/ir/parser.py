@@ -51,7 +51,12 @@ def parse_type(text: str) -> TensorType:
     m = re.fullmatch(r"([a-z0-9]+)\[(.*)\]", text.strip())
     if not m or m.group(1) not in _DTYPES:
         raise ParseError(f"bad type {text!r}: expected dtype[dims], e.g. f32[batch, seq, 64]")
-    dims = [symbolic.parse(d) for d in split_top(m.group(2))]
+    try:
+        dims = [symbolic.parse(d) for d in split_top(m.group(2))]
+    except (ValueError, TypeError, SyntaxError) as e:
+        raise ParseError(f"bad type {text!r}: {e}") from None
+    if any(isinstance(d, int) and d < 0 for d in dims):
+        raise ParseError(f"bad type {text!r}: dimensions cannot be negative")
     return TensorType(tuple(dims), _DTYPES[m.group(1)])
 
 
@@ -98,12 +103,15 @@ class _Parser:
         if not m:
             raise self.fail(lineno, f"expected 'graph @name(%input: type, ...) {{', got {head!r}")
         g = Graph(m.group(1))
-        for part in split_top(m.group(2)):
-            name, t = _parse_typed_value(part)
-            self.env[name] = g.add_input(name, t)
+        try:
+            for part in split_top(m.group(2)):
+                name, t = _parse_typed_value(part)
+                self.env[name] = g.add_input(name, t)
+        except ParseError as e:
+            raise self.fail(lineno, str(e)) from None
         body = self.lines[1:]
         if not body or body[-1][1] != "}":
-            raise ParseError("missing closing '}' of the graph")
+            raise self.fail(self.lines[-1][0], "missing closing '}' of the graph")
         for lineno, line in body[:-1]:
             try:
                 self.statement(g, line)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import weakref
 
 import pytest
@@ -24,7 +25,8 @@ def _lm_graph() -> Graph:
     g.add_symbol("seq", 1, 16)
     ids = g.add_input("input_ids", TensorType((BATCH, SEQ), DType.i64))
     bias = g.add_input("bias", TensorType((BATCH, SEQ, 4), F32))
-    w = g.add_param("embed.weight", TensorType((11, 4), F32), torch.randn(11, 4, generator=torch.Generator().manual_seed(0)))
+    weight = torch.randn(11, 4, generator=torch.Generator().manual_seed(0))
+    w = g.add_param("embed.weight", TensorType((11, 4), F32), weight)
     e = g.add_node("embedding", [w, ids], [TensorType((BATCH, SEQ, 4), F32)]).output
     g.outputs = [g.add_node("add", [e, bias], [e.type]).output]
     verify(g)
@@ -67,15 +69,15 @@ def test_wrong_static_dim_is_refused():
     assert "'bias'" in msg and "[2, 3, 4]" in msg and "[2, 3, 5]" in msg
 
 
-@pytest.mark.parametrize("shape, name, size", [((2, 17), "seq", 17), ((9, 3), "batch", 9)])
-def test_symbol_outside_declared_range_is_refused(shape, name, size):
+@pytest.mark.parametrize("shape, name, size, hi", [((2, 17), "seq", 17, 16), ((9, 3), "batch", 9, 8)])
+def test_symbol_outside_declared_range_is_refused(shape, name, size, hi):
     msg = _input_error(_lm_graph(), torch.zeros(shape, dtype=torch.long), torch.randn(*shape, 4))
-    assert f"{name}={size}" in msg and "[1, " in msg
+    assert f"{name}={size}" in msg and f"[1, {hi}]" in msg
 
 
 def test_inputs_disagreeing_on_a_symbol_are_refused():
     msg = _input_error(_lm_graph(), torch.zeros(2, 3, dtype=torch.long), torch.randn(3, 3, 4))
-    assert "batch" in msg and "2" in msg and "3" in msg and "'bias'" in msg
+    assert re.search(r"batch\D+2\D+3", msg) and "'bias'" in msg, msg
 
 
 @pytest.mark.parametrize("n", [0, 1, 3])

@@ -1,4 +1,4 @@
-"""The IR text form: print -> parse -> print is the identity, the parsed graph computes the same, bad text is refused."""
+"""The IR text form: print -> parse -> print is the identity, the parsed graph computes the same, bad text fails."""
 from __future__ import annotations
 
 import math
@@ -43,7 +43,9 @@ def _same_attr(a, b) -> bool:
         return isinstance(b, float) and math.isnan(b)
     if isinstance(a, float):
         return isinstance(b, float) and math.copysign(1, a) == math.copysign(1, b) and a == b
-    return type(a) is type(b) and a == b if not isinstance(a, sympy.Expr) else a == b
+    if isinstance(a, sympy.Expr):
+        return a == b
+    return type(a) is type(b) and a == b
 
 
 ATTRS = [
@@ -101,7 +103,8 @@ def test_structural_round_trip():
     assert parsed.name == "decode_step"
     assert [v.name for v in parsed.inputs] == ["input_ids", "cache"]
     assert list(parsed.params) == ["layers.0.attn.scale", "layers.0.attn.q-proj.weight"]
-    assert {k: (r.lo, r.hi) for k, r in parsed.symbols.items()} == {"batch": (1, 8), "seq": (1, 4096), "past": (0, 4096)}
+    ranges = {k: (r.lo, r.hi) for k, r in parsed.symbols.items()}
+    assert ranges == {"batch": (1, 8), "seq": (1, 4096), "past": (0, 4096)}
     assert [n.loc for n in parsed.nodes] == [n.loc for n in g.nodes]
     assert [len(n.outputs) for n in parsed.nodes] == [3, 1, 1, 1]
     assert [v.type for v in parsed.outputs] == [v.type for v in g.outputs]
