@@ -153,7 +153,7 @@ class Matcher:
 
 
 def _attr_equal(have: Any, want: Any) -> bool:
-    if isinstance(want, tuple) and isinstance(have, tuple):
+    if isinstance(want, (tuple, list)) and isinstance(have, (tuple, list)):  # attrs are tuples; patterns may say [-1]
         return len(want) == len(have) and all(_attr_equal(h, w) for h, w in zip(have, want))
     if isinstance(want, bool) or isinstance(have, bool):
         return have is want
