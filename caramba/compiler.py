@@ -3,17 +3,23 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
+from caramba.debug.numerics import eager_logits
+from caramba.debug.session import DebugOptions, run_pipeline
 from caramba.frontend import Capture, import_model
 from caramba.ir.graph import Graph
 from caramba.ir.interpreter import Interpreter
 from caramba.ir.types import DType
 from caramba.ir.verifier import verify
+from caramba.passes.base import PassContext
+from caramba.passes.manager import PassRecord, check_names
+from caramba.passes.pipeline import pipeline_for
 
 log = logging.getLogger("caramba")
 
@@ -26,14 +32,21 @@ COMPUTE_DTYPES = (DType.f32, DType.f16, DType.bf16)
 class CompileStats:
     capture_seconds: float
     import_seconds: float
-    op_counts: dict[str, int] = field(default_factory=dict)
+    op_counts: dict[str, int] = field(default_factory=dict)  # of the final graph
+    pass_seconds: float = 0.0
+    passes: list[PassRecord] = field(default_factory=list)  # passes[0] is the imported graph
 
 
 class CompiledModel:
-    """Behaves like the model: `cm(input_ids)` -> logits (B, T, vocab). `graph` is the IR that runs."""
+    """Behaves like the model: `cm(input_ids)` -> logits (B, T, vocab).
 
-    def __init__(self, graph: Graph, target: str, dtype: DType, stats: CompileStats, capture: Capture) -> None:
+    `graph` is the IR that runs (after the pipeline); `imported_graph` the IR as captured, before any pass.
+    """
+
+    def __init__(self, graph: Graph, target: str, dtype: DType, stats: CompileStats, capture: Capture,
+                 imported_graph: Graph | None = None) -> None:
         self.graph = graph
+        self.imported_graph = imported_graph if imported_graph is not None else graph
         self.target = target
         self.dtype = dtype
         self.stats = stats
@@ -86,24 +99,46 @@ def resolve_dtype(dtype: Any, model: torch.nn.Module) -> DType:
 
 
 def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, max_batch: int = 1024,
-            max_seq_len: int | None = None) -> CompiledModel:
-    """Capture `model` once (batch and sequence length stay symbolic) and build it for `target`.
+            max_seq_len: int | None = None, dump_dir: str | os.PathLike | None = None,
+            print_after: str | Sequence[str] | None = None, disable_passes: str | Sequence[str] | None = None,
+            verify_each: bool | None = None, check_numerics: bool | None = None,
+            pass_limit: int | None = None) -> CompiledModel:
+    """Capture `model` once (batch and sequence length stay symbolic), run the target's pass pipeline, build it.
 
     dtype: fp32 / fp16 / bf16 (a torch.dtype or a name); the model is captured in that dtype without touching the
     caller's module. max_batch / max_seq_len bound the symbolic sizes (defaults: 1024, the model's max length).
+
+    Pass debugging (each keyword has a CARAMBA_* environment twin in caramba.flags; the keyword wins):
+    dump_dir writes the IR after every pass, diffs, drawings and a summary; print_after ("all", a pass name or a
+    list) prints the IR to stderr after those passes when they changed it; disable_passes skips passes by name;
+    verify_each runs the verifier after every pass (default: on under pytest and in debug runs); check_numerics
+    compares every pass's output with eager PyTorch on a fixed input (see summary max_err); pass_limit runs only
+    the first N passes.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"caramba.compile expects a torch.nn.Module, got {type(model).__name__}")
     chosen = resolve_target(target)
     want = resolve_dtype(dtype, model)
+    options = DebugOptions.resolve(dump_dir=dump_dir, print_after=print_after, disable_passes=disable_passes,
+                                   pass_limit=pass_limit, verify_each=verify_each, check_numerics=check_numerics)
+    passes = pipeline_for(chosen)
+    check_names(passes, options.disable_passes, options.print_after)  # before the capture: fail fast on a typo
     model = cast_model(model, want)
     start = time.perf_counter()
-    graph, cap = import_model(model, max_batch=max_batch, max_seq=max_seq_len)
-    verify(graph)
-    stats = CompileStats(cap.seconds, time.perf_counter() - start - cap.seconds, graph.op_counts())
-    log.info("captured %s: %d nodes in %.2fs (target %s, %s)", type(model).__name__, len(graph.nodes),
+    imported, cap = import_model(model, max_batch=max_batch, max_seq=max_seq_len)
+    verify(imported)
+    import_seconds = time.perf_counter() - start - cap.seconds
+    log.info("captured %s: %d nodes in %.2fs (target %s, %s)", type(model).__name__, len(imported.nodes),
              cap.seconds, chosen, want)
-    return CompiledModel(graph, chosen, want, stats, cap)
+    result = run_pipeline(imported, passes, PassContext(target=chosen, dtype=want), options,
+                          reference=lambda inputs: eager_logits(model, inputs),
+                          info={"model": type(model).__name__, "target": chosen, "dtype": str(want)})
+    graph = result.graph
+    if not options.verify_each:
+        verify(graph)  # once at the end is cheap insurance; verify_each already checked every step
+    stats = CompileStats(cap.seconds, import_seconds, graph.op_counts(), result.seconds, result.records)
+    log.info("pipeline %s: %d -> %d nodes in %.3fs", chosen, len(imported.nodes), len(graph.nodes), result.seconds)
+    return CompiledModel(graph, chosen, want, stats, cap, imported)
 
 
 def cast_model(model: torch.nn.Module, dtype: DType) -> torch.nn.Module:

@@ -66,3 +66,46 @@ def test_compiled_checkpoint_matches_model(tmp_path):
     ids = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
         assert torch.equal(caramba.compile(loaded, target="eager")(ids), model(ids))
+
+
+def test_compile_dump_flags(tmp_path):
+    import json
+
+    out = tmp_path / "dump"
+    r = run_cli("compile", "--model", "tiny", "--target", "eager", "--dump-dir", str(out), "--print-after", "cse",
+                "--disable-passes", "fold_constants,dce", "--check-numerics")
+    assert r.returncode == 0, r.stderr
+    assert f"pass dump written to {out}" in r.stdout
+    rows = json.loads((out / "summary.json").read_text())["passes"]
+    assert [(row["name"], row["skipped"]) for row in rows] == [
+        ("import", None), ("canonicalize", None), ("fold_constants", "disabled"), ("dce", "disabled"),
+        ("cse", None), ("canonicalize", None), ("dce", "disabled")]
+    assert all(row["max_err"] < 1e-6 for row in rows if not row["skipped"])
+    assert r.stderr.count("*** IR after ") == 1 and "*** IR after cse ***" in r.stderr
+    assert "IR after" not in r.stdout
+    diff = (out / "04-cse" / "diff.patch").read_text()
+    assert "\n-  %" in diff and "\n+  %" in diff
+    assert not (out / "03-dce").exists() and (out / "00-import" / "ir.txt").exists()
+    assert "04  cse" in (out / "summary.txt").read_text()
+
+
+def test_compile_dump_dir_from_environment_and_bad_pass_names(tmp_path):
+    import os
+
+    env = {**os.environ, "CARAMBA_DUMP_DIR": str(tmp_path / "env-dump"), "CARAMBA_PASS_LIMIT": "2"}
+    r = subprocess.run([sys.executable, "-m", "caramba.cli", "compile", "--model", "tiny", "--target", "eager"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "BISECT: running pass (2) fold_constants" in r.stderr and "BISECT: NOT running pass (3) dce" in r.stderr
+    assert (tmp_path / "env-dump" / "02-fold_constants" / "ir.txt").exists()
+    assert not (tmp_path / "env-dump" / "03-dce").exists()
+    r = run_cli("compile", "--model", "tiny", "--disable-passes", "cse,fuse_everything")
+    assert r.returncode == 2
+    assert "unknown pass name(s) ['fuse_everything']" in r.stderr and "canonicalize" in r.stderr
+
+
+def test_bisect_command_reports_no_drift():
+    r = run_cli("bisect", "--model", "tiny", "--attention", "gqa", "--seq", "6")
+    assert r.returncode == 0, r.stderr
+    assert "caramba bisect: no pass drifts beyond tolerance 1.0e-04" in r.stdout
+    assert "06-dce" in r.stdout

@@ -1,0 +1,49 @@
+"""The pass pipeline of every target: one list, in order, with the reason for each phase.
+
+To add a pass: write `caramba/passes/<verb_noun>.py` with `def verb_noun(graph, ctx) -> graph` (count rewrites
+with ctx.count), give it a `Pass` below and put it in the phase where its inputs exist and its outputs are
+wanted. A pass that only some targets run is written `*([PASS] if target in (...) else [])`, so the list keeps
+its shape. Passes are referred to by name (disable_passes, print_after, dumps), so a name says what it does.
+"""
+from __future__ import annotations
+
+from caramba.passes.canonicalize import canonicalize
+from caramba.passes.cse import cse
+from caramba.passes.dce import dce
+from caramba.passes.fold_constants import fold_constants
+from caramba.passes.manager import Pass
+
+PIPELINE_TARGETS = ("eager", "cuda", "metal", "onnx")
+
+CANONICALIZE = Pass("canonicalize", canonicalize)
+FOLD_CONSTANTS = Pass("fold_constants", fold_constants)
+CSE = Pass("cse", cse)
+DCE = Pass("dce", dce)
+
+
+def pipeline_for(target: str) -> list[Pass]:
+    """The passes `caramba.compile(model, target=target)` runs, in order (names may repeat: dumps number them)."""
+    if target not in PIPELINE_TARGETS:
+        raise ValueError(f"no pipeline for target {target!r}; targets with one: {', '.join(PIPELINE_TARGETS)}")
+    return [
+        # Phase 1: cleanup before fusion. Fusion patterns then see one form of each computation: no casts to the
+        # same dtype, no reshape/transpose chains, no `* 1.0`, constant masks folded, fewer variants to match.
+        # CSE waits for Phase 3: it shares per-layer intermediates (RoPE table views, causal masks) across
+        # layers, and the rewriter's reused-intermediate guard then refuses any fusion whose pattern holds one
+        # without `shared=True`. (Today's fusions fire the same either way; this order keeps it so.)
+        CANONICALIZE,
+        FOLD_CONSTANTS,
+        DCE,
+        # Phase 2: fusions go here, in this order (each needs what the one before it produced):
+        #   fuse_rms_norm, fuse_layer_norm: first, since fuse_add_norm starts from a fused norm
+        #   fuse_add_norm: the residual add that feeds a fused norm
+        #   fuse_rope: rotary embedding of q and k, so attention patterns see rope(q), rope(k)
+        #   fuse_attention, fuse_decoupled_attention: scores, scale, mask, softmax, value product
+        #   fuse_swiglu: the MLP, independent of the others
+        #   later, for the cached targets: insert_kv_cache, insert_kv_dequant, choose_chunking
+        # Phase 3: cleanup after fusion. Fusions leave dead tables and duplicated views behind; CSE is safe now
+        # that nothing pattern-matches across layers, and canonicalize + DCE tidy what CSE exposes.
+        CSE,
+        CANONICALIZE,
+        DCE,
+    ]
