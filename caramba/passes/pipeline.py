@@ -11,6 +11,13 @@ from caramba.passes.canonicalize import canonicalize
 from caramba.passes.cse import cse
 from caramba.passes.dce import dce
 from caramba.passes.fold_constants import fold_constants
+from caramba.passes.fuse_add_norm import fuse_add_norm
+from caramba.passes.fuse_attention import fuse_attention
+from caramba.passes.fuse_decoupled_attention import fuse_decoupled_attention
+from caramba.passes.fuse_layer_norm import fuse_layer_norm
+from caramba.passes.fuse_rms_norm import fuse_rms_norm
+from caramba.passes.fuse_rope import fuse_rope
+from caramba.passes.fuse_swiglu import fuse_swiglu
 from caramba.passes.manager import Pass
 
 PIPELINE_TARGETS = ("eager", "cuda", "metal", "onnx")
@@ -19,6 +26,13 @@ CANONICALIZE = Pass("canonicalize", canonicalize)
 FOLD_CONSTANTS = Pass("fold_constants", fold_constants)
 CSE = Pass("cse", cse)
 DCE = Pass("dce", dce)
+FUSE_RMS_NORM = Pass("fuse_rms_norm", fuse_rms_norm)
+FUSE_LAYER_NORM = Pass("fuse_layer_norm", fuse_layer_norm)
+FUSE_ADD_NORM = Pass("fuse_add_norm", fuse_add_norm)
+FUSE_ROPE = Pass("fuse_rope", fuse_rope)
+FUSE_ATTENTION = Pass("fuse_attention", fuse_attention)
+FUSE_DECOUPLED_ATTENTION = Pass("fuse_decoupled_attention", fuse_decoupled_attention)
+FUSE_SWIGLU = Pass("fuse_swiglu", fuse_swiglu)
 
 
 def pipeline_for(target: str) -> list[Pass]:
@@ -34,13 +48,20 @@ def pipeline_for(target: str) -> list[Pass]:
         CANONICALIZE,
         FOLD_CONSTANTS,
         DCE,
-        # Phase 2: fusions go here, in this order (each needs what the one before it produced):
-        #   fuse_rms_norm, fuse_layer_norm: first, since fuse_add_norm starts from a fused norm
-        #   fuse_add_norm: the residual add that feeds a fused norm
-        #   fuse_rope: rotary embedding of q and k, so attention patterns see rope(q), rope(k)
-        #   fuse_attention, fuse_decoupled_attention: scores, scale, mask, softmax, value product
-        #   fuse_swiglu: the MLP, independent of the others
-        #   later, for the cached targets: insert_kv_cache, insert_kv_dequant, choose_chunking
+        # Phase 2: fusions, in this order (each needs what the one before it produced).
+        # Norms first, since fuse_add_norm starts from a fused norm.
+        FUSE_RMS_NORM,
+        FUSE_LAYER_NORM,
+        # The residual add that feeds a fused norm: one op, both outputs (the stream and the normed value).
+        FUSE_ADD_NORM,
+        # Rotary embedding of q and k, so the attention patterns see rope(q), rope(k) and no rotate-half.
+        FUSE_ROPE,
+        # Scores, scale, mask, softmax, value product: standard/GQA, then DBA's two-score form.
+        FUSE_ATTENTION,
+        FUSE_DECOUPLED_ATTENTION,
+        # The MLP's gate, independent of the others.
+        FUSE_SWIGLU,
+        # Later, for the cached targets: insert_kv_cache, insert_kv_dequant, choose_chunking.
         # Phase 3: cleanup after fusion. Fusions leave dead tables and duplicated views behind; CSE is safe now
         # that nothing pattern-matches across layers, and canonicalize + DCE tidy what CSE exposes.
         CSE,

@@ -586,7 +586,8 @@ def test_op_matches_torch(c: Case):
 
 def test_every_registered_op_has_a_case():
     covered = {p.values[0].op for p in CASES}
-    assert set(all_ops()) - covered == set(), "ops registered without a case in tests/ir/test_ops.py"
+    shipped = {name for name, op in all_ops().items() if op.impl.__module__.startswith("caramba.")}  # not test ops
+    assert shipped - covered == set(), "ops registered without a case in tests/ir/test_ops.py"
 
 
 def test_case_ids_are_unique():
