@@ -41,7 +41,7 @@ def test_tiny_matches_eager_at_many_shapes(mode, extra):
 def test_transformers_families_match(family):
     model = hf_model(family)
     cm = caramba.compile(model, target="eager")
-    assert cm.graph.op_counts()["sdpa"] == 2
+    assert cm.imported_graph.op_counts()["sdpa"] == 2
     for b, t in SHAPES:
         ids = torch.randint(0, 97, (b, t))
         assert rel_err(cm(ids), hf_logits(model, ids)) <= 1e-5, (b, t)
@@ -61,17 +61,17 @@ def test_big_presets_capture_on_meta(name, mode):
     with torch.device("meta"):
         model = Transformer(preset(name, attention=mode)).eval()
     cm = caramba.compile(model, target="eager")
-    verify(cm.graph)
-    counts = cm.graph.op_counts()
+    verify(cm.imported_graph)
+    counts = cm.imported_graph.op_counts()
     n_layers = model.config.n_layers
     if mode == "decoupled":
         assert counts["softmax"] == n_layers and counts["matmul"] == 3 * n_layers
     else:
         assert counts["sdpa"] == n_layers
-    assert set(cm.graph.symbols) == {"batch", "seq"}
+    assert set(cm.imported_graph.symbols) == {"batch", "seq"}
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 0.0), (torch.bfloat16, 0.0)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("mode", ["gqa", "decoupled"])
 def test_compile_dtype_matches_cast_model(dtype, tol, mode):
     model = _tiny(mode)
@@ -83,7 +83,8 @@ def test_compile_dtype_matches_cast_model(dtype, tol, mode):
     with torch.no_grad():
         out, ref = cm(ids), ref_model(ids)
     assert out.dtype == dtype
-    assert rel_err(out, ref) <= tol
+    assert torch.equal(interpret(cm.imported_graph, ids)[0], ref)  # the capture itself is exact
+    assert rel_err(out, ref) <= tol  # fused ops keep softmax and norms in fp32: rounding-level differences
     assert rel_err(out, model(ids)) < 5e-2  # and still close to fp32
 
 
@@ -100,22 +101,23 @@ def test_dtype_names_are_accepted_and_bad_ones_rejected():
 def test_print_parse_print_is_identity_and_parsed_graph_runs(which):
     model = _tiny("decoupled") if which == "decoupled" else hf_model("llama")
     cm = caramba.compile(model, target="eager")
-    text = print_graph(cm.graph)
-    parsed = parse_graph(text)
-    assert print_graph(parsed) == text
-    verify(parsed)
-    parsed.weights.update(cm.graph.weights)
     ids = torch.randint(0, 97, (2, 6))
-    assert torch.equal(interpret(parsed, ids)[0], cm(ids))
+    for g in (cm.imported_graph, cm.graph):  # as captured, and after the pipeline (fused ops)
+        text = print_graph(g)
+        parsed = parse_graph(text)
+        assert print_graph(parsed) == text
+        verify(parsed)
+        parsed.weights.update(g.weights)
+        assert torch.equal(interpret(parsed, ids)[0], interpret(g, ids)[0])
 
 
 def test_weights_are_named_params_not_inline_constants():
     model = _tiny("decoupled")
     cm = caramba.compile(model, target="eager")
-    names = set(cm.graph.params)
+    names = set(cm.imported_graph.params)
     assert {"embed.weight", "layers.0.attn.q_sem.weight", "rotary.inv_freq"} <= names
     assert set(dict(model.named_parameters())) <= names
-    text = print_graph(cm.graph)
+    text = print_graph(cm.imported_graph)
     assert "param %layers.0.attn.q_sem.weight: f32[32, 64]" in text
 
 

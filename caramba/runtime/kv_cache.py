@@ -1,0 +1,422 @@
+"""Preallocated per-layer KV caches, each cached tensor in its own storage kind, with an optional fp16 ring.
+
+Layout (SPEC §3): for every layer and every cached tensor (k, v for standard/GQA attention; k_sem, k_geo, v for
+DBA; each H_kv·d wide) one codes buffer (batch, max_seq_len, stored) and, for block-scaled kinds, one fp16 scales
+buffer (batch, max_seq_len, n_blocks), both allocated up front in the layouts documented in quant.py. Values are
+quantized once, when appended, and read back through the storage kind, so prefilling N tokens and appending them
+one by one leave identical bytes.
+
+Lengths are tracked per layer and per row: during a forward pass layer 0 already holds the new tokens while
+layer 1 does not yet, and a ragged batch may write rows at different positions. `read` returns (batch, L, F) with
+L the longest row; positions at or past a row's own length read as zeros (the caller masks them by `lengths`).
+
+Residual ring (residual_len R > 0, block-scaled kinds only): the newest R tokens of each row are also kept in an
+fp16 ring (batch, R, F), position p in slot p mod R, and reads return them from the ring. Per row the ring holds
+the contiguous positions [ring_start, length), at most R of them:
+- append of T tokens at position s: ring_start = max(min(ring_start, s), s + T - R); only the last min(T, R)
+  tokens are written to the ring (earlier ones would be overwritten within the same append anyway).
+- rollback / truncate to length L': ring_start = min(ring_start, L'). Positions still in the ring stay exact.
+  Positions that had already left the ring before the rollback (evicted by the tokens now dropped) are only
+  held quantized, so after rolling back by n the ring may hold fewer than R tokens: a dropped token's slot held
+  an older position that is gone. The ring fills up again as new tokens arrive. Keeping them exact would need
+  a ring of R + (longest rollback) slots; speculative decoding can size R for that itself.
+fp32/fp16/bf16 kinds keep no ring: their storage is already the value (and an fp16 ring would be *less* precise
+than fp32 storage).
+
+Appends validate everything (names, shapes, positions, finiteness) and quantize before writing anything, so a
+failed append leaves the cache as it was.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from caramba.errors import CarambaError
+from caramba.runtime.quant import (SCALE_DTYPE, CacheKind, NonFiniteError, QTensor, check_qblock, code_width,
+                                   dequantize, n_blocks, nbytes, parse_kind, quantize)
+
+# The tensor names a layer may cache, per attention family; a cache is exactly one of these sets.
+TENSOR_LAYOUTS: dict[str, tuple[str, ...]] = {"standard": ("k", "v"), "decoupled": ("k_sem", "k_geo", "v")}
+_RING_BYTES = 2  # fp16
+
+
+class CacheError(CarambaError, ValueError):
+    """A cache spec, kind mapping, append or rollback that the cache cannot honour."""
+
+
+class CacheOverflowError(CacheError):
+    """An append past max_seq_len."""
+
+
+KindSpec = str | CacheKind | Mapping[str, str | CacheKind]
+
+
+def resolve_kinds(kind: KindSpec, names: Sequence[str]) -> dict[str, CacheKind]:
+    """One kind for every tensor, or a mapping that names each of `names` exactly once."""
+    if not isinstance(kind, Mapping):
+        return {name: parse_kind(kind) for name in names}
+    unknown = sorted(set(kind) - set(names))
+    missing = [name for name in names if name not in kind]
+    if unknown or missing:
+        raise CacheError(f"per-tensor cache kinds must name exactly {', '.join(names)}; "
+                         f"unknown: {unknown or 'none'}, missing: {missing or 'none'}")
+    return {name: parse_kind(kind[name]) for name in names}
+
+
+@dataclass(frozen=True)
+class CachedTensor:
+    """One tensor a layer caches: its name, width per token (H_kv·d) and storage kind."""
+
+    name: str
+    features: int
+    kind: CacheKind
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything needed to allocate a KVCache and to count its bytes without allocating it."""
+
+    n_layers: int
+    batch: int
+    max_seq_len: int
+    tensors: tuple[CachedTensor, ...]
+    qblock: int = 32
+    residual_len: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device", torch.device(self.device))
+        for what, lo in (("n_layers", 1), ("batch", 1), ("max_seq_len", 1), ("residual_len", 0)):
+            _check_int(what, getattr(self, what), lo)
+        check_qblock(self.qblock)
+        if self.residual_len > self.max_seq_len:
+            raise CacheError(f"residual_len ({self.residual_len}) exceeds max_seq_len ({self.max_seq_len})")
+        _check_layout(self.tensors)
+
+    @classmethod
+    def build(cls, n_layers: int, batch: int, max_seq_len: int, tensors: Mapping[str, tuple[int, str | CacheKind]],
+              *, qblock: int = 32, residual_len: int = 0, device: str | torch.device = "cpu") -> CacheSpec:
+        """From {tensor name: (features, kind)}, e.g. {"k_sem": (64, "q8_0"), "k_geo": (128, "q8_0"), ...}."""
+        cached = tuple(CachedTensor(name, features, parse_kind(kind)) for name, (features, kind) in tensors.items())
+        return cls(n_layers, batch, max_seq_len, cached, qblock, residual_len, torch.device(device))
+
+    @classmethod
+    def standard(cls, n_layers: int, batch: int, max_seq_len: int, kv_features: int, kind: KindSpec = "fp16",
+                 **options) -> CacheSpec:
+        """k and v, each kv_features (= H_kv·d) wide."""
+        kinds = resolve_kinds(kind, TENSOR_LAYOUTS["standard"])
+        return cls.build(n_layers, batch, max_seq_len, {n: (kv_features, k) for n, k in kinds.items()}, **options)
+
+    @classmethod
+    def decoupled(cls, n_layers: int, batch: int, max_seq_len: int, sem_features: int, geo_features: int,
+                  v_features: int, kind: KindSpec = "fp16", **options) -> CacheSpec:
+        """k_sem, k_geo and v of DBA, each H_kv·d wide for its own head dim."""
+        kinds = resolve_kinds(kind, TENSOR_LAYOUTS["decoupled"])
+        widths = {"k_sem": sem_features, "k_geo": geo_features, "v": v_features}
+        return cls.build(n_layers, batch, max_seq_len, {n: (widths[n], k) for n, k in kinds.items()}, **options)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tensors)
+
+    @property
+    def kinds(self) -> dict[str, CacheKind]:
+        return {t.name: t.kind for t in self.tensors}
+
+    def has_ring(self, t: CachedTensor) -> bool:
+        return self.residual_len > 0 and t.kind.block_scaled
+
+    def tensor_bytes_per_token(self, name: str) -> int:
+        """Exact bytes of one token of one tensor in one layer and row, scales and padding included."""
+        t = self._tensor(name)
+        return nbytes(t.kind, t.features, self.qblock)
+
+    @property
+    def bytes_per_token_per_layer(self) -> int:
+        """Standard: bytes(k) + bytes(v); DBA: bytes(k_sem) + bytes(k_geo) + bytes(v). The ring is not per token."""
+        return sum(self.tensor_bytes_per_token(name) for name in self.names)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token of one row adds over all layers."""
+        return self.n_layers * self.bytes_per_token_per_layer
+
+    @property
+    def ring_nbytes_per_layer(self) -> int:
+        """The fixed fp16 ring of one layer: batch · R · features · 2 per ringed tensor."""
+        return sum(self.batch * self.residual_len * t.features * _RING_BYTES for t in self.tensors if self.has_ring(t))
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes a KVCache with this spec allocates: codes, scales and rings of every layer."""
+        per_layer = self.batch * self.max_seq_len * self.bytes_per_token_per_layer + self.ring_nbytes_per_layer
+        return self.n_layers * per_layer
+
+    def _tensor(self, name: str) -> CachedTensor:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise CacheError(f"this cache holds {', '.join(self.names)}; it has no tensor {name!r}")
+
+
+def _check_int(what: str, value: object, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise CacheError(f"{what} must be an integer >= {lo}, got {value!r}")
+
+
+def _check_layout(tensors: tuple[CachedTensor, ...]) -> None:
+    names = tuple(t.name for t in tensors)
+    if sorted(names) not in [sorted(layout) for layout in TENSOR_LAYOUTS.values()]:
+        layouts = "; ".join(f"{family}: {', '.join(layout)}" for family, layout in TENSOR_LAYOUTS.items())
+        raise CacheError(f"cached tensors {', '.join(names) or '(none)'} are not a known set ({layouts})")
+    for t in tensors:
+        _check_int(f"features of {t.name!r}", t.features, 1)
+        if not isinstance(t.kind, CacheKind):
+            raise CacheError(f"kind of {t.name!r} must be a CacheKind (use parse_kind), got {t.kind!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One tensor of one layer
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class _Encoded:
+    """New tokens ready to be written: their codes/scales and, when ringed, the fp16 tail for the ring."""
+
+    q: QTensor  # codes (B, T, stored), scales (B, T, nb)
+    ring: torch.Tensor | None  # (B, min(T, R), F) fp16
+
+
+class _TensorStore:
+    """The buffers of one cached tensor in one layer."""
+
+    def __init__(self, t: CachedTensor, spec: CacheSpec) -> None:
+        self.t, self.qblock, self.residual_len = t, spec.qblock, spec.residual_len
+        b, s, dev = spec.batch, spec.max_seq_len, spec.device
+        width, blocks = code_width(t.kind, t.features, spec.qblock), n_blocks(t.kind, t.features, spec.qblock)
+        self.codes = torch.zeros(b, s, width, dtype=t.kind.code_dtype, device=dev)
+        self.scales = torch.zeros(b, s, blocks, dtype=SCALE_DTYPE, device=dev) if t.kind.block_scaled else None
+        self.ring = None
+        if spec.has_ring(t):
+            self.ring = torch.zeros(b, spec.residual_len, t.features, dtype=torch.float16, device=dev)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(buf.numel() * buf.element_size() for buf in (self.codes, self.scales, self.ring) if buf is not None)
+
+    def encode(self, x: torch.Tensor) -> _Encoded:
+        """x (B, T, F) -> codes and ring tail; raises (before anything is written) on values the kind refuses."""
+        q = quantize(x, self.t.kind, self.qblock)
+        if self.ring is None:
+            return _Encoded(q, None)
+        try:
+            return _Encoded(q, quantize(x[:, -self.residual_len:], "fp16").codes)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"the fp16 residual ring cannot hold these values ({e}); "
+                                 f"build the cache with residual_len=0") from None
+
+    def write(self, rows: torch.Tensor, pos: torch.Tensor, e: _Encoded) -> None:
+        """rows (B, 1), pos (B, T) absolute positions on the device."""
+        self.codes[rows, pos] = e.q.codes
+        if self.scales is not None:
+            self.scales[rows, pos] = e.q.scales
+        if self.ring is not None:
+            self.ring[rows, pos[:, -e.ring.shape[1]:] % self.residual_len] = e.ring
+
+    def read(self, n: int, lengths: torch.Tensor, ring_start: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, n, F) in dtype, n = the longest row; ring positions exact, positions past a row's length zero."""
+        scales = None if self.scales is None else self.scales[:, :n]
+        x = dequantize(QTensor(self.t.kind, self.codes[:, :n], scales, self.t.features, self.qblock), dtype)
+        pos = torch.arange(n, device=x.device)
+        if self.ring is not None:
+            from_ring = (pos >= ring_start[:, None]) & (pos < lengths[:, None])  # (B, L)
+            x = torch.where(from_ring[..., None], self.ring[:, pos % self.residual_len].to(dtype), x)
+        return x.masked_fill(~(pos < lengths[:, None])[..., None], 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One layer, and the whole cache
+# ---------------------------------------------------------------------------------------------------------------
+Start = int | Sequence[int] | torch.Tensor | None
+
+
+class LayerCache:
+    """The cached tensors of one layer (k, v or k_sem, k_geo, v) with per-row lengths."""
+
+    def __init__(self, spec: CacheSpec, index: int) -> None:
+        self.spec, self.index = spec, index
+        self.stores = {t.name: _TensorStore(t, spec) for t in spec.tensors}
+        self.lengths = [0] * spec.batch
+        self.ring_start = [0] * spec.batch  # per row, the oldest position the ring still holds
+
+    def append(self, tensors: Mapping[str, torch.Tensor], start: Start = None) -> None:
+        """Write T new tokens per row: tensors[name] is (batch, T, features), features = H_kv·d with head h in
+        [h·d, (h+1)·d) (the attention layout (B, H_kv, T, d) transposed and merged).
+
+        start: None appends each row at its own length; an int writes every row from that position; a sequence
+        or 1-D tensor gives one start per row. A start before a row's length first drops the tokens from there.
+        """
+        n_new = self._check_tensors(tensors)
+        starts = self._check_starts(start, n_new)
+        encoded = {name: self._encode(name, tensors[name]) for name in self.spec.names}
+        rows = torch.arange(self.spec.batch, device=self.spec.device)[:, None]  # (B, 1)
+        pos = (torch.tensor(starts)[:, None] + torch.arange(n_new)).to(self.spec.device)  # (B, T)
+        for name, e in encoded.items():
+            self.stores[name].write(rows, pos, e)
+        for b, s in enumerate(starts):
+            self.ring_start[b] = max(min(self.ring_start[b], s), s + n_new - self.spec.residual_len)
+            self.lengths[b] = s + n_new
+
+    def read(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Every tensor as (batch, max length, features) in dtype, decoded through its storage kind."""
+        lengths = torch.tensor(self.lengths, device=self.spec.device)
+        ring_start = torch.tensor(self.ring_start, device=self.spec.device)
+        n = max(self.lengths)
+        return {name: store.read(n, lengths, ring_start, dtype) for name, store in self.stores.items()}
+
+    def set_lengths(self, lengths: Sequence[int]) -> None:
+        """Shorten rows (KVCache validated that none grows); positions still in the ring stay exact."""
+        self.lengths = list(lengths)
+        self.ring_start = [min(r, n) for r, n in zip(self.ring_start, self.lengths)]
+
+    def reset(self) -> None:
+        self.lengths = [0] * self.spec.batch
+        self.ring_start = [0] * self.spec.batch
+
+    @property
+    def nbytes(self) -> int:
+        return sum(store.nbytes for store in self.stores.values())
+
+    def _encode(self, name: str, x: torch.Tensor) -> _Encoded:
+        try:
+            return self.stores[name].encode(x)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"layer {self.index}, {name}: {e}") from None
+
+    def _check_tensors(self, tensors: Mapping[str, torch.Tensor]) -> int:
+        """Names, shapes (batch, T, features), float dtype and device; returns T."""
+        names = self.spec.names
+        if set(tensors) != set(names):
+            raise CacheError(f"layer {self.index}: append needs exactly {', '.join(names)}, got "
+                             f"{', '.join(map(str, tensors)) or 'nothing'}")
+        lengths = set()
+        for t in self.spec.tensors:
+            x = tensors[t.name]
+            if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != self.spec.batch \
+                    or x.shape[2] != t.features or not x.is_floating_point():
+                raise CacheError(f"layer {self.index}: {t.name} must be a float tensor (batch={self.spec.batch}, "
+                                 f"T, features={t.features}), got {_describe(x)}")
+            if x.device != self.spec.device:
+                raise CacheError(f"layer {self.index}: {t.name} is on {x.device}, the cache on {self.spec.device}")
+            lengths.add(x.shape[1])
+        if len(lengths) != 1 or 0 in lengths:
+            raise CacheError(f"layer {self.index}: every tensor must bring the same number T >= 1 of new tokens, "
+                             f"got {sorted(lengths)}")
+        return lengths.pop()
+
+    def _check_starts(self, start: Start, n_new: int) -> list[int]:
+        """Per-row start positions: no gap after a row's tokens, no write past max_seq_len."""
+        starts = _starts(start, self.lengths)
+        for b, (s, n) in enumerate(zip(starts, self.lengths)):
+            if not 0 <= s <= n:
+                raise CacheError(f"layer {self.index}, row {b}: start position {s} must lie in [0, {n}] "
+                                 f"(the row holds {n} tokens; a cache has no gaps)")
+            if s + n_new > self.spec.max_seq_len:
+                raise CacheOverflowError(
+                    f"KV cache overflow at layer {self.index}, row {b}: it holds {n} tokens and appending {n_new} "
+                    f"from position {s} would exceed max_seq_len {self.spec.max_seq_len}; roll back or reset the "
+                    f"cache, or build it with a larger max_seq_len")
+        return starts
+
+
+def _starts(start: Start, lengths: list[int]) -> list[int]:
+    if start is None:
+        return list(lengths)
+    if isinstance(start, torch.Tensor):
+        start = start.tolist()
+    if isinstance(start, int) and not isinstance(start, bool):
+        return [start] * len(lengths)
+    if isinstance(start, Sequence) and len(start) == len(lengths) and \
+            all(isinstance(s, int) and not isinstance(s, bool) for s in start):
+        return list(start)
+    raise CacheError(f"start must be None, an int, or {len(lengths)} ints (one per row), got {start!r}")
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} {tuple(x.shape)}"
+    return type(x).__name__
+
+
+class KVCache:
+    """All layers' caches, allocated up front from a CacheSpec."""
+
+    def __init__(self, spec: CacheSpec) -> None:
+        self.spec = spec
+        self.layers = [LayerCache(spec, i) for i in range(spec.n_layers)]
+
+    def append(self, layer: int, tensors: Mapping[str, torch.Tensor], start: Start = None) -> None:
+        """Quantize and store new tokens of one layer; see LayerCache.append."""
+        self._layer(layer).append(tensors, start)
+
+    def read(self, layer: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """One layer's tensors, (batch, max length, features), through their storage kinds."""
+        return self._layer(layer).read(dtype)
+
+    def lengths(self, layer: int = 0) -> tuple[int, ...]:
+        """Tokens held per row in one layer."""
+        return tuple(self._layer(layer).lengths)
+
+    def length(self, layer: int = 0) -> int:
+        """Tokens held in one layer, when all rows agree (they do unless appends gave per-row starts)."""
+        lengths = set(self.lengths(layer))
+        if len(lengths) != 1:
+            raise CacheError(f"layer {layer}: rows hold different lengths {self.lengths(layer)}; use lengths()")
+        return lengths.pop()
+
+    def rollback(self, n: int) -> None:
+        """Drop the newest n tokens of every row in every layer."""
+        _check_int("rollback count", n, 0)
+        self._shorten(lambda length: length - n, f"roll back {n} tokens")
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` tokens of every row in every layer."""
+        _check_int("truncate length", length, 0)
+        self._shorten(lambda _: length, f"truncate to {length} tokens")
+
+    def reset(self) -> None:
+        """Empty every layer (buffers are kept; reads never look past the lengths)."""
+        for layer in self.layers:
+            layer.reset()
+
+    @property
+    def kinds(self) -> dict[str, CacheKind]:
+        return self.spec.kinds
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every allocated buffer: codes, scales and rings of all layers."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    def bytes_per_token(self, layer: int | None = None) -> int:
+        """Bytes one token of one row occupies in one layer, or in all layers when layer is None."""
+        if layer is None:
+            return self.spec.bytes_per_token
+        self._layer(layer)
+        return self.spec.bytes_per_token_per_layer
+
+    def _shorten(self, new_length: Callable[[int], int], what: str) -> None:
+        """Validate every row of every layer first, so a refused rollback changes nothing."""
+        targets = [[new_length(n) for n in layer.lengths] for layer in self.layers]
+        for i, (layer, target) in enumerate(zip(self.layers, targets)):
+            for b, (old, new) in enumerate(zip(layer.lengths, target)):
+                if not 0 <= new <= old:
+                    raise CacheError(f"cannot {what}: layer {i}, row {b} holds {old}")
+        for layer, target in zip(self.layers, targets):
+            layer.set_lengths(target)
+
+    def _layer(self, layer: int) -> LayerCache:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < len(self.layers):
+            raise CacheError(f"layer must be an int in [0, {len(self.layers)}), got {layer!r}")
+        return self.layers[layer]
