@@ -147,9 +147,8 @@ def cast_model(model: torch.nn.Module, dtype: DType) -> torch.nn.Module:
     Like model.to(dtype), except that non-persistent fp32 tables (RoPE inverse frequencies) stay fp32: rounding
     them to fp16 moves rotation angles by radians at long positions.
     """
-    floats = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
-    if all(t.dtype == dtype.torch for t in floats):
-        return model
+    if all(p.dtype == dtype.torch for p in model.parameters() if p.is_floating_point()):
+        return model  # fp32 tables beside fp16 weights are what this function produces, not a reason to copy
     out = copy.deepcopy(model)
     keep = {}
     for mod in out.modules():
