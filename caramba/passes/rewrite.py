@@ -209,30 +209,43 @@ def apply_rules(graph: Graph, rules: Iterable[Rule], max_rounds: int = 50) -> di
 
 
 def _one_round(graph: Graph, rules: list[Rule], counts: dict[str, int]) -> bool:
+    """One scan over the nodes. After a rewrite the scan resumes at the first replacement node, so rewrites that
+    build on each other chain within the round; matches a rewrite enables upstream are found by the next round."""
+    by_op = _rules_by_root_op(rules)
     changed = False
     i = 0
     matcher = Matcher(graph)
     while i < len(graph.nodes):
         root = graph.nodes[i]
-        for rule in rules:
+        resume = None
+        for rule in by_op.get(root.op, ()):
             m = matcher.match(rule.pattern, root)
             if m is None or (rule.check is not None and not rule.check(m)):
                 continue
-            if _replace(graph, i, m, rule):
+            resume = _replace(graph, i, m, rule)
+            if resume is not None:
                 counts[rule.name] += 1
                 changed = True
                 matcher = Matcher(graph)
-                i = -1  # start over: earlier nodes may now match (cheap at these graph sizes)
                 break
-        i += 1
+        i = resume if resume is not None else i + 1
     return changed
 
 
-def _replace(graph: Graph, index: int, m: Match, rule: Rule) -> bool:
+def _rules_by_root_op(rules: list[Rule]) -> dict[str, list[Rule]]:
+    out: dict[str, list[Rule]] = {}
+    for rule in rules:  # keeps the given priority order within each op
+        for op in (rule.pattern.op,) if isinstance(rule.pattern.op, str) else rule.pattern.op:
+            out.setdefault(op, []).append(rule)
+    return out
+
+
+def _replace(graph: Graph, index: int, m: Match, rule: Rule) -> int | None:
+    """Apply one match; returns where the scan resumes (the first new node), or None if `build` declined."""
     b = Builder(graph, m.root)
     result = rule.build(m, b)
     if result is None:
-        return False
+        return None
     new = (result,) if isinstance(result, Value) else tuple(result)
     if len(new) != len(m.root.outputs):
         raise ValueError(f"rule {rule.name} replaced {len(m.root.outputs)} output(s) with {len(new)}")
@@ -244,4 +257,4 @@ def _replace(graph: Graph, index: int, m: Match, rule: Rule) -> bool:
         if old is not v:
             graph.replace_uses(old, v)
     graph.remove_dead(m.nodes)
-    return True
+    return graph.nodes.index(b.nodes[0]) if b.nodes else 0
