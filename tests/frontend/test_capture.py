@@ -97,9 +97,9 @@ def test_dtype_names_are_accepted_and_bad_ones_rejected():
         caramba.compile(model, target="eager", dtype="int8")
 
 
-@pytest.mark.parametrize("which", ["decoupled", "llama"])
+@pytest.mark.parametrize("which", list(MODES) + list(HF_FAMILIES))
 def test_print_parse_print_is_identity_and_parsed_graph_runs(which):
-    model = _tiny("decoupled") if which == "decoupled" else hf_model("llama")
+    model = _tiny(which) if which in MODES else hf_model(which)
     cm = caramba.compile(model, target="eager")
     ids = torch.randint(0, 97, (2, 6))
     for g in (cm.imported_graph, cm.graph):  # as captured, and after the pipeline (fused ops)
