@@ -1,11 +1,16 @@
-"""Runtime: KV-cache storage kinds and the preallocated KV caches the executor reads and writes."""
+"""Runtime: KV-cache storage kinds, preallocated KV caches, generation settings, sampling and speculative rounds."""
+from caramba.runtime.generate_config import GenerateConfig, GenerateConfigError, SpeculativeConfig
 from caramba.runtime.kv_cache import (TENSOR_LAYOUTS, CachedTensor, CacheError, CacheOverflowError, CacheSpec,
                                       KVCache, LayerCache, resolve_kinds)
 from caramba.runtime.quant import (CACHE_KINDS, KIND_NAMES, NF4_LEVELS, CacheKind, CacheKindError, NonFiniteError,
                                    QTensor, bytes_per_element, code_width, dequantize, n_blocks, nbytes, pack_nibbles,
                                    parse_kind, quantize, unpack_nibbles)
+from caramba.runtime.sampling import probs_after_filters, sample_next
+from caramba.runtime.speculative import AdaptiveK, RoundResult, commit, greedy_round, speculative_round
 
 __all__ = [
+    "AdaptiveK", "GenerateConfig", "GenerateConfigError", "RoundResult", "SpeculativeConfig", "commit",
+    "greedy_round", "probs_after_filters", "sample_next", "speculative_round",
     "CACHE_KINDS", "KIND_NAMES", "NF4_LEVELS", "TENSOR_LAYOUTS", "CacheError", "CacheKind", "CacheKindError",
     "CacheOverflowError", "CacheSpec", "CachedTensor", "KVCache", "LayerCache", "NonFiniteError", "QTensor",
     "bytes_per_element", "code_width", "dequantize", "n_blocks", "nbytes", "pack_nibbles", "parse_kind",
