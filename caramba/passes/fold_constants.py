@@ -12,11 +12,11 @@ What folds:
 
 What cannot fold, and why:
 - Params are weights, even non-persistent buffers like RoPE's inv_freq: folding them would bake one checkpoint's
-  values into the graph, so the RoPE cos/sin tables (inv_freq x arange(seq)) stay as ops; fuse_rope consumes them.
-  Only params named `const.N` (made by this pass) count as constants.
-- A value whose size depends on a symbol (arange(seq), triu(full([seq, seq]))) is not one tensor. It could be
-  materialised at the captured maximum and sliced, but a [max_seq, max_seq] mask costs O(max_seq^2) memory
-  that fuse_attention removes anyway (it turns the mask into is_causal). Such masks and tables stay as ops.
+  values into the graph. Only params named `const.N` (made by this pass) count as constants.
+- A value whose size depends on a symbol (arange(seq), triu(full([seq, seq]))) is not one tensor. fold_tables
+  stores the ones that read a param (the RoPE cos/sin tables, inv_freq x arange(seq)) at the longest sequence and
+  slices them; masks stay ops: a [max_seq, max_seq] mask costs O(max_seq^2) memory that fuse_attention removes
+  anyway (it turns the mask into is_causal).
 - Results larger than `fold_constants.max_elements` (ctx.options, default 2**20) are not materialised.
 """
 from __future__ import annotations
@@ -200,13 +200,17 @@ class _Folder:
         return out, remap
 
     def _table(self, v: Value) -> Value:
-        tensor = self.known[v].to(self.device).contiguous()
-        n = sum(1 for name in self.graph.params if name.startswith(CONST_PREFIX))
-        while True:
-            try:
-                return self.graph.add_param(f"{CONST_PREFIX}{n}", v.type, tensor)
-            except ValueError:  # the name is taken by a value
-                n += 1
+        return add_const(self.graph, v.type, self.known[v].to(self.device))
+
+
+def add_const(graph: Graph, type: TensorType, tensor: torch.Tensor) -> Value:
+    """A new param `const.N` of `type` holding `tensor` (the first N whose name is free)."""
+    n = sum(1 for name in graph.params if name.startswith(CONST_PREFIX))
+    while True:
+        try:
+            return graph.add_param(f"{CONST_PREFIX}{n}", type, tensor.contiguous())
+        except ValueError:  # the name is taken by a value
+            n += 1
 
 
 def _full(v: Value, value: Any, loc: str) -> Node:

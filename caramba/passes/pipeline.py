@@ -11,6 +11,7 @@ from caramba.passes.canonicalize import canonicalize
 from caramba.passes.cse import cse
 from caramba.passes.dce import dce
 from caramba.passes.fold_constants import fold_constants
+from caramba.passes.fold_tables import fold_tables
 from caramba.passes.fuse_add_norm import fuse_add_norm
 from caramba.passes.fuse_attention import fuse_attention
 from caramba.passes.fuse_decoupled_attention import fuse_decoupled_attention
@@ -24,6 +25,7 @@ PIPELINE_TARGETS = ("eager", "cuda", "metal", "onnx")
 
 CANONICALIZE = Pass("canonicalize", canonicalize)
 FOLD_CONSTANTS = Pass("fold_constants", fold_constants)
+FOLD_TABLES = Pass("fold_tables", fold_tables)
 CSE = Pass("cse", cse)
 DCE = Pass("dce", dce)
 FUSE_RMS_NORM = Pass("fuse_rms_norm", fuse_rms_norm)
@@ -48,6 +50,11 @@ def pipeline_for(target: str) -> list[Pass]:
         CANONICALIZE,
         FOLD_CONSTANTS,
         DCE,
+        # RoPE's cos/sin tables (and any table of positions and parameters) become slices of one table stored at
+        # the longest sequence. After canonicalize (one form of the table's ops) and DCE (dead readers do not make
+        # it store tables nobody needs); before fuse_rope, which then reads the tables as plain cos/sin operands.
+        # Masks stay ops: fuse_attention proves them causal from their ops.
+        FOLD_TABLES,
         # Phase 2: fusions, in this order (each needs what the one before it produced).
         # Norms first, since fuse_add_norm starts from a fused norm.
         FUSE_RMS_NORM,
