@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from caramba.errors import CarambaError
-from caramba.models.config import ModelConfig
 from caramba.models.io import CONFIG_FILE, load
 from caramba.models.presets import PRESETS, preset
 from caramba.models.transformer import Transformer
@@ -37,10 +36,6 @@ def load_model(spec: str, *, seed: int = 0, **overrides: Any) -> torch.nn.Module
         return _load_hf(path)
     raise ModelSourceError(f"{path / CONFIG_FILE} is neither a caramba config (format_version) nor a Hugging Face "
                            f"config (model_type)")
-
-
-def config_of(model: torch.nn.Module) -> ModelConfig | None:
-    return model.config if isinstance(model, Transformer) else None
 
 
 def _read_json(path: Path) -> dict:
