@@ -46,18 +46,6 @@ def _bind_one(g: Graph, name: str, t, x: Any, bindings: dict[str, int]) -> None:
                 raise InputError(f"inputs disagree on {d.name}: {bindings[d.name]} vs {size} in {name!r}")
 
 
-def _resolve(v: Any, bindings: Mapping[str, int]) -> Any:
-    if isinstance(v, sympy.Expr):
-        return symbolic.evaluate(v, bindings)
-    if isinstance(v, tuple):
-        return tuple(_resolve(x, bindings) for x in v)
-    return v
-
-
-def _is_symbolic(v: Any) -> bool:
-    return isinstance(v, sympy.Expr) or (isinstance(v, tuple) and any(_is_symbolic(x) for x in v))
-
-
 @dataclass(frozen=True)
 class _Step:
     node: Node
@@ -104,7 +92,7 @@ class Interpreter:
             opdef = get_op(n.op)
             attrs = opdef.full_attrs(n.attrs)
             steps.append(_Step(n, opdef.impl, tuple(slot[v] for v in n.inputs), tuple(slot[v] for v in n.outputs),
-                               attrs, any(_is_symbolic(a) for a in attrs.values()), tuple(frees.get(i, ()))))
+                               attrs, any(symbolic.has_symbols(a) for a in attrs.values()), tuple(frees.get(i, ()))))
         return steps
 
     def run(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
@@ -121,7 +109,7 @@ class Interpreter:
         return [env[s] for s in self._out_slots]
 
     def _step(self, st: _Step, env: list, bindings: Mapping[str, int]) -> None:
-        attrs = {k: _resolve(v, bindings) for k, v in st.attrs.items()} if st.symbolic_attrs else st.attrs
+        attrs = {k: symbolic.resolve(v, bindings) for k, v in st.attrs.items()} if st.symbolic_attrs else st.attrs
         result = st.impl(*(env[s] for s in st.args), **attrs)
         results = result if isinstance(result, tuple) else (result,)
         for s, r in zip(st.outs, results):

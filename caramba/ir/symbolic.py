@@ -108,6 +108,20 @@ def evaluate(d: Dim, bindings: Mapping[str, int]) -> int:
     return int(value)
 
 
+def resolve(v: Any, bindings: Mapping[str, int]) -> Any:
+    """An attribute value with every symbolic dim in it (also inside tuples) evaluated under `bindings`."""
+    if isinstance(v, sympy.Expr):
+        return evaluate(v, bindings)
+    if isinstance(v, tuple):
+        return tuple(resolve(x, bindings) for x in v)
+    return v
+
+
+def has_symbols(v: Any) -> bool:
+    """Whether an attribute value holds a symbolic expression (also inside tuples)."""
+    return isinstance(v, sympy.Basic) or (isinstance(v, tuple) and any(has_symbols(x) for x in v))
+
+
 def equal(a: Dim, b: Dim, ranges: Mapping[str, tuple[int, int]] | None = None) -> bool:
     """Whether two dims are the same for every admissible symbol value.
 

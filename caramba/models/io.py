@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from caramba.errors import CarambaError
+from caramba.fsutil import fsync_dir
 
 from .config import ConfigError, ModelConfig
 from .transformer import Transformer
@@ -45,7 +46,7 @@ def save(model: Transformer, directory: str | os.PathLike[str]) -> Path:
     try:
         _write_config(model.config, staging / CONFIG_FILE)
         _write_weights(model, staging / WEIGHTS_FILE)
-        _fsync_dir(staging)
+        fsync_dir(staging)
         _swap_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -110,14 +111,6 @@ def _sibling(target: Path, kind: str) -> Path:
     return target.parent / f".{target.name}.{kind}-{uuid.uuid4().hex}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _swap_into_place(staging: Path, target: Path) -> None:
     # rename(2) cannot replace a non-empty directory, so move the old one aside first;
     # if the second rename fails the old checkpoint is put back.
@@ -132,7 +125,7 @@ def _swap_into_place(staging: Path, target: Path) -> None:
             os.replace(old, target)
             raise
         shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 # ---- load ------------------------------------------------------------------------------

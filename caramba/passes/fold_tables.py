@@ -66,18 +66,6 @@ def _attrs(node: Node) -> dict[str, Any]:
     return get_op(node.op).full_attrs(node.attrs)
 
 
-def _is_symbolic(v: Any) -> bool:
-    return isinstance(v, sympy.Basic) or (isinstance(v, tuple) and any(_is_symbolic(x) for x in v))
-
-
-def _resolve(v: Any, bindings: Mapping[str, int]) -> Any:
-    if isinstance(v, sympy.Expr):
-        return symbolic.evaluate(v, bindings)
-    if isinstance(v, tuple):
-        return tuple(_resolve(x, bindings) for x in v)
-    return v
-
-
 def _tabular(t: TensorType, ranges: Ranges) -> bool:
     """Every dim is static or a bare declared symbol, so the value at the maxima has a shape."""
     return all(isinstance(d, int) or (isinstance(d, sympy.Symbol) and d.name in ranges) for d in t.shape)
@@ -238,7 +226,7 @@ class _Tables:
         if len(node.outputs) != 1 or has_effect(node) or not self._small(node.output.type):
             return False
         rule = _rule(node)
-        symbolic_attrs = any(_is_symbolic(v) for k, v in _attrs(node).items() if k not in SIZE_ATTRS)
+        symbolic_attrs = any(symbolic.has_symbols(v) for k, v in _attrs(node).items() if k not in SIZE_ATTRS)
         return rule is not None and not symbolic_attrs and rule(node, self.ranges)
 
     def _small(self, t: TensorType) -> bool:
@@ -284,7 +272,7 @@ class _Tables:
             for node in self.graph.nodes:
                 if node in region:
                     opdef = get_op(node.op)
-                    attrs = {k: _resolve(a, self.maxima) for k, a in opdef.full_attrs(node.attrs).items()}
+                    attrs = {k: symbolic.resolve(a, self.maxima) for k, a in opdef.full_attrs(node.attrs).items()}
                     env[node.output] = opdef.impl(*(env[v] for v in node.inputs), **attrs)
         return env
 

@@ -50,6 +50,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from caramba.errors import CarambaError
+from caramba.fsutil import fsync_dir
 from caramba.runtime.cache_candidates import Candidate, CandidateRow
 
 try:
@@ -274,7 +275,7 @@ class PlanFile:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
     def _set_aside(self, problem: str) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.clock()))
@@ -297,14 +298,6 @@ class PlanFile:
                 yield
             finally:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------------------------
