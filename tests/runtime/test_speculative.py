@@ -8,9 +8,18 @@ import torch.nn.functional as F
 
 from caramba.runtime.generate_config import SpeculativeConfig
 from caramba.runtime.sampling import make_generator, probs_after_filters
-from caramba.runtime.speculative import (PAD_TOKEN, AdaptiveK, RoundResult, SpeculativeError, commit,
-                                         committed_count, greedy_round, residual_distribution, speculative_round)
-from tests.runtime.test_sampling import ALPHA, chi_square_pvalue
+from caramba.runtime.speculative import (
+    PAD_TOKEN,
+    AdaptiveK,
+    RoundResult,
+    SpeculativeError,
+    commit,
+    committed_count,
+    greedy_round,
+    residual_distribution,
+    speculative_round,
+)
+from tests.helpers import ALPHA, chi_square_pvalue
 
 V = 6  # vocabulary of the statistical tests
 START = V  # "no previous token" row of a Markov table
