@@ -10,15 +10,27 @@ import torch
 from caramba.errors import InputError
 from caramba.ir import symbolic
 from caramba.ir.graph import Graph, Node
+from caramba.ir.ops_cache import STATEFUL
 from caramba.ir.registry import get_op
 
 
-def bind_symbols(g: Graph, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
-    """Check inputs against the graph's input types and return the symbol values they imply."""
+def bind_symbols(g: Graph, inputs: Sequence[torch.Tensor], given: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Check inputs against the graph's input types and return the symbol values they imply.
+
+    `given` binds symbols no input shape carries (a cached graph's `past`, the longest row the cache held before
+    the step); it is checked against the symbol's declared range like any other.
+    """
     if len(inputs) != len(g.inputs):
         names = ", ".join(v.name for v in g.inputs)
         raise InputError(f"expected {len(g.inputs)} input(s) ({names}), got {len(inputs)}")
     bindings: dict[str, int] = {}
+    for name, size in (given or {}).items():
+        r = g.symbols.get(name)
+        if r is None:
+            raise InputError(f"symbol {name!r} is not declared by this graph (it has {sorted(g.symbols)})")
+        if not r.lo <= size <= r.hi:
+            raise InputError(f"{name}={size} is outside the range [{r.lo}, {r.hi}] this graph was built for")
+        bindings[name] = size
     for v, x in zip(g.inputs, inputs):
         _bind_one(g, v.name, v.type, x, bindings)
     for v, x in zip(g.inputs, inputs):  # compound dims (seq + past) are checked once every symbol is bound
@@ -54,6 +66,7 @@ class _Step:
     outs: tuple[int, ...]
     attrs: Mapping[str, Any]
     symbolic_attrs: bool
+    stateful: bool  # reads or writes the KV cache: gets `state=`
     frees: tuple[int, ...]  # slots whose last use is this step
 
 
@@ -92,11 +105,14 @@ class Interpreter:
             opdef = get_op(n.op)
             attrs = opdef.full_attrs(n.attrs)
             steps.append(_Step(n, opdef.impl, tuple(slot[v] for v in n.inputs), tuple(slot[v] for v in n.outputs),
-                               attrs, any(symbolic.has_symbols(a) for a in attrs.values()), tuple(frees.get(i, ()))))
+                               attrs, any(symbolic.has_symbols(a) for a in attrs.values()),
+                               STATEFUL in opdef.tags, tuple(frees.get(i, ()))))
         return steps
 
-    def run(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
-        bindings = bind_symbols(self.graph, inputs)
+    def run(self, *inputs: torch.Tensor, state: Any = None, symbols: Mapping[str, int] | None = None) -> list[torch.Tensor]:
+        """Outputs for `inputs`. Cached graphs also take `state` (the KVCache their stateful ops read and write)
+        and `symbols` (bindings no input carries, e.g. past)."""
+        bindings = bind_symbols(self.graph, inputs, symbols)
         env: list[Any] = [None] * self._nslots
         for s, x in zip(self._input_slots, inputs):
             env[s] = x
@@ -105,11 +121,13 @@ class Interpreter:
         device = inputs[0].device if inputs else torch.device("cpu")
         with torch.device(device):
             for st in self._steps:
-                self._step(st, env, bindings)
+                self._step(st, env, bindings, state)
         return [env[s] for s in self._out_slots]
 
-    def _step(self, st: _Step, env: list, bindings: Mapping[str, int]) -> None:
+    def _step(self, st: _Step, env: list, bindings: Mapping[str, int], state: Any) -> None:
         attrs = {k: symbolic.resolve(v, bindings) for k, v in st.attrs.items()} if st.symbolic_attrs else st.attrs
+        if st.stateful:
+            attrs = {**attrs, "state": state}
         result = st.impl(*(env[s] for s in st.args), **attrs)
         results = result if isinstance(result, tuple) else (result,)
         for s, r in zip(st.outs, results):

@@ -224,15 +224,24 @@ class _TensorStore:
         if self.ring is not None:
             self.ring[rows, pos[:, -e.ring.shape[1]:] % self.residual_len] = e.ring
 
+    def stored(self, n: int, lengths: torch.Tensor) -> QTensor:
+        """The first n positions as stored (codes, scales), every position at or past a row's length zeroed."""
+        valid = (torch.arange(n, device=self.codes.device) < lengths[:, None])[..., None]  # (B, n, 1)
+        codes = self.codes[:, :n].masked_fill(~valid, 0)
+        scales = None if self.scales is None else self.scales[:, :n].masked_fill(~valid, 0)
+        return QTensor(self.t.kind, codes, scales, self.t.features, self.qblock)
+
+    def ring_merge(self, x: torch.Tensor, lengths: torch.Tensor, ring_start: torch.Tensor) -> torch.Tensor:
+        """x (B, n, F) decoded values with the positions the fp16 ring holds replaced by the ring's values."""
+        if self.ring is None:
+            return x
+        pos = torch.arange(x.shape[1], device=x.device)
+        from_ring = (pos >= ring_start[:, None]) & (pos < lengths[:, None])  # (B, n)
+        return torch.where(from_ring[..., None], self.ring[:, pos % self.residual_len].to(x.dtype), x)
+
     def read(self, n: int, lengths: torch.Tensor, ring_start: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(B, n, F) in dtype, n = the longest row; ring positions exact, positions past a row's length zero."""
-        scales = None if self.scales is None else self.scales[:, :n]
-        x = dequantize(QTensor(self.t.kind, self.codes[:, :n], scales, self.t.features, self.qblock), dtype)
-        pos = torch.arange(n, device=x.device)
-        if self.ring is not None:
-            from_ring = (pos >= ring_start[:, None]) & (pos < lengths[:, None])  # (B, L)
-            x = torch.where(from_ring[..., None], self.ring[:, pos % self.residual_len].to(dtype), x)
-        return x.masked_fill(~(pos < lengths[:, None])[..., None], 0)
+        return self.ring_merge(dequantize(self.stored(n, lengths), dtype), lengths, ring_start)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -259,7 +268,37 @@ class LayerCache:
         """
         n_new = self._check_tensors(tensors)
         starts = self._check_starts(start, n_new)
-        encoded = {name: self._encode(name, tensors[name]) for name in self.spec.names}
+        self._write(starts, n_new, {name: self._encode(name, tensors[name]) for name in self.spec.names})
+
+    def append_stored(self, stored: Mapping[str, QTensor], ring: Mapping[str, torch.Tensor], start: Start) -> None:
+        """Write tokens that were already quantized (the explicit form of insert_kv_dequant): stored[name] is a
+        QTensor of (batch, T, features) in that tensor's kind and qblock; ring[name] (batch, T, features) fp16
+        holds the values for the fp16 ring of each ringed tensor."""
+        if set(stored) != set(self.spec.names):
+            raise CacheError(f"layer {self.index}: append needs exactly {', '.join(self.spec.names)}, got "
+                             f"{', '.join(map(str, stored)) or 'nothing'}")
+        widths = set()
+        for t in self.spec.tensors:
+            q = stored[t.name]
+            if q.kind != t.kind or q.qblock != self.spec.qblock or q.n_features != t.features \
+                    or q.codes.shape[0] != self.spec.batch:
+                raise CacheError(f"layer {self.index}: {t.name} arrives as {q.kind} (qblock {q.qblock}, "
+                                 f"{q.n_features} features, batch {q.codes.shape[0]}); the cache holds {t.kind} "
+                                 f"(qblock {self.spec.qblock}, {t.features} features, batch {self.spec.batch})")
+            if self.spec.has_ring(t) and t.name not in ring:
+                raise CacheError(f"layer {self.index}: {t.name} is ringed (residual_len "
+                                 f"{self.spec.residual_len}) but no fp16 values for the ring were given")
+            widths.add(q.codes.shape[1])
+        if len(widths) != 1:
+            raise CacheError(f"layer {self.index}: tensors bring different token counts {sorted(widths)}")
+        n_new = widths.pop()
+        starts = self._check_starts(start, n_new)
+        r = self.spec.residual_len
+        self._write(starts, n_new, {t.name: _Encoded(stored[t.name], ring[t.name][:, -r:].to(torch.float16)
+                                                      if self.spec.has_ring(t) else None)
+                                    for t in self.spec.tensors})
+
+    def _write(self, starts: list[int], n_new: int, encoded: Mapping[str, _Encoded]) -> None:
         rows = torch.arange(self.spec.batch, device=self.spec.device)[:, None]  # (B, 1)
         pos = (torch.tensor(starts)[:, None] + torch.arange(n_new)).to(self.spec.device)  # (B, T)
         for name, e in encoded.items():
@@ -274,6 +313,30 @@ class LayerCache:
         ring_start = torch.tensor(self.ring_start, device=self.spec.device)
         n = max(self.lengths)
         return {name: store.read(n, lengths, ring_start, dtype) for name, store in self.stores.items()}
+
+    def read_tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One tensor as (batch, max length, features) in dtype, decoded through its storage kind."""
+        lengths, ring_start = self._state()
+        return self._store(name).read(max(self.lengths), lengths, ring_start, dtype)
+
+    def stored(self, name: str) -> QTensor:
+        """One tensor as stored, (batch, max length, ...), zero past each row's length."""
+        return self._store(name).stored(max(self.lengths), self._state()[0])
+
+    def ring_merge(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, max length, features) with the positions the fp16 ring of `name` holds taken from the ring."""
+        return self._store(name).ring_merge(x, *self._state())
+
+    def _state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.spec.device
+        return torch.tensor(self.lengths, device=dev), torch.tensor(self.ring_start, device=dev)
+
+    def _store(self, name: str) -> _TensorStore:
+        try:
+            return self.stores[name]
+        except KeyError:
+            raise CacheError(f"layer {self.index} holds {', '.join(self.spec.names)}; it has no tensor "
+                             f"{name!r}") from None
 
     def set_lengths(self, lengths: Sequence[int]) -> None:
         """Shorten rows (KVCache validated that none grows); positions still in the ring stay exact."""
@@ -380,6 +443,19 @@ class KVCache:
         _check_int("rollback count", n, 0)
         self._shorten(lambda length: length - n, f"roll back {n} tokens")
 
+    def truncate_rows(self, lengths: Sequence[int]) -> None:
+        """Keep the first lengths[b] tokens of row b in every layer (a ragged batch drops its padding this way)."""
+        if isinstance(lengths, torch.Tensor):
+            lengths = lengths.tolist()
+        if len(lengths) != self.spec.batch or not all(isinstance(n, int) and n >= 0 for n in lengths):
+            raise CacheError(f"truncate_rows needs {self.spec.batch} lengths >= 0 (one per row), got {lengths!r}")
+        self._shorten_rows(lambda b, _: lengths[b], f"truncate rows to {list(lengths)}")
+
+    @property
+    def max_length(self) -> int:
+        """The longest row of any layer."""
+        return max(max(layer.lengths) for layer in self.layers)
+
     def truncate(self, length: int) -> None:
         """Keep the first `length` tokens of every row in every layer."""
         _check_int("truncate length", length, 0)
@@ -407,8 +483,11 @@ class KVCache:
         return self.spec.bytes_per_token_per_layer
 
     def _shorten(self, new_length: Callable[[int], int], what: str) -> None:
+        self._shorten_rows(lambda _, n: new_length(n), what)
+
+    def _shorten_rows(self, new_length: Callable[[int, int], int], what: str) -> None:
         """Validate every row of every layer first, so a refused rollback changes nothing."""
-        targets = [[new_length(n) for n in layer.lengths] for layer in self.layers]
+        targets = [[new_length(b, n) for b, n in enumerate(layer.lengths)] for layer in self.layers]
         for i, (layer, target) in enumerate(zip(self.layers, targets)):
             for b, (old, new) in enumerate(zip(layer.lengths, target)):
                 if not 0 <= new <= old:

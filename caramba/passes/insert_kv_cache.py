@@ -1,0 +1,155 @@
+"""insert_kv_cache: stateless causal attention -> cache append + attention over everything the cache holds.
+
+The graph gains an input `position_ids` i64[batch, seq] (absolute positions of the step's tokens, contiguous per
+row, each row starting at its own cached length) and a symbol `past` (the longest row the cache held before the
+step; ctx = past + seq positions are read back). One graph serves every step: prefill (past = 0), continuing a
+conversation, verifying speculative drafts and decoding one token (the runtime specialises seq = 1 from it).
+
+    %k: f32[batch, 1, seq, 16] = rope(...)                       # per layer, the cached operands
+    %a = attention(%q, %k, %v) {scale = 0.25, causal = true}
+  ->
+    %pm   = position_mask(%position_ids) {ctx = <past + seq>}    # once: key j visible to position p iff j <= p
+    %kf   = reshape(transpose(%k, 1, 2)) {shape = [<batch>, <seq>, 16]}      # (batch, seq, H_kv·d)
+    %len  = kv_append(%position_ids, %kf, %vf) {layer = 0, names = ["k", "v"]}
+    %kc   = transpose(reshape(kv_read(%len) {layer = 0, name = "k", ...})) # (batch, H_kv, ctx, d)
+    %a    = attention(%q, %kc, %vc, %pm) {scale = 0.25, causal = false}
+
+Positions: tables that fold_tables stored at the longest sequence and sliced to the current one (RoPE's cos/sin,
+`slice(const.N, dim, 0, <seq>)` with only size-1 dims before `dim`) are gathered at position_ids instead, which
+gives them a batch dim; the shape rules re-derive everything downstream (retype). Attention therefore reads keys
+through the cache at prefill exactly as at decode (SPEC §3 invariance).
+
+Refused with a clear error: attention that is not causal or carries its own mask (a sliding window), a query
+length that is not the step's, position-dependent values other than such tables (an arange over seq still live).
+Options (ctx.options): max_seq_len (required), the longest row the cache will hold.
+"""
+from __future__ import annotations
+
+import sympy
+
+from caramba.errors import UnsupportedOpError
+from caramba.ir import symbolic
+from caramba.ir.graph import Graph, Node, Value
+from caramba.ir.retype import retype
+from caramba.ir.types import DType, TensorType
+from caramba.passes.base import PassContext
+from caramba.passes.dce import dce
+from caramba.passes.kv_layout import CACHED_OPERANDS, attention_nodes, cache_layout, splice
+from caramba.passes.rewrite import Builder
+
+POSITIONS = "position_ids"
+PAST = "past"
+
+
+def insert_kv_cache(graph: Graph, ctx: PassContext) -> Graph:
+    """Counts: "attention" (layers cached), "tables" (position tables gathered at position_ids)."""
+    if "max_seq_len" not in ctx.options:
+        raise ValueError("insert_kv_cache needs ctx.options['max_seq_len'] (the longest row the cache holds)")
+    max_seq = int(ctx.options["max_seq_len"])
+    if any(v.name == POSITIONS for v in graph.inputs):
+        raise UnsupportedOpError("insert_kv_cache: the graph already has a position_ids input (already cached?)")
+    cache_layout(graph)  # one layout for all layers, or a clear error
+    if len(graph.inputs) != 1 or graph.inputs[0].type.rank != 2:
+        raise UnsupportedOpError(f"insert_kv_cache expects one token-id input (batch, seq), got "
+                                 f"{', '.join(map(repr, graph.inputs))}")
+    batch, seq = graph.inputs[0].type.shape
+    if not isinstance(seq, sympy.Symbol):
+        raise UnsupportedOpError(f"insert_kv_cache: the sequence dim must be symbolic, got {seq}")
+    for node in attention_nodes(graph):
+        _check_attention(node, seq)
+    positions = graph.add_input(POSITIONS, TensorType((batch, seq), DType.i64))
+    graph.add_symbol(PAST, 0, max_seq - 1)
+    ctx.count("tables", _gather_tables(graph, positions, seq, max_seq))
+    retype(graph)
+    total = symbolic.canonical(symbolic.symbol(PAST) + seq)
+    mask = None
+    for layer, node in enumerate(attention_nodes(graph)):
+        b = Builder(graph, node)
+        if mask is None:
+            mask = b.op("position_mask", [positions], ctx=total)
+        splice(graph, node, b.nodes)
+        _cache_layer(graph, node, layer, positions, mask, total)
+        ctx.count("attention")
+    dce(graph, PassContext())
+    _refuse_positions_left(graph, seq)
+    return graph
+
+
+def _check_attention(node: Node, seq: sympy.Symbol) -> None:
+    where = f" (module {node.loc})" if node.loc else ""
+    if not node.attrs.get("causal") or len(node.inputs) != len(CACHED_OPERANDS[node.op]) + (
+            1 if node.op == "attention" else 2):
+        raise UnsupportedOpError(
+            f"insert_kv_cache: {node.op}{where} is not plain causal attention (causal={node.attrs.get('causal')}, "
+            f"{'with' if len(node.inputs) in (4, 6) else 'without'} a mask); a KV cache needs causal attention "
+            f"without an extra mask (sliding windows and padding masks are not supported by the cache yet)")
+    q, k = node.inputs[0].type, node.inputs[1].type
+    if q.shape[2] != seq or k.shape[2] != seq:
+        raise UnsupportedOpError(f"insert_kv_cache: {node.op}{where} attends {q.shape[2]} queries to {k.shape[2]} "
+                                 f"keys; self-attention over the step's {seq} tokens is required")
+
+
+def _gather_tables(graph: Graph, positions: Value, seq: sympy.Symbol, max_seq: int) -> int:
+    """slice(const.N, dim, 0, <seq>) -> the table's rows at position_ids; returns how many."""
+    consts = {v: name for name, v in graph.params.items() if name.startswith("const.")}
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "slice" or node.inputs[0] not in consts:
+            continue
+        a, table = node.attrs, node.inputs[0].type
+        d = a["dim"] % table.rank
+        if a.get("start", 0) != 0 or a.get("step", 1) != 1 or a.get("end") != seq:
+            continue
+        name = consts[node.inputs[0]]
+        if d == 0 or any(x != 1 for x in table.shape[:d]):
+            raise UnsupportedOpError(f"insert_kv_cache: table {name} {table} is sliced by position along dim {d}; "
+                                     f"per-row positions need size-1 dims before it (a (1, positions, ...) table)")
+        if table.shape[d] < max_seq:
+            raise UnsupportedOpError(
+                f"insert_kv_cache: table {name} holds {table.shape[d]} positions but the cache holds up to "
+                f"{max_seq}; compile with max_seq_len >= {max_seq} (caramba.compile(model, max_seq_len=...)) or "
+                f"generate with max_seq_len <= {table.shape[d]}")
+        rest = table.shape[d + 1:]
+        width = symbolic.product(rest)
+        b = Builder(graph, node)
+        flat = b.op("reshape", [node.inputs[0]], shape=(table.shape[d], width))
+        rows = b.op("embedding", [flat, positions])  # (batch, seq, width)
+        out = b.op("reshape", [rows], name=node.outputs[0].name,
+                   shape=(positions.type.shape[0], *([1] * (d - 1)), seq, *rest))
+        splice(graph, node, b.nodes, replace=True)
+        graph.replace_uses(node.outputs[0], out)
+        count += 1
+    return count
+
+
+def _cache_layer(graph: Graph, node: Node, layer: int, positions: Value, mask: Value, total) -> None:
+    """Replace one attention node by append, reads and attention over the cache."""
+    b = Builder(graph, node)
+    operands = CACHED_OPERANDS[node.op]
+    flats = []
+    for name, i in operands.items():
+        x = node.inputs[i]  # (batch, H_kv, seq, d)
+        bsz, h, s, dh = x.type.shape
+        flats.append(b.op("reshape", [b.op("transpose", [x], dim0=1, dim1=2)], name=f"{name}_new",
+                          shape=(bsz, s, h * dh)))
+    ready = b.op("kv_append", [positions, *flats], name="kv_len", layer=layer, names=list(operands))
+    cached = {}
+    for name, i in operands.items():
+        bsz, h, s, dh = node.inputs[i].type.shape
+        read = b.op("kv_read", [ready], name=f"{name}_cache", layer=layer, tensor=name, features=h * dh,
+                    dtype=node.inputs[i].type.dtype, ctx=total)
+        cached[i] = b.op("transpose", [b.op("reshape", [read], shape=(bsz, total, h, dh))], dim0=1, dim1=2)
+    inputs = [cached.get(i, v) for i, v in enumerate(node.inputs)] + [mask]
+    out = b.op(node.op, inputs, name=node.outputs[0].name, **{**node.attrs, "causal": False})
+    splice(graph, node, b.nodes, replace=True)
+    graph.replace_uses(node.outputs[0], out)
+
+
+def _refuse_positions_left(graph: Graph, seq: sympy.Symbol) -> None:
+    for node in graph.nodes:
+        if node.op == "arange" and any(seq in getattr(v, "free_symbols", ()) for v in node.attrs.values()):
+            where = f" (module {node.loc})" if node.loc else ""
+            raise UnsupportedOpError(
+                f"insert_kv_cache: {node.op}{where} computes something from positions 0..seq-1 that is not a "
+                f"position table caramba can re-index; with a cache the step's tokens sit at past.. not at 0. "
+                f"Models whose only position-dependent values are RoPE tables are supported")
