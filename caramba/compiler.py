@@ -5,7 +5,7 @@ import copy
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -19,7 +19,7 @@ from caramba.ir.types import DType
 from caramba.ir.verifier import verify
 from caramba.passes.base import PassContext
 from caramba.passes.manager import PassRecord, check_names
-from caramba.passes.pipeline import pipeline_for
+from caramba.passes.pipeline import cache_pipeline_for, entry_pipeline_for, pipeline_for
 
 log = logging.getLogger("caramba")
 
@@ -44,17 +44,48 @@ class CompiledModel:
     """
 
     def __init__(self, graph: Graph, target: str, dtype: DType, stats: CompileStats, capture: Capture,
-                 imported_graph: Graph | None = None) -> None:
+                 imported_graph: Graph | None = None, debug_options: DebugOptions | None = None) -> None:
         self.graph = graph
         self.imported_graph = imported_graph if imported_graph is not None else graph
         self.target = target
         self.dtype = dtype
         self.stats = stats
         self.capture = capture
+        self.debug_options = debug_options or DebugOptions()
         self._executor = Interpreter(graph)
+        self._cached: dict = {}
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._executor.run(input_ids)[0]
+
+    @property
+    def cache_layout(self):
+        """Which tensors each attention layer caches (k, v or k_sem, k_geo, v), their widths and the layer count."""
+        from caramba.passes.kv_layout import cache_layout
+
+        return cache_layout(self.graph)
+
+    def executor(self, config, *, partitions: int | None = None):
+        """The executor running this model with a KV cache of `config` (a runtime.executor.CacheConfig), lowered
+        once per config and kept."""
+        from caramba.runtime.executor import executor_for
+
+        key = (config, partitions)
+        if key not in self._cached:
+            self._cached[key] = executor_for(self, config, partitions=partitions)
+        return self._cached[key]
+
+    @property
+    def vocab_size(self) -> int:
+        from caramba.runtime.executor import vocab_size_of
+
+        return vocab_size_of(self.graph)
+
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence the capture covers (the `seq` symbol's maximum)."""
+        r = self.graph.symbols.get("seq")
+        return r.hi if r is not None else 0
 
     def ir(self) -> str:
         return str(self.graph)
@@ -122,7 +153,11 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
     options = DebugOptions.resolve(dump_dir=dump_dir, print_after=print_after, disable_passes=disable_passes,
                                    pass_limit=pass_limit, verify_each=verify_each, check_numerics=check_numerics)
     passes = pipeline_for(chosen)
-    check_names(passes, options.disable_passes, options.print_after)  # before the capture: fail fast on a typo
+    every = passes + cache_pipeline_for(chosen) + entry_pipeline_for(chosen)
+    check_names(every, options.disable_passes, options.print_after)  # before the capture: fail fast on a typo
+    names = {p.name for p in passes}
+    compile_options = replace(options, disable_passes=tuple(n for n in options.disable_passes if n in names),
+                              print_after=tuple(n for n in options.print_after if n in names or n == "all"))
     model = cast_model(model, want)
     start = time.perf_counter()
     imported, cap = import_model(model, max_batch=max_batch, max_seq=max_seq_len)
@@ -130,7 +165,7 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
     import_seconds = time.perf_counter() - start - cap.seconds
     log.info("captured %s: %d nodes in %.2fs (target %s, %s)", type(model).__name__, len(imported.nodes),
              cap.seconds, chosen, want)
-    result = run_pipeline(imported, passes, PassContext(target=chosen, dtype=want), options,
+    result = run_pipeline(imported, passes, PassContext(target=chosen, dtype=want), compile_options,
                           reference=lambda inputs: eager_logits(model, inputs),
                           info={"model": type(model).__name__, "target": chosen, "dtype": str(want)})
     graph = result.graph
@@ -138,7 +173,7 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
         verify(graph)  # once at the end is cheap insurance; verify_each already checked every step
     stats = CompileStats(cap.seconds, import_seconds, graph.op_counts(), result.seconds, result.records)
     log.info("pipeline %s: %d -> %d nodes in %.3fs", chosen, len(imported.nodes), len(graph.nodes), result.seconds)
-    return CompiledModel(graph, chosen, want, stats, cap, imported)
+    return CompiledModel(graph, chosen, want, stats, cap, imported, options)
 
 
 def cast_model(model: torch.nn.Module, dtype: DType) -> torch.nn.Module:

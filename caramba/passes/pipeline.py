@@ -8,17 +8,21 @@ its shape. Passes are referred to by name (disable_passes, print_after, dumps), 
 from __future__ import annotations
 
 from caramba.passes.canonicalize import canonicalize
+from caramba.passes.choose_chunking import choose_chunking
 from caramba.passes.cse import cse
 from caramba.passes.dce import dce
 from caramba.passes.fold_constants import fold_constants
 from caramba.passes.fold_tables import fold_tables
 from caramba.passes.fuse_add_norm import fuse_add_norm
 from caramba.passes.fuse_attention import fuse_attention
+from caramba.passes.fuse_cached_attention import fuse_cached_attention
 from caramba.passes.fuse_decoupled_attention import fuse_decoupled_attention
 from caramba.passes.fuse_layer_norm import fuse_layer_norm
 from caramba.passes.fuse_rms_norm import fuse_rms_norm
 from caramba.passes.fuse_rope import fuse_rope
 from caramba.passes.fuse_swiglu import fuse_swiglu
+from caramba.passes.insert_kv_cache import insert_kv_cache
+from caramba.passes.insert_kv_dequant import insert_kv_dequant
 from caramba.passes.manager import Pass
 
 PIPELINE_TARGETS = ("eager", "cuda", "metal", "onnx")
@@ -35,6 +39,10 @@ FUSE_ROPE = Pass("fuse_rope", fuse_rope)
 FUSE_ATTENTION = Pass("fuse_attention", fuse_attention)
 FUSE_DECOUPLED_ATTENTION = Pass("fuse_decoupled_attention", fuse_decoupled_attention)
 FUSE_SWIGLU = Pass("fuse_swiglu", fuse_swiglu)
+INSERT_KV_CACHE = Pass("insert_kv_cache", insert_kv_cache)
+INSERT_KV_DEQUANT = Pass("insert_kv_dequant", insert_kv_dequant)
+FUSE_CACHED_ATTENTION = Pass("fuse_cached_attention", fuse_cached_attention)
+CHOOSE_CHUNKING = Pass("choose_chunking", choose_chunking)
 
 
 def pipeline_for(target: str) -> list[Pass]:
@@ -68,10 +76,35 @@ def pipeline_for(target: str) -> list[Pass]:
         FUSE_DECOUPLED_ATTENTION,
         # The MLP's gate, independent of the others.
         FUSE_SWIGLU,
-        # Later, for the cached targets: insert_kv_cache, insert_kv_dequant, choose_chunking.
+        # The KV cache comes after this list, once a cache kind is chosen: see cache_pipeline_for.
         # Phase 3: cleanup after fusion. Fusions leave dead tables and duplicated views behind; CSE is safe now
         # that nothing pattern-matches across layers, and canonicalize + DCE tidy what CSE exposes.
         CSE,
         CANONICALIZE,
         DCE,
     ]
+
+
+def cache_pipeline_for(target: str) -> list[Pass]:
+    """The passes that put a KV cache behind the compiled graph, for one choice of cache kinds (ctx.options:
+    max_seq_len, cache_kinds, cache_qblock, cache_residual_len). They run when a Generator picks its cache, not in
+    compile(): "auto" picks the kind by measuring candidates, each lowered by these passes."""
+    if target not in PIPELINE_TARGETS:
+        raise ValueError(f"no pipeline for target {target!r}; targets with one: {', '.join(PIPELINE_TARGETS)}")
+    return [
+        # Appends and reads of the cache around every attention layer; attention now reads keys through the
+        # cache at every step (SPEC §3 invariance). RoPE tables are re-indexed by position_ids.
+        INSERT_KV_CACHE,
+        # The storage kinds made explicit (quantize on write, dequantize on read), so dumps show them ...
+        INSERT_KV_DEQUANT,
+        # ... and then folded into the attention and append ops as attributes, which is what kernels implement.
+        FUSE_CACHED_ATTENTION,
+        DCE,
+    ]
+
+
+def entry_pipeline_for(target: str) -> list[Pass]:
+    """Per entry graph (prefill: seq symbolic; decode: seq = 1; ctx.options["entry"]): how work is chunked."""
+    if target not in PIPELINE_TARGETS:
+        raise ValueError(f"no pipeline for target {target!r}; targets with one: {', '.join(PIPELINE_TARGETS)}")
+    return [CHOOSE_CHUNKING]

@@ -1,5 +1,7 @@
 """Runtime: KV-cache storage kinds, preallocated KV caches, generation settings, sampling and speculative rounds."""
+from caramba.runtime.executor import CacheConfig, CachedProgram, Executor, InterpreterExecutor, lower
 from caramba.runtime.generate_config import GenerateConfig, GenerateConfigError, SpeculativeConfig
+from caramba.runtime.generator import GenerationStats, Generator
 from caramba.runtime.kv_cache import (TENSOR_LAYOUTS, CachedTensor, CacheError, CacheOverflowError, CacheSpec,
                                       KVCache, LayerCache, resolve_kinds)
 from caramba.runtime.quant import (CACHE_KINDS, KIND_NAMES, NF4_LEVELS, CacheKind, CacheKindError, NonFiniteError,
@@ -9,6 +11,7 @@ from caramba.runtime.sampling import probs_after_filters, sample_next
 from caramba.runtime.speculative import AdaptiveK, RoundResult, commit, greedy_round, speculative_round
 
 __all__ = [
+    "CacheConfig", "CachedProgram", "Executor", "GenerationStats", "Generator", "InterpreterExecutor", "lower",
     "AdaptiveK", "GenerateConfig", "GenerateConfigError", "RoundResult", "SpeculativeConfig", "commit",
     "greedy_round", "probs_after_filters", "sample_next", "speculative_round",
     "CACHE_KINDS", "KIND_NAMES", "NF4_LEVELS", "TENSOR_LAYOUTS", "CacheError", "CacheKind", "CacheKindError",
