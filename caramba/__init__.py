@@ -1,6 +1,7 @@
 """caramba: a compiler for transformer inference (torch.fx capture -> IR -> passes -> Triton | Metal | ONNX)."""
 from caramba.compiler import CompiledModel, cast_model, compile
 from caramba.runtime import CacheConfig, GenerateConfig, Generator, SpeculativeConfig
+from caramba.runtime import SpeculativeGenerator
 from caramba.errors import (CaptureError, CarambaError, InputError, ParseError, UnsupportedOpError,
                             VerificationError)
 
@@ -9,5 +10,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CaptureError", "CarambaError", "CompiledModel", "InputError", "ParseError", "UnsupportedOpError",
     "VerificationError", "cast_model", "compile", "__version__", "CacheConfig", "GenerateConfig", "Generator",
-    "SpeculativeConfig",
+    "SpeculativeConfig", "SpeculativeGenerator",
 ]

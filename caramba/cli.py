@@ -1,18 +1,20 @@
-"""The `caramba` command line: compile (with pass-debugging dumps), bisect; later export-onnx, generate, bench."""
+"""The `caramba` command line: compile (with pass-debugging dumps), bisect, generate; later export-onnx, bench."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
 from caramba.errors import CarambaError
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, seed_help: str = "seed for a preset's random weights") -> None:
     p.add_argument("--model", required=True, help="a preset name (tiny, small, 1b-dba, 1b-gqa), a caramba "
                    "checkpoint directory or a Hugging Face model directory (config.json + safetensors)")
     p.add_argument("--attention", choices=["standard", "gqa", "decoupled"], help="attention mode (presets only)")
-    p.add_argument("--seed", type=int, default=0, help="seed for a preset's random weights")
+    p.add_argument("--seed", type=int, default=0, help=seed_help)
 
 
 def _add_debug_args(p: argparse.ArgumentParser) -> None:
@@ -54,7 +56,41 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-seq-len", type=int, default=None, help="largest sequence length the graph accepts")
     b.add_argument("--dump-dir", default=None, help="also write a pass dump of the run here")
     b.set_defaults(func=cmd_bisect)
+    _add_generate_parser(sub)
     return ap
+
+
+def _add_generate_parser(sub) -> None:
+    from caramba.runtime.generate_config import GenerateConfig
+
+    default = GenerateConfig()
+    g = sub.add_parser("generate", help="compile a model and stream generated text (stats on stderr)",
+                       description="Compile a model, generate from a prompt with a KV cache and stream the text to "
+                       "stdout as it is sampled; one line of stats (tokens/s, KV-cache bytes) ends stderr.")
+    _add_model_args(g, seed_help="seed for a preset's random weights and for sampling (default 0: reproducible)")
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=default.max_new_tokens,
+                   help=f"tokens to generate (default {default.max_new_tokens})")
+    g.add_argument("--cache-kind", default=default.cache_kind, help="KV-cache storage: fp32, fp16, bf16, q8_0, q4_0, "
+                   "nf4; 'auto' (the cache policy: --cache-budget-mb, --plan-file); or one kind per cached tensor, "
+                   f"e.g. k_sem=q8_0,k_geo=q8_0,v=q4_0 (default {default.cache_kind})")
+    g.add_argument("--target", default="auto", choices=["auto", "cuda", "metal", "onnx", "eager"])
+    g.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: the model's)")
+    g.add_argument("--temperature", type=float, default=default.temperature,
+                   help=f"<= 0 is greedy (default {default.temperature})")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set reaching p")
+    g.add_argument("--max-seq-len", type=int, default=None, help="longest conversation (prompt + new tokens) the "
+                   "graph and the cache hold (default: the model's maximum)")
+    g.add_argument("--tokenizer", default=None, help="'bytes' (UTF-8 bytes are the ids), a tokenizer.json or a "
+                   "directory holding one (default: the model directory's tokenizer.json, else bytes)")
+    g.add_argument("--eos-id", type=int, action="append", default=None, help="a token id that ends generation "
+                   "(repeatable; default: the tokenizer's EOS, none for bytes)")
+    g.add_argument("--cache-budget-mb", type=float, default=None, help="most MiB the KV cache may take: 'auto' "
+                   "picks within it, a named kind that does not fit is an error")
+    g.add_argument("--plan-file", default=None, help="where --cache-kind auto keeps its measured choice")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
+    g.set_defaults(func=cmd_generate)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -92,11 +128,120 @@ def cmd_bisect(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def parse_cache_kind(text: str) -> str | dict[str, str]:
+    """--cache-kind: one kind name or "auto" (checked by GenerateConfig), or "name=kind,name=kind,..."."""
+    if "=" not in text:
+        return text.strip()
+    mapping: dict[str, str] = {}
+    for part in text.split(","):
+        name, sep, kind = (x.strip() for x in part.partition("="))
+        if not sep or not name or not kind or "=" in kind:
+            raise ValueError(f"--cache-kind {text!r}: expected one kind (fp16, q8_0, ...), 'auto', or name=kind pairs "
+                             f"separated by commas, e.g. k_sem=q8_0,k_geo=q8_0,v=q4_0")
+        if name in mapping:
+            raise ValueError(f"--cache-kind {text!r}: {name!r} is given twice")
+        mapping[name] = kind
+    return mapping
+
+
+def stats_line(stats, fp16_bytes: int | None = None) -> str:
+    """`[caramba] 64 tokens, 123.4 tok/s (decode 150.2 tok/s), KV cache q8_0: 1,114,112 bytes (fp16 would be ...)`."""
+    def rate(x: float) -> str:
+        return "n/a" if x != x else f"{x:.1f} tok/s"  # NaN: no decode step (a single new token)
+
+    line = (f"[caramba] {stats.new_tokens} token{'' if stats.new_tokens == 1 else 's'}, {rate(stats.tokens_per_s)} "
+            f"(decode {rate(stats.decode_tokens_per_s)}), KV cache {stats.cache_kind}: {stats.cache_bytes:,} bytes")
+    if fp16_bytes is not None and stats.cache_kind != "fp16":
+        line += f" (fp16 would be {fp16_bytes:,})"
+    return line
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    import caramba
+    from caramba.models.sources import load_model
+    from caramba.runtime.executor import CacheConfig
+    from caramba.runtime.generate_config import GenerateConfig
+    from caramba.runtime.generator import Generator
+    from caramba.tokenizer import TOKENIZER_FILE, load_tokenizer
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    # Everything that can be checked without the model is checked first: a typo costs no compile.
+    cache_kind = parse_cache_kind(args.cache_kind)
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, cache_kind=cache_kind, cache_budget_mb=args.cache_budget_mb,
+                    cache_plan_path=args.plan_file)
+    auto = GenerateConfig(**settings, max_seq_len=args.max_seq_len or args.max_new_tokens + 1).cache_kind == "auto"
+    if auto:
+        import importlib.util
+
+        if importlib.util.find_spec("caramba.runtime.cache_policy") is None:
+            raise NotImplementedError("--cache-kind auto needs the cache policy, which this version of caramba "
+                                      "does not have yet; name a kind (e.g. q8_0)")
+    elif args.plan_file is not None:
+        raise ValueError("--plan-file only applies to --cache-kind auto (a named kind is never measured)")
+
+    overrides = {"attention": args.attention} if args.attention else {}
+    model = load_model(args.model, seed=args.seed, **overrides)
+    tok_spec = args.tokenizer
+    if tok_spec is None and (Path(args.model) / TOKENIZER_FILE).is_file():
+        tok_spec = args.model
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    tok = load_tokenizer(tok_spec, vocab_size=vocab if isinstance(vocab, int) else None)
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise ValueError("--prompt is empty: the model needs at least one token to continue from")
+    eos = args.eos_id if args.eos_id else tok.eos_token_id
+
+    start = time.perf_counter()
+    cm = caramba.compile(model, target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len)
+    config = GenerateConfig(**settings, eos_token_id=eos, max_seq_len=args.max_seq_len or cm.max_positions)
+    layout = cm.cache_layout
+    fp16_bytes = CacheConfig.of(layout, "fp16", max_seq_len=config.max_seq_len).spec(layout, 1).nbytes
+    if not auto and config.cache_budget_mb is not None:
+        from caramba.runtime.cache_candidates import budget_bytes
+
+        need = CacheConfig.of(layout, config.cache_kind, max_seq_len=config.max_seq_len, qblock=config.cache_qblock,
+                              residual_len=config.cache_residual_len).spec(layout, 1).nbytes
+        if need > budget_bytes(config.cache_budget_mb):
+            raise ValueError(f"a {args.cache_kind} KV cache for {config.max_seq_len} tokens takes {need:,} bytes, over "
+                             f"--cache-budget-mb {config.cache_budget_mb:g} ({budget_bytes(config.cache_budget_mb):,} "
+                             f"bytes); pick a smaller kind, lower --max-seq-len, or use --cache-kind auto")
+    print(f"[caramba] compiled {args.model} for {cm.target} ({cm.dtype}) in {time.perf_counter() - start:.1f}s; "
+          f"prompt {len(ids)} tokens, max_seq_len {config.max_seq_len}", file=sys.stderr, flush=True)
+
+    gen = Generator(cm, config)
+    steps = gen.generate_iter(ids)  # checks the prompt against max_seq_len before any work
+    stream, out, code = tok.stream(), sys.stdout, 0
+    try:
+        try:
+            for t in steps:
+                t = int(t[0])
+                if t not in config.eos_ids:
+                    out.write(stream.push([t]))
+                    out.flush()
+        except KeyboardInterrupt:
+            code = 130
+        out.write(stream.flush() + "\n")
+        out.flush()
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    print(stats_line(gen.stats, fp16_bytes), file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "max_seq_len", None) is not None and args.max_seq_len < 2:
         parser.error("--max-seq-len must be at least 2")
+    if getattr(args, "max_new_tokens", None) is not None and args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be at least 1")
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     try:
         return args.func(args)
     except (CarambaError, ValueError, NotImplementedError, FileNotFoundError) as e:

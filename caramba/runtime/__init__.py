@@ -9,11 +9,13 @@ from caramba.runtime.quant import (CACHE_KINDS, KIND_NAMES, NF4_LEVELS, CacheKin
                                    parse_kind, quantize, unpack_nibbles)
 from caramba.runtime.sampling import probs_after_filters, sample_next
 from caramba.runtime.speculative import AdaptiveK, RoundResult, commit, greedy_round, speculative_round
+from caramba.runtime.speculative_generator import SpeculativeGenerator, SpeculativeStats
 
 __all__ = [
     "CacheConfig", "CachedProgram", "Executor", "GenerationStats", "Generator", "InterpreterExecutor", "lower",
     "AdaptiveK", "GenerateConfig", "GenerateConfigError", "RoundResult", "SpeculativeConfig", "commit",
     "greedy_round", "probs_after_filters", "sample_next", "speculative_round",
+    "SpeculativeGenerator", "SpeculativeStats",
     "CACHE_KINDS", "KIND_NAMES", "NF4_LEVELS", "TENSOR_LAYOUTS", "CacheError", "CacheKind", "CacheKindError",
     "CacheOverflowError", "CacheSpec", "CachedTensor", "KVCache", "LayerCache", "NonFiniteError", "QTensor",
     "bytes_per_element", "code_width", "dequantize", "n_blocks", "nbytes", "pack_nibbles", "parse_kind",
