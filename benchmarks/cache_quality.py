@@ -124,8 +124,8 @@ def main() -> None:
         target = TARGETS.get(name)
         verdict = "" if target is None else f"ΔNLL <= {target}: {'met' if delta <= target else 'MISSED'}"
         kl = "reference" if name == "fp16" else f"{kl_sum / steps:.2e}"
-        print(f"| {name} | {nll:.4f} | {delta:+.5f} ± {se:.5f} | {math.exp(delta):.5f} | {kl} | {spec.bytes_per_token:,} | "
-              f"{spec.bytes_per_token_per_layer:,} | {verdict} |")
+        print(f"| {name} | {nll:.4f} | {delta:+.5f} ± {se:.5f} | {math.exp(delta):.5f} | {kl} | "
+              f"{spec.bytes_per_token:,} | {spec.bytes_per_token_per_layer:,} | {verdict} |")
     print()
     print(f"total {time.perf_counter() - t0:.0f} s")
 

@@ -206,7 +206,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         need = CacheConfig.of(layout, config.cache_kind, max_seq_len=config.max_seq_len, qblock=config.cache_qblock,
                               residual_len=config.cache_residual_len).spec(layout, 1).nbytes
         if need > budget_bytes(config.cache_budget_mb):
-            raise ValueError(f"a {args.cache_kind} KV cache for {config.max_seq_len} tokens takes {need:,} bytes, over "
+            raise ValueError(f"--cache-kind {args.cache_kind}: the KV cache for {config.max_seq_len} tokens takes {need:,} bytes, over "
                              f"--cache-budget-mb {config.cache_budget_mb:g} ({budget_bytes(config.cache_budget_mb):,} "
                              f"bytes); pick a smaller kind, lower --max-seq-len, or use --cache-kind auto")
     print(f"[caramba] compiled {args.model} for {cm.target} ({cm.dtype}) in {time.perf_counter() - start:.1f}s; "

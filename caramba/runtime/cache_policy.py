@@ -43,6 +43,7 @@ window is shortened to fit, with a log line, otherwise).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import statistics
@@ -388,7 +389,7 @@ def probe_run(ex: Executor, tokens: torch.Tensor, probe: ProbeSettings, referenc
     cache = ex.new_cache(b)
     bounds = [0, *range(probe.prefill, w, probe.chunk), w]
     row_sums, last = torch.zeros(b, dtype=torch.float64, device=ex.device), None
-    for lo, hi in zip(bounds, bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         logits = ex.forward(tokens[:, lo:hi], _positions(b, lo, hi, ex.device), cache)
         scored = min(hi, w - 1) - lo  # the window's last token has no target inside the window
         if scored > 0:

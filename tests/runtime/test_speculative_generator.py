@@ -21,6 +21,16 @@ PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]  # ragged: rows start at differe
 FIXED = dict(adaptive=False, disable_below=0.0)  # k stays spec_k for the whole test
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread is faster, and much faster when other processes share the cores
+    (oversubscribed threads made each tiny matmul ~30x slower on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _greedy(**kw) -> GenerateConfig:
     return GenerateConfig(**{"temperature": 0, "cache_kind": "fp32", "max_seq_len": 48, "max_new_tokens": 10, **kw})
 
