@@ -160,6 +160,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     import caramba
+    from caramba.models.presets import PRESETS
     from caramba.models.sources import load_model
     from caramba.runtime.executor import CacheConfig
     from caramba.runtime.generate_config import GenerateConfig
@@ -186,13 +187,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     overrides = {"attention": args.attention} if args.attention else {}
     model = load_model(args.model, seed=args.seed, **overrides)
     tok_spec = args.tokenizer
-    if tok_spec is None and (Path(args.model) / TOKENIZER_FILE).is_file():
+    if tok_spec is None and args.model not in PRESETS and (Path(args.model) / TOKENIZER_FILE).is_file():
         tok_spec = args.model
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     tok = load_tokenizer(tok_spec, vocab_size=vocab if isinstance(vocab, int) else None)
     ids = tok.encode(args.prompt)
     if not ids:
         raise ValueError("--prompt is empty: the model needs at least one token to continue from")
+    fit = (args.max_seq_len or 0) - len(ids) + 1  # new tokens that fit (the last one is never fed back)
+    if args.max_seq_len is not None and fit < 1:
+        raise ValueError(f"--prompt is {len(ids)} tokens, longer than --max-seq-len {args.max_seq_len}; shorten it "
+                         f"or raise --max-seq-len")
+    if args.max_seq_len is not None and args.max_new_tokens > fit:
+        raise ValueError(f"--prompt is {len(ids)} tokens: with --max-seq-len {args.max_seq_len} at most {fit} new "
+                         f"tokens fit, not --max-new-tokens {args.max_new_tokens}; shorten the prompt, lower "
+                         f"--max-new-tokens or raise --max-seq-len")
     eos = args.eos_id if args.eos_id else tok.eos_token_id
 
     start = time.perf_counter()
@@ -206,15 +215,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         need = CacheConfig.of(layout, config.cache_kind, max_seq_len=config.max_seq_len, qblock=config.cache_qblock,
                               residual_len=config.cache_residual_len).spec(layout, 1).nbytes
         if need > budget_bytes(config.cache_budget_mb):
-            raise ValueError(f"--cache-kind {args.cache_kind}: the KV cache for {config.max_seq_len} tokens takes {need:,} bytes, over "
-                             f"--cache-budget-mb {config.cache_budget_mb:g} ({budget_bytes(config.cache_budget_mb):,} "
-                             f"bytes); pick a smaller kind, lower --max-seq-len, or use --cache-kind auto")
+            raise ValueError(f"--cache-kind {args.cache_kind}: the KV cache for {config.max_seq_len} tokens takes "
+                             f"{need:,} bytes, over --cache-budget-mb {config.cache_budget_mb:g} "
+                             f"({budget_bytes(config.cache_budget_mb):,} bytes); pick a smaller kind, lower "
+                             f"--max-seq-len, or use --cache-kind auto")
     print(f"[caramba] compiled {args.model} for {cm.target} ({cm.dtype}) in {time.perf_counter() - start:.1f}s; "
           f"prompt {len(ids)} tokens, max_seq_len {config.max_seq_len}", file=sys.stderr, flush=True)
 
     gen = Generator(cm, config)
     steps = gen.generate_iter(ids)  # checks the prompt against max_seq_len before any work
     stream, out, code = tok.stream(), sys.stdout, 0
+    if hasattr(out, "reconfigure"):
+        out.reconfigure(errors="replace")  # a terminal that cannot show a character gets "?", not a traceback
     try:
         try:
             for t in steps:

@@ -220,11 +220,11 @@ def choose_cache(cm: "CompiledModel", config: GenerateConfig, batch: int, *, eva
     else:
         best = min(survivors, key=lambda row: (row.nbytes, cands.index(row.candidate)))
     decision = _decision(cm, config, best.candidate, rows, False, plan_file.path if plan_file else None, signature)
-    if plan_file is not None:
-        plan_file.save(Plan(signature, best.candidate, tuple(rows), plan_file.clock()))
-    log.info("cache_kind 'auto': %s (%s among %d passing)%s:\n%s", best.candidate,
-             "fastest" if benchmark else "smallest, benchmark off", len(survivors),
-             f"; saved to plan file {plan_file.path}" if plan_file else "", decision.table)
+    saved = plan_file is not None and _save_plan(plan_file, Plan(signature, best.candidate, tuple(rows),
+                                                                  plan_file.clock()))
+    log.info("cache_kind 'auto': %s, the %s of %d passing%s:\n%s", best.candidate,
+             "fastest" if benchmark else "smallest (benchmark off)", len(survivors),
+             f"; saved to plan file {plan_file.path}" if saved else "", decision.table)
     return decision
 
 
@@ -298,7 +298,20 @@ def _load_plan(plan_file: PlanFile, signature: PlanSignature, max_age_s: float |
         return plan_file.load(signature, max_age_s)
     except PlanFileError as e:
         log.warning("cache_kind 'auto': %s Measuring again; the new plan is saved once measured.", e)
-        return None
+    except OSError as e:
+        log.warning("cache_kind 'auto': could not read the plan file %s (%s); measuring", plan_file.path, e)
+    return None
+
+
+def _save_plan(plan_file: PlanFile, plan: Plan) -> bool:
+    """Save; a file that cannot be written costs a re-measurement next time, not this decision."""
+    try:
+        plan_file.save(plan)
+        return True
+    except OSError as e:
+        log.warning("cache_kind 'auto': could not save the plan to %s (%s); the choice stands, but the next run "
+                    "measures again", plan_file.path, e)
+        return False
 
 
 def _age(seconds: float | None) -> str:

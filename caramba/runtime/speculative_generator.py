@@ -26,6 +26,12 @@ token; while speculation is disabled (AdaptiveK) that costs one draft pass per c
 Rows that stopped at EOS keep receiving padding, as in Generator, so that every row's cache moves by the same
 amount each round: the executors check `longest cached row + new tokens <= max_seq_len` over the whole batch, and
 lengths that move together keep that within the same bound that is checked for one row before any work.
+
+Exactness at temperature 0 assumes that scoring k + 1 tokens in one pass gives the logits k + 1 single steps
+would. That holds up to float rounding for every cache without an fp16 ring (cache_residual_len 0, the default).
+With a ring over a block-quantized kind it does not: the pass appends all k + 1 tokens before attending, so its
+earlier queries read positions that the chunk pushed out of the ring as quantized values where single steps would
+have read them from the ring, and the output can then differ from plain decoding by what quantization changes.
 """
 from __future__ import annotations
 

@@ -248,6 +248,15 @@ def test_the_plan_signature_is_the_same_in_another_process(std):
     assert out.stdout.split()[-1] == _signature_key(std)
 
 
+def test_a_plan_file_that_cannot_be_written_costs_the_plan_not_the_decision(cm, tmp_path, caplog):
+    (tmp_path / "file").write_text("not a directory")
+    path = tmp_path / "file" / "plan.json"
+    with caplog.at_level(logging.WARNING, logger="caramba"):
+        d = choose_cache(cm, _config(cache_plan_path=path, **EIGHT_BIT_ONLY), 1, benchmark=False, probe=SMALL)
+    assert str(d.candidate) == "q8_0" and not path.exists()
+    assert "could not read the plan file" in caplog.text and "could not save the plan" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation text and the generator
 # ---------------------------------------------------------------------------------------------------------------

@@ -39,14 +39,14 @@ def tiny():
 @pytest.mark.parametrize("name,attention,n_new", [
     ("tiny", "standard", 12), ("tiny", "gqa", 12), ("tiny", "decoupled", 12),
     ("small", "decoupled", 6), ("small", "gqa", 6),
-    ("1b-dba", None, 3), ("1b-gqa", None, 3),
+    ("1b-dba", None, 2), ("1b-gqa", None, 2),  # 1.2B parameters in fp32 on a CI CPU: two steps, one ragged pair
 ])
 def test_compiled_generation_equals_eager_for_every_preset(name, attention, n_new):
     torch.manual_seed(1)
     config = preset(name) if attention is None else preset(name, attention=attention)
     model = Transformer(config).eval()
     cm = caramba.compile(model, target="eager", max_seq_len=64)
-    rows = [[5, 17, 99, 3], [42, 7]]
+    rows = [[5, 17, 99, 3], [42, 7]] if n_new > 2 else [[5, 17, 99], [42]]
     out = Generator(cm, greedy_config(n_new)).generate(rows)
     for b, row in enumerate(rows):
         assert out[b, -n_new:].tolist() == eager_greedy(model, row, n_new)[len(row):]

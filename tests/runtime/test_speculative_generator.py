@@ -11,7 +11,7 @@ import torch
 import caramba
 from caramba.errors import InputError
 from caramba.models import Transformer, preset
-from caramba.runtime import GenerateConfig, Generator, SpeculativeConfig
+from caramba.runtime import CacheConfig, GenerateConfig, Generator, SpeculativeConfig
 from caramba.runtime import speculative_generator as sg_module
 from caramba.runtime.speculative import RoundResult
 from caramba.runtime.speculative_generator import SpeculativeGenerator
@@ -95,6 +95,15 @@ def test_a_draft_equal_to_the_target_has_every_round_fully_accepted(models):
     assert gen.stats.rounds == 3 and gen.stats.tokens_per_round == 4.0  # k + 1 per round: drafts and a bonus
     assert gen.stats.proposed == gen.stats.accepted == 3 * 3 * 3
     _assert_in_sync(gen)  # the draft never fed its last accepted draft; the end of the call caught it up
+
+
+def test_executors_can_be_passed_directly(models, reference):
+    target, draft = models
+    config = CacheConfig.of(target.cache_layout, "fp32", max_seq_len=48)
+    gen = SpeculativeGenerator(target.executor(config), draft.executor(config), _greedy(),
+                               SpeculativeConfig(spec_k=2, **FIXED))
+    assert torch.equal(gen.generate(PROMPTS), reference[3])
+    _assert_in_sync(gen)
 
 
 def test_generate_iter_yields_the_generated_positions_in_order(models, reference):
@@ -256,7 +265,7 @@ def test_sampled_output_with_bonus_tokens_is_distributed_as_the_target(small):
     accepted drafts and bonus samples rather than from corrections."""
     (target, _), joints = small
     tokens, gen = _sample(target, target, SpeculativeConfig(spec_k=2, **FIXED), seed=2)
-    assert gen.stats.rounds == 1 and gen.stats.acceptance_rate > 0.999
+    assert gen.stats.acceptance_rate > 0.999  # p and q agree up to rounding (one S=1 pass, one S=3 pass)
     assert min(_pvalues(tokens, joints)) > ALPHA
 
 
