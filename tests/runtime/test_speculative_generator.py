@@ -59,11 +59,23 @@ def reference(models):
     return {len(p): Generator(target, _greedy()).generate(p) for p in (PROMPTS[:1], PROMPTS)}
 
 
-def _assert_in_sync(gen: SpeculativeGenerator) -> None:
+def _assert_in_sync(gen: SpeculativeGenerator, contents: bool = True) -> None:
+    """Both caches hold exactly each row's conversation but its last token: the lengths in every layer, and (with
+    contents) the stored values, against a fresh prefill of those tokens."""
     want = tuple(len(t) - 1 for t in gen.tokens)
     assert gen.target_cache.lengths(0) == gen.draft_cache.lengths(0) == want
-    for cache in (gen.target_cache, gen.draft_cache):  # every layer, not only the first
+    for cache in (gen.target_cache, gen.draft_cache):
         assert {cache.lengths(i) for i in range(cache.spec.n_layers)} == {want}
+    if not contents:
+        return
+    for ex, cache in ((gen.target_executor, gen.target_cache), (gen.draft_executor, gen.draft_cache)):
+        for b, tokens in enumerate(gen.tokens):
+            fresh = ex.new_cache(1)
+            ex.forward(torch.tensor([tokens[:-1]]), torch.arange(len(tokens) - 1)[None], fresh)
+            for layer in range(cache.spec.n_layers):
+                held, ref = cache.read(layer), fresh.read(layer)
+                for name in ref:
+                    torch.testing.assert_close(held[name][b, :want[b]], ref[name][0], rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,7 +267,7 @@ def test_sampled_output_is_distributed_as_the_target(small):
     tokens, gen = _sample(target, draft, SpeculativeConfig(spec_k=2, **FIXED), seed=0)
     assert 0 < gen.stats.accepted < gen.stats.proposed  # rows accept and reject within every round
     assert min(_pvalues(tokens, joints)) > ALPHA
-    _assert_in_sync(gen)
+    _assert_in_sync(gen, contents=False)  # 4000 rows: the lengths only
     plain, _ = _sample(target, None, SpeculativeConfig(), seed=1)  # the test itself, on plain sampling
     assert min(_pvalues(plain, joints)) > ALPHA
 
