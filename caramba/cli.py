@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -147,7 +148,7 @@ def parse_cache_kind(text: str) -> str | dict[str, str]:
 def stats_line(stats, fp16_bytes: int | None = None) -> str:
     """`[caramba] 64 tokens, 123.4 tok/s (decode 150.2 tok/s), KV cache q8_0: 1,114,112 bytes (fp16 would be ...)`."""
     def rate(x: float) -> str:
-        return "n/a" if x != x else f"{x:.1f} tok/s"  # NaN: no decode step (a single new token)
+        return "n/a" if math.isnan(x) else f"{x:.1f} tok/s"  # NaN: no decode step (a single new token)
 
     line = (f"[caramba] {stats.new_tokens} token{'' if stats.new_tokens == 1 else 's'}, {rate(stats.tokens_per_s)} "
             f"(decode {rate(stats.decode_tokens_per_s)}), KV cache {stats.cache_kind}: {stats.cache_bytes:,} bytes")
@@ -171,9 +172,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     # Everything that can be checked without the model is checked first: a typo costs no compile.
     cache_kind = parse_cache_kind(args.cache_kind)
-    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed, cache_kind=cache_kind, cache_budget_mb=args.cache_budget_mb,
-                    cache_plan_path=args.plan_file)
+    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+                "top_p": args.top_p, "seed": args.seed, "cache_kind": cache_kind,
+                "cache_budget_mb": args.cache_budget_mb, "cache_plan_path": args.plan_file}
     auto = GenerateConfig(**settings, max_seq_len=args.max_seq_len or args.max_new_tokens + 1).cache_kind == "auto"
     if auto:
         import importlib.util

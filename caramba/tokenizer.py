@@ -17,8 +17,9 @@ Hugging Face tokenizers (a `tokenizer.json` file, or a directory holding one) lo
 from __future__ import annotations
 
 import codecs
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Protocol
 
 from caramba.errors import CarambaError
 
