@@ -176,13 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "top_p": args.top_p, "seed": args.seed, "cache_kind": cache_kind,
                 "cache_budget_mb": args.cache_budget_mb, "cache_plan_path": args.plan_file}
     auto = GenerateConfig(**settings, max_seq_len=args.max_seq_len or args.max_new_tokens + 1).cache_kind == "auto"
-    if auto:
-        import importlib.util
-
-        if importlib.util.find_spec("caramba.runtime.cache_policy") is None:
-            raise NotImplementedError("--cache-kind auto needs the cache policy, which this version of caramba "
-                                      "does not have yet; name a kind (e.g. q8_0)")
-    elif args.plan_file is not None:
+    if not auto and args.plan_file is not None:
         raise ValueError("--plan-file only applies to --cache-kind auto (a named kind is never measured)")
 
     overrides = {"attention": args.attention} if args.attention else {}
