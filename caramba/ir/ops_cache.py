@@ -189,13 +189,13 @@ def _kv_quantize(x, *, kind, qblock):
     return q.codes, q.scales
 
 
-def _parts(kinds: Sequence[str], residual_len: int) -> list[int]:
+def stored_parts(kinds: Sequence[str], residual_len: int) -> list[int]:
     """Stored parts per tensor: 1 for float kinds; codes, scales (+ the fp16 ring values) for block kinds."""
     return [1 if not _kind(k).block_scaled else (3 if residual_len > 0 else 2) for k in kinds]
 
 
 def _store_infer(t: Types, a: Attrs) -> list[TensorType]:
-    want = sum(_parts(a["kinds"], a["residual_len"]))
+    want = sum(stored_parts(a["kinds"], a["residual_len"]))
     if len(t) - 1 != want or len(a["kinds"]) != len(a["names"]):
         raise ShapeError(f"kv_store: names {a['names']} in kinds {a['kinds']} take {want} stored parts, got "
                          f"{len(t) - 1}")
@@ -213,11 +213,10 @@ def _kv_store(positions, *parts, layer, names, kinds, qblock, residual_len, stat
 
     cache = _state(state, "kv_store")
     _check_kinds(cache, layer, names, kinds, qblock, residual_len, "kv_store")
+    features = {t.name: t.features for t in cache.spec.tensors}
     stored, ring, i = {}, {}, 0
-    for name, kind, n in zip(names, kinds, _parts(kinds, residual_len)):
-        k = _kind(kind)
-        features = cache.spec._tensor(name).features
-        stored[name] = QTensor(k, parts[i], parts[i + 1] if n > 1 else None, features, qblock)
+    for name, kind, n in zip(names, kinds, stored_parts(kinds, residual_len)):
+        stored[name] = QTensor(_kind(kind), parts[i], parts[i + 1] if n > 1 else None, features[name], qblock)
         if n == 3:
             ring[name] = parts[i + 2]
         i += n

@@ -106,11 +106,11 @@ def _fold_write(graph: Graph, write: Node, producers: dict[Value, Node], ctx: Pa
         xs = list(write.inputs[1:])
         kinds = [kinds[n] for n in names]
     else:
-        from caramba.ir.ops_cache import _parts
+        from caramba.ir.ops_cache import stored_parts
 
         kinds, qblock, residual = list(write.attrs["kinds"]), write.attrs["qblock"], write.attrs["residual_len"]
         xs, i = [], 1
-        for n in _parts(kinds, residual):
+        for n in stored_parts(kinds, residual):
             part = write.inputs[i]
             p = producers.get(part)
             xs.append(p.inputs[0] if p is not None and p.op in ("kv_quantize", "cast") else part)

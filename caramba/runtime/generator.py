@@ -99,6 +99,49 @@ def left_pad(rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
     return torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], dtype=torch.int64)
 
 
+def plan_feed(owner: str, tokens: list[list[int]] | None, rows: list[list[int]], vocab: int, max_new_tokens: int,
+              max_seq_len: int) -> list[list[int]]:
+    """Every check a generate call makes before any work, shared by the generators: the row count against the
+    conversation held (`tokens`), token ids, and the length against max_seq_len. Returns the tokens to feed per
+    row: the conversation's last token (not yet in the cache), then the prompt."""
+    if tokens is not None and len(rows) != len(tokens):
+        raise InputError(f"this {owner} holds a conversation of {len(tokens)} row(s); got {len(rows)} prompt "
+                         f"row(s): call reset() first")
+    history = tokens or [[] for _ in rows]
+    feed = [h[-1:] + r for h, r in zip(history, rows)]
+    empty = [b for b, f in enumerate(feed) if not f]
+    if empty:
+        raise InputError(f"row(s) {empty} have no tokens to start from; give every row at least one token")
+    bad = sorted({t for r in rows for t in r if not 0 <= t < vocab})
+    if bad:
+        raise InputError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    held = max((len(h) - 1 for h in history if h), default=0)
+    need = held + max(len(f) for f in feed) + max_new_tokens - 1
+    if need > max_seq_len:
+        longest = max(len(r) for r in rows)
+        raise InputError(f"prompt ({longest} tokens{f', after {held + 1} held' if tokens else ''}) + "
+                         f"max_new_tokens ({max_new_tokens}) = {need + 1} exceeds max_seq_len ({max_seq_len}); "
+                         f"shorten the prompt, lower max_new_tokens, roll back, or raise max_seq_len")
+    return feed
+
+
+def rolled_back(tokens: list[list[int]] | None, n: int) -> list[list[int]] | None:
+    """The conversation without its last n tokens per row; checks n against the shortest row."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise InputError(f"rollback needs an int >= 0, got {n!r}")
+    held = min(len(t) for t in tokens) if tokens else 0
+    if n > held:
+        raise InputError(f"cannot roll back {n} tokens: the shortest row holds {held}")
+    return tokens if n == 0 else [t[:len(t) - n] for t in tokens]
+
+
+def with_prompt(input_ids: Prompt, rows: list[list[int]], new: list[torch.Tensor], pad: int) -> torch.Tensor:
+    """generate's result: the prompt as given (ragged lists left-padded) followed by the new tokens, (B, S + n)."""
+    prompt = input_ids.reshape(len(rows), -1).cpu().long() if isinstance(input_ids, torch.Tensor) \
+        else left_pad(rows, pad)
+    return torch.cat([prompt, torch.stack(new, dim=1)], dim=1) if new else prompt
+
+
 class Generator:
     """Stateful generation over a compiled model (or an Executor) with a KV cache; see the module doc."""
 
@@ -135,8 +178,6 @@ class Generator:
         if self._executor is None:
             self._executor = self._resolve_executor(batch)
         ex = self._executor
-        if ex.max_seq_len != self.config.max_seq_len and not isinstance(self.model, Executor):
-            raise GenerateConfigError(f"max_seq_len: the executor was built for {ex.max_seq_len}")
         if self.cache is None:
             self.cache = ex.new_cache(batch)
         elif self.cache.spec.batch != batch:
@@ -171,26 +212,16 @@ class Generator:
 
     def rollback(self, n: int) -> None:
         """Drop the last n tokens of every row's conversation (prompt or generated)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise InputError(f"rollback needs an int >= 0, got {n!r}")
-        if n == 0:
-            return
-        held = min(len(t) for t in self.tokens) if self.tokens else 0
-        if n > held:
-            raise InputError(f"cannot roll back {n} tokens: the shortest row holds {held}")
-        self.tokens = [t[:len(t) - n] for t in self.tokens]
-        self.cache.truncate_rows([max(len(t) - 1, 0) for t in self.tokens])
+        self.tokens = rolled_back(self.tokens, n)
+        if n:
+            self.cache.truncate_rows([max(len(t) - 1, 0) for t in self.tokens])
 
     # -- generation -------------------------------------------------------------------------------------------
     def generate(self, input_ids: Prompt, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, S + n): the prompt as given (ragged lists left-padded) followed by the new tokens; rows that
         stopped at EOS are padded with pad_id(config)."""
         rows = prompt_rows(input_ids, attention_mask)
-        new = list(self.generate_iter(rows))
-        pad = pad_id(self.config)
-        prompt = input_ids.reshape(len(rows), -1).cpu().long() if isinstance(input_ids, torch.Tensor) \
-            else left_pad(rows, pad)
-        return torch.cat([prompt, torch.stack(new, dim=1)], dim=1) if new else prompt
+        return with_prompt(input_ids, rows, list(self.generate_iter(rows)), pad_id(self.config))
 
     def generate_iter(self, input_ids: Prompt, attention_mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """Yield each new token, (B,) int64, as soon as it is sampled. The length check happens before any work;
@@ -202,27 +233,7 @@ class Generator:
     def _plan(self, rows: list[list[int]]) -> list[list[int]]:
         """Checks everything before any work: rows, ids, lengths against max_seq_len. The tokens to feed."""
         c = self.config
-        if self.tokens is not None and len(rows) != len(self.tokens):
-            raise InputError(f"this Generator holds a conversation of {len(self.tokens)} row(s); got {len(rows)} "
-                             f"prompt row(s): call reset() first")
-        history = self.tokens or [[] for _ in rows]
-        feed = [h[-1:] + r for h, r in zip(history, rows)]
-        empty = [b for b, f in enumerate(feed) if not f]
-        if empty:
-            raise InputError(f"row(s) {empty} have no tokens to start from; give every row at least one token")
-        vocab = self.model.vocab_size
-        bad = sorted({t for r in rows for t in r if not 0 <= t < vocab})
-        if bad:
-            raise InputError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        held = max((len(h) - 1 for h in history if h), default=0)
-        width = max(len(f) for f in feed)
-        need = held + width + c.max_new_tokens - 1
-        if need > c.max_seq_len:
-            longest = max(len(r) for r in rows)
-            raise InputError(f"prompt ({longest} tokens{f', after {held + 1} held' if self.tokens else ''}) + "
-                             f"max_new_tokens ({c.max_new_tokens}) = {need + 1} exceeds max_seq_len "
-                             f"({c.max_seq_len}); shorten the prompt, lower max_new_tokens, roll back, or raise "
-                             f"max_seq_len")
+        feed = plan_feed("Generator", self.tokens, rows, self.model.vocab_size, c.max_new_tokens, c.max_seq_len)
         self._ensure(len(rows))
         return feed
 

@@ -44,7 +44,8 @@ import torch
 from caramba.errors import InputError
 from caramba.runtime.executor import Executor
 from caramba.runtime.generate_config import GenerateConfig, SpeculativeConfig
-from caramba.runtime.generator import GenerationStats, Generator, Prompt, left_pad, pad_id, prompt_rows
+from caramba.runtime.generator import (GenerationStats, Generator, Prompt, pad_id, plan_feed, prompt_rows,
+                                      rolled_back, with_prompt)
 from caramba.runtime.kv_cache import KVCache
 from caramba.runtime.sampling import greedy, make_generator, probs_after_filters, sample_from
 from caramba.runtime.speculative import AdaptiveK, RoundResult, greedy_round, speculative_round
@@ -141,26 +142,16 @@ class SpeculativeGenerator:
 
     def rollback(self, n: int) -> None:
         """Drop the last n tokens of every row's conversation (prompt or generated), from both caches."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise InputError(f"rollback needs an int >= 0, got {n!r}")
-        if n == 0:
-            return
-        held = min(len(t) for t in self.tokens) if self.tokens else 0
-        if n > held:
-            raise InputError(f"cannot roll back {n} tokens: the shortest row holds {held}")
-        self.tokens = [t[:len(t) - n] for t in self.tokens]
-        self._truncate_to_conversation()
+        self.tokens = rolled_back(self.tokens, n)
+        if n:
+            self._truncate_to_conversation()
 
     # -- generation -------------------------------------------------------------------------------------------
     def generate(self, input_ids: Prompt, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, S + n): the prompt as given (ragged lists left-padded) followed by the new tokens; rows that
         stopped at EOS are padded with pad_id(config)."""
         rows = prompt_rows(input_ids, attention_mask)
-        new = list(self.generate_iter(rows))
-        pad = pad_id(self.config)
-        prompt = input_ids.reshape(len(rows), -1).cpu().long() if isinstance(input_ids, torch.Tensor) \
-            else left_pad(rows, pad)
-        return torch.cat([prompt, torch.stack(new, dim=1)], dim=1) if new else prompt
+        return with_prompt(input_ids, rows, list(self.generate_iter(rows)), pad_id(self.config))
 
     def generate_iter(self, input_ids: Prompt, attention_mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """Yield each new position, (B,) int64, in order; a round commits several and yields them one by one.
@@ -173,27 +164,9 @@ class SpeculativeGenerator:
         """Generator's checks, before any work: rows, ids, and the length against max_seq_len (and against the
         max_seq_len of executors passed in directly, which the loop cannot exceed either)."""
         c = self.config
-        if self.tokens is not None and len(rows) != len(self.tokens):
-            raise InputError(f"this SpeculativeGenerator holds a conversation of {len(self.tokens)} row(s); got "
-                             f"{len(rows)} prompt row(s): call reset() first")
-        history = self.tokens or [[] for _ in rows]
-        feed = [h[-1:] + r for h, r in zip(history, rows)]
-        empty = [b for b, f in enumerate(feed) if not f]
-        if empty:
-            raise InputError(f"row(s) {empty} have no tokens to start from; give every row at least one token")
-        vocab = self._target.model.vocab_size
-        bad = sorted({t for r in rows for t in r if not 0 <= t < vocab})
-        if bad:
-            raise InputError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         limit = min([c.max_seq_len] + [g.model.max_seq_len for g in (self._target, self._draft)
                                        if isinstance(g.model, Executor)])
-        held = max((len(h) - 1 for h in history if h), default=0)
-        need = held + max(len(f) for f in feed) + c.max_new_tokens - 1
-        if need > limit:
-            longest = max(len(r) for r in rows)
-            raise InputError(f"prompt ({longest} tokens{f', after {held + 1} held' if self.tokens else ''}) + "
-                             f"max_new_tokens ({c.max_new_tokens}) = {need + 1} exceeds max_seq_len ({limit}); "
-                             f"shorten the prompt, lower max_new_tokens, roll back, or raise max_seq_len")
+        plan_feed("SpeculativeGenerator", self.tokens, rows, self._target.model.vocab_size, c.max_new_tokens, limit)
         self._target._ensure(len(rows))
         self._draft._ensure(len(rows))
 
