@@ -576,7 +576,39 @@ FUSED = [
          lambda g, u: (g.float() * torch.sigmoid(g.float())).half().float() * u),  # silu rounds to f16 first
 ]
 
-CASES = UNARY + ARITH + COMPARE + REDUCE + VIEWS + CREATE + NN + FUSED
+
+# Stateless KV-cache ops. The storage formats' own reference (caramba.runtime.quant, property-tested against
+# SPEC §3 in tests/runtime/test_quant.py) is the reference here; these cases check the ops' shape rules and wiring.
+def _quantized(kind: str):
+    from caramba.runtime.quant import quantize
+
+    return lambda x: (lambda q: (q.codes, q.scales))(quantize(x, kind, 32))
+
+
+def _dequantized(kind: str, features: int):
+    from caramba.runtime.quant import QTensor, dequantize, parse_kind
+
+    return lambda c, s: dequantize(QTensor(parse_kind(kind), c, s, features, 32), torch.float32)
+
+
+def _codes(kind: str, x: torch.Tensor):
+    from caramba.runtime.quant import quantize
+
+    q = quantize(x, kind, 32)
+    return [q.codes, q.scales]
+
+
+_kvx = randn(3, 5, 40) * 3
+CACHE = [
+    case("position_mask", "position_mask", [torch.tensor([[0, 1, 2], [4, 5, 6], [2, 3, 4]])], {"ctx": 7},
+         lambda p: (torch.arange(7)[None, None, :] <= p[:, :, None]).unsqueeze(1)),
+    *[case(f"kv_quantize-{k}", "kv_quantize", [_kvx], {"kind": k, "qblock": 32}, _quantized(k))
+      for k in ("q8_0", "q4_0", "nf4")],
+    *[case(f"kv_dequantize-{k}", "kv_dequantize", _codes(k, _kvx),
+           {"kind": k, "features": 40, "qblock": 32, "dtype": DType.f32}, _dequantized(k, 40)) for k in ("q8_0", "q4_0", "nf4")],
+]
+
+CASES = UNARY + ARITH + COMPARE + REDUCE + VIEWS + CREATE + NN + FUSED + CACHE
 
 
 @pytest.mark.parametrize("c", CASES)
@@ -585,7 +617,9 @@ def test_op_matches_torch(c: Case):
 
 
 def test_every_registered_op_has_a_case():
-    covered = {p.values[0].op for p in CASES}
+    from tests.ir.test_ops_cache import STATEFUL_OPS_COVERED  # ops that need a KVCache: their own harness
+
+    covered = {p.values[0].op for p in CASES} | STATEFUL_OPS_COVERED
     shipped = {name for name, op in all_ops().items() if op.impl.__module__.startswith("caramba.")}  # not test ops
     assert shipped - covered == set(), "ops registered without a case in tests/ir/test_ops.py"
 
