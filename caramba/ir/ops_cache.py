@@ -13,10 +13,16 @@ Stage 1, insert_kv_cache (kinds implicit: the state stores and decodes in its ow
     %len = kv_append(%positions, %k, %v) {layer, names}
     %kc  = kv_read(%len) {layer, tensor, features, dtype, ctx}           # decoded (batch, ctx, features)
     %m   = position_mask(%positions) {ctx}                            # key j visible to query at p iff j <= p
+  with an fp16 residual ring (residual_len R > 0) every key exists twice, through the storage kind and exact,
+  and a per-query mask picks one (the query at p reads j exact iff max(w, p - R + 1) <= j <= p, w the ring's
+  start before the step; runtime/kv_cache.py), so a step of T tokens computes what T steps of one would:
+    %kc  = cat(kv_read(%len) {view = "stored", ...}, kv_read(%len) {view = "exact", ...}) {dim = 1}
+    %m   = kv_window_mask(%positions, %len) {layer, ctx}              # bool (batch, 1, seq, 2·ctx)
 Stage 2, insert_kv_dequant (explicit):
     %codes, %scales = kv_quantize(%k) {kind, qblock}                   # or cast(%k) to fp16/bf16/fp32
     %len = kv_store(%positions, %codes, %scales, [%ring], ...) {layer, names, kinds, qblock, residual_len}
-    %c, %s = kv_load_codes(%len) {...};  %x = kv_dequantize(%c, %s) {...};  %x = kv_ring_merge(%x, %len) {...}
+    %c, %s = kv_load_codes(%len) {...};  %x = kv_dequantize(%c, %s) {...}
+    %xe  = kv_ring_merge(%x, %len) {...}                               # the "exact" view (ring only)
     %x = kv_load(%len) {...} then cast                                 # float kinds
 Stage 3, fuse_cached_attention (folded: kinds are attributes, backends fuse the dequant into the kernel):
     %len = kv_append(%positions, %k, %v) {layer, names, kinds, qblock, residual_len}
@@ -130,13 +136,36 @@ def _read_infer(t: Types, a: Attrs) -> list[TensorType]:
     return [TensorType((t[0].shape[0], a["ctx"], a["features"]), a["dtype"])]
 
 
+VIEWS = ("stored", "exact")
+
+
 @register_op("kv_read", ["ready"], _read_infer, tags=_CACHE_TAGS,
-             attrs={"layer": REQUIRED, "tensor": REQUIRED, "features": REQUIRED, "dtype": REQUIRED, "ctx": REQUIRED})
-def _kv_read(ready, *, layer, tensor, features, dtype, ctx, state=None):
-    """Tensor `tensor` of layer `layer`, decoded through its storage kind: (batch, ctx, features) in dtype, zero at
-    positions past a row's length (the fp16 ring's positions come from the ring)."""
-    x = _state(state, "kv_read").layers[layer].read_tensor(tensor, dtype.torch)
+             attrs={"layer": REQUIRED, "tensor": REQUIRED, "features": REQUIRED, "dtype": REQUIRED, "ctx": REQUIRED,
+                    "view": "stored"})
+def _kv_read(ready, *, layer, tensor, features, dtype, ctx, view, state=None):
+    """Tensor `tensor` of layer `layer`: (batch, ctx, features) in dtype, zero at positions past a row's length.
+    view "stored": decoded through its storage kind; "exact": with every position some query of this step reads
+    exact taken in fp16 from the residual ring and the step's own tokens (the same as "stored" without a ring)."""
+    lc = _state(state, "kv_read").layers[layer]
+    if view not in VIEWS:
+        raise CacheStateError(f"kv_read: view must be one of {VIEWS}, got {view!r}")
+    x = lc.read_stored(tensor, dtype.torch) if view == "stored" else lc.read_exact(tensor, dtype.torch)
     return _ctx_check(x, ctx, "kv_read")
+
+
+def _window_infer(t: Types, a: Attrs) -> list[TensorType]:
+    p = t[0]
+    if p.rank != 2 or p.dtype != DType.i64:
+        raise ShapeError(f"kv_window_mask: positions must be i64[batch, seq], got {p}")
+    return [TensorType((p.shape[0], 1, p.shape[1], symbolic.canonical(2 * a["ctx"])), DType.bool)]
+
+
+@register_op("kv_window_mask", ["positions", "ready"], _window_infer, tags=_CACHE_TAGS,
+             attrs={"layer": REQUIRED, "ctx": REQUIRED})
+def _kv_window_mask(positions, ready, *, layer, ctx, state=None):
+    """bool (batch, 1, seq, 2·ctx) over [keys through the storage kind ; keys read exact]: every key j <= p once,
+    from the exact half iff it is in the query's residual window (LayerCache.window_mask)."""
+    return _state(state, "kv_window_mask").layers[layer].window_mask(positions, ctx)
 
 
 def _mask_infer(t: Types, a: Attrs) -> list[TensorType]:
@@ -276,8 +305,9 @@ def _same_infer(t: Types, a: Attrs) -> list[TensorType]:
 
 @register_op("kv_ring_merge", ["x", "ready"], _same_infer, tags=_CACHE_TAGS, attrs={"layer": REQUIRED, "tensor": REQUIRED})
 def _kv_ring_merge(x, ready, *, layer, tensor, state=None):
-    """x (batch, ctx, features) decoded from codes, with the positions held in the fp16 ring taken from it."""
-    return _state(state, "kv_ring_merge").layers[layer].ring_merge(tensor, x)
+    """x (batch, ctx, features) decoded from codes, with every position a query of this step reads exact taken
+    in fp16 from the residual ring (as it stood before the step) and the step's own tokens: kv_read's "exact"."""
+    return _state(state, "kv_ring_merge").layers[layer].exact_merge(tensor, x)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,9 +337,19 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _read_layer(cache: Any, layer: int, names: Sequence[str], kinds, qblock, residual_len, dtype, op: str):
+    """The layer's tensors (B, ctx, F) through their kinds; with a residual ring (B, 2·ctx, F), the stored view
+    followed by the exact one (kv_window_mask picks one of the two per query and key)."""
     _check_kinds(cache, layer, names, kinds, qblock, residual_len, op)
     lc = cache.layers[layer]
-    return [lc.read_tensor(n, dtype) for n in names]
+    if not residual_len:
+        return [lc.read_stored(n, dtype) for n in names]
+    return [torch.cat([lc.read_stored(n, dtype), lc.read_exact(n, dtype)], dim=1) for n in names]
+
+
+def _cached_mask(cache: Any, layer: int, positions: torch.Tensor, keys: int, residual_len: int) -> torch.Tensor:
+    if not residual_len:
+        return _position_mask(positions, ctx=keys)
+    return cache.layers[layer].window_mask(positions, keys // 2)
 
 
 def split_k(scores: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, partitions: int,
@@ -338,11 +378,10 @@ def split_k(scores: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, partition
     return out.to(out_dtype)
 
 
-def _attend_cached(scores: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, partitions: int,
+def _attend_cached(scores: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, partitions: int,
                    out_dtype: torch.dtype) -> torch.Tensor:
     from caramba.ir.ops_attention import _acc, _attend, _grouped
 
-    mask = _position_mask(positions, ctx=scores.shape[-1])
     if partitions == 1:
         return _attend(scores, v, mask, False, out_dtype)
     return split_k(scores, _acc(_grouped(v, scores.shape[1])), mask, partitions, out_dtype)
@@ -358,15 +397,17 @@ def _cached_infer(t: Types, a: Attrs) -> list[TensorType]:
              tags=("attention", *_CACHE_TAGS))
 def _cached_attention(q, positions, ready, *, scale, layer, names, kinds, qblock, residual_len, kv_heads,
                       v_head_dim, partitions, state=None):
-    """`attention` of q (B, H, seq, d) over layer `layer`'s cached k and v read through their kinds (the fp16
-    ring included), key j visible to the query at position p iff j <= p. partitions > 1 computes the softmax
-    split-K (SPEC §7); the result is the same up to rounding."""
+    """`attention` of q (B, H, seq, d) over layer `layer`'s cached k and v read through their kinds, key j
+    visible to the query at position p iff j <= p, read exact (fp16) iff it is in that query's residual window
+    (residual_len > 0; see kv_window_mask). partitions > 1 computes the softmax split-K (SPEC §7); the result is
+    the same up to rounding."""
     from caramba.ir.ops_attention import _scores
 
-    k, v = _read_layer(_state(state, "cached_attention"), layer, names, kinds, qblock, residual_len, q.dtype,
-                       "cached_attention")
+    cache = _state(state, "cached_attention")
+    k, v = _read_layer(cache, layer, names, kinds, qblock, residual_len, q.dtype, "cached_attention")
+    mask = _cached_mask(cache, layer, positions, k.shape[1], residual_len)
     k, v = _heads(k, kv_heads), _heads(v, kv_heads)
-    return _attend_cached(_scores(q, k, scale), v, positions, partitions, q.dtype)
+    return _attend_cached(_scores(q, k, scale), v, mask, partitions, q.dtype)
 
 
 def _cached_decoupled_infer(t: Types, a: Attrs) -> list[TensorType]:
@@ -386,8 +427,10 @@ def _cached_decoupled_attention(q_sem, q_geo, positions, ready, *, scale_sem, sc
     masking and partitions as cached_attention."""
     from caramba.ir.ops_attention import _scores
 
-    k_sem, k_geo, v = _read_layer(_state(state, "cached_decoupled_attention"), layer, names, kinds, qblock,
-                                  residual_len, q_sem.dtype, "cached_decoupled_attention")
+    cache = _state(state, "cached_decoupled_attention")
+    k_sem, k_geo, v = _read_layer(cache, layer, names, kinds, qblock, residual_len, q_sem.dtype,
+                                  "cached_decoupled_attention")
+    mask = _cached_mask(cache, layer, positions, v.shape[1], residual_len)
     k_sem, k_geo, v = (_heads(x, kv_heads) for x in (k_sem, k_geo, v))
     scores = _scores(q_sem, k_sem, scale_sem) + _scores(q_geo, k_geo, scale_geo)
-    return _attend_cached(scores, v, positions, partitions, q_sem.dtype)
+    return _attend_cached(scores, v, mask, partitions, q_sem.dtype)

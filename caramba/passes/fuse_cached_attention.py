@@ -7,7 +7,8 @@
     %len = kv_append(%pos, %k, %v) {layer, names, kinds = ["q8_0", "fp16"], qblock, residual_len}
     %a   = cached_attention(%q, %pos, %len) {scale, layer, names, kinds, qblock, residual_len, kv_heads, ...}
 
-(and decoupled_attention -> cached_decoupled_attention). The folded ops are what a backend implements as kernels:
+(and decoupled_attention -> cached_decoupled_attention). With a residual ring the operands are
+cat(stored view, exact view) under kv_window_mask, and the folded op computes the same per-query windows. The folded ops are what a backend implements as kernels:
 an append that quantizes in registers, an attention that dequantizes each tile in registers. Stage-1 graphs
 (insert_kv_dequant disabled) fold too, with the kinds of ctx.options. The match is exact: every cached operand
 must be a read of the same layer after the same write, viewed back to (batch, H_kv, ctx, d); anything else stays.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from caramba.ir.graph import Graph, Node, Value
 from caramba.passes.base import PassContext
-from caramba.passes.insert_kv_dequant import cache_options
+from caramba.passes.insert_kv_dequant import cache_options, check_ring_form
 from caramba.passes.kv_layout import CACHED_OPERANDS, splice
 from caramba.passes.rewrite import Builder
 
@@ -58,43 +59,66 @@ def fuse_cached_attention(graph: Graph, ctx: PassContext) -> Graph:
 
 def _match(node: Node, producers: dict[Value, Node]) -> tuple[Value, int, Value] | None:
     """(positions, layer, ready) when every cached operand reads one layer after one write and the mask is the
-    position mask; else None."""
+    position mask (or, with a residual ring, that layer's window mask over [stored ; exact] reads); else None."""
     if node.attrs.get("causal") or len(node.inputs) != len(CACHED_OPERANDS[node.op]) + (2 if node.op == "attention"
                                                                                           else 3):
         return None
     mask = producers.get(node.inputs[-1])
-    if mask is None or mask.op != "position_mask":
+    if mask is None or mask.op not in ("position_mask", "kv_window_mask"):
         return None
+    ring = mask.op == "kv_window_mask"
     found = set()
     for name, i in CACHED_OPERANDS[node.op].items():
-        read = _read_of(node.inputs[i], producers)
-        if read is None or read.attrs["tensor"] != name:
+        reads = _reads_of(node.inputs[i], producers, ring)
+        if reads is None or any(r.attrs["tensor"] != name for r in reads):
             return None
-        found.add((read.attrs["layer"], read.inputs[0]))
+        found |= {(r.attrs["layer"], r.inputs[0]) for r in reads}
     if len(found) != 1:
         return None
     (layer, ready), = found
     write = producers.get(ready)
     if write is None or write.op not in ("kv_append", "kv_store") or write.inputs[0] is not mask.inputs[0]:
         return None
+    if ring and (mask.inputs[1] is not ready or mask.attrs["layer"] != layer):
+        return None
     return mask.inputs[0], layer, ready
 
 
-def _read_of(v: Value, producers: dict[Value, Node]) -> Node | None:
-    """The cache read behind transpose(reshape(decoded)), decoded = kv_read | cast?(kv_load) |
-    kv_ring_merge?(kv_dequantize(kv_load_codes))."""
+def _reads_of(v: Value, producers: dict[Value, Node], ring: bool) -> list[Node] | None:
+    """The cache reads behind transpose(reshape(x)): x one stored-view read, or with a ring
+    cat(stored view, exact view) along positions."""
     t = producers.get(v)
     if t is None or t.op != "transpose" or {t.attrs["dim0"], t.attrs["dim1"]} != {1, 2}:
         return None
     r = producers.get(t.inputs[0])
     if r is None or r.op != "reshape":
         return None
-    x = producers.get(r.inputs[0])
-    if x is not None and x.op == "kv_ring_merge":
+    if not ring:
+        read = _read_of(r.inputs[0], producers, "stored")
+        return None if read is None else [read]
+    c = producers.get(r.inputs[0])
+    if c is None or c.op != "cat" or c.attrs["dim"] != 1 or len(c.inputs) != 2:
+        return None
+    reads = [_read_of(x, producers, view) for x, view in zip(c.inputs, ("stored", "exact"))]
+    return None if None in reads else reads
+
+
+def _read_of(v: Value, producers: dict[Value, Node], view: str) -> Node | None:
+    """The cache read behind a decoded value of the given view: kv_read {view} | cast?(kv_load) (a float kind:
+    both views) | kv_dequantize(kv_load_codes) (stored) | kv_ring_merge(kv_dequantize(kv_load_codes)) (exact)."""
+    x = producers.get(v)
+    merged = x is not None and x.op == "kv_ring_merge"
+    if merged:
         x = producers.get(x.inputs[0])
     if x is not None and x.op in ("cast", "kv_dequantize"):
         x = producers.get(x.inputs[0])
-    return x if x is not None and x.op in _READS else None
+    if x is None or x.op not in _READS:
+        return None
+    if x.op == "kv_read":
+        return x if not merged and x.attrs.get("view", "stored") == view else None
+    if x.op == "kv_load":
+        return None if merged else x
+    return x if merged == (view == "exact") else None
 
 
 def _fold_write(graph: Graph, write: Node, producers: dict[Value, Node], ctx: PassContext) -> Value:
@@ -103,6 +127,7 @@ def _fold_write(graph: Graph, write: Node, producers: dict[Value, Node], ctx: Pa
     names = list(write.attrs["names"])
     if write.op == "kv_append":
         kinds, qblock, residual = cache_options(ctx, names)
+        check_ring_form(graph, residual)
         xs = list(write.inputs[1:])
         kinds = [kinds[n] for n in names]
     else:

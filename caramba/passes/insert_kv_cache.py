@@ -19,9 +19,14 @@ Positions: tables that fold_tables stored at the longest sequence and sliced to 
 gives them a batch dim; the shape rules re-derive everything downstream (retype). Attention therefore reads keys
 through the cache at prefill exactly as at decode (SPEC §3 invariance).
 
+With an fp16 residual ring (ctx.options["cache_residual_len"] > 0) every layer reads each tensor twice,
+`cat(kv_read {view = "stored"}, kv_read {view = "exact"})` along positions, under its own
+`kv_window_mask(%position_ids, %len)` (2·ctx keys): each query reads a key exact iff it lies in that query's
+residual window, so prefill and speculative verification compute what one token at a time would (ops_cache.py).
+
 Refused with a clear error: attention that is not causal or carries its own mask (a sliding window), a query
 length that is not the step's, position-dependent values other than such tables (an arange over seq still live).
-Options (ctx.options): max_seq_len (required), the longest row the cache will hold.
+Options (ctx.options): max_seq_len (required), the longest row the cache will hold; cache_residual_len.
 """
 from __future__ import annotations
 
@@ -62,10 +67,11 @@ def insert_kv_cache(graph: Graph, ctx: PassContext) -> Graph:
     ctx.count("tables", _gather_tables(graph, positions, seq, max_seq))
     retype(graph)
     total = symbolic.canonical(symbolic.symbol(PAST) + seq)
+    ring = int(ctx.options.get("cache_residual_len", 0)) > 0
     mask = None
     for layer, node in enumerate(attention_nodes(graph)):
         b = Builder(graph, node)
-        if mask is None:
+        if mask is None and not ring:
             mask = b.op("position_mask", [positions], ctx=total)
         splice(graph, node, b.nodes)
         _cache_layer(graph, node, layer, positions, mask, total)
@@ -122,8 +128,9 @@ def _gather_tables(graph: Graph, positions: Value, seq: sympy.Symbol, max_seq: i
     return count
 
 
-def _cache_layer(graph: Graph, node: Node, layer: int, positions: Value, mask: Value, total) -> None:
-    """Replace one attention node by append, reads and attention over the cache."""
+def _cache_layer(graph: Graph, node: Node, layer: int, positions: Value, mask: Value | None, total) -> None:
+    """Replace one attention node by append, reads and attention over the cache. mask None: the cache has a
+    residual ring; every key is read twice (through its kind, then exact) under the layer's window mask."""
     b = Builder(graph, node)
     operands = CACHED_OPERANDS[node.op]
     flats = []
@@ -133,12 +140,19 @@ def _cache_layer(graph: Graph, node: Node, layer: int, positions: Value, mask: V
         flats.append(b.op("reshape", [b.op("transpose", [x], dim0=1, dim1=2)], name=f"{name}_new",
                           shape=(bsz, s, h * dh)))
     ready = b.op("kv_append", [positions, *flats], name="kv_len", layer=layer, names=list(operands))
-    cached = {}
+    cached, keys, ring = {}, total, mask is None
+    if ring:
+        mask = b.op("kv_window_mask", [positions, ready], name="window", layer=layer, ctx=total)
+        keys = symbolic.canonical(2 * total)
     for name, i in operands.items():
         bsz, h, s, dh = node.inputs[i].type.shape
-        read = b.op("kv_read", [ready], name=f"{name}_cache", layer=layer, tensor=name, features=h * dh,
-                    dtype=node.inputs[i].type.dtype, ctx=total)
-        cached[i] = b.op("transpose", [b.op("reshape", [read], shape=(bsz, total, h, dh))], dim0=1, dim1=2)
+        read = dict(layer=layer, tensor=name, features=h * dh, dtype=node.inputs[i].type.dtype, ctx=total)
+        if not ring:
+            x = b.op("kv_read", [ready], name=f"{name}_cache", **read)
+        else:
+            x = b.op("cat", [b.op("kv_read", [ready], name=f"{name}_cache", view=view, **read)
+                             for view in ("stored", "exact")], name=f"{name}_both", dim=1)
+        cached[i] = b.op("transpose", [b.op("reshape", [x], shape=(bsz, keys, h, dh))], dim0=1, dim1=2)
     inputs = [cached.get(i, v) for i, v in enumerate(node.inputs)] + [mask]
     out = b.op(node.op, inputs, name=node.outputs[0].name, **{**node.attrs, "causal": False})
     splice(graph, node, b.nodes, replace=True)

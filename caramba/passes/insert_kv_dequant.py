@@ -12,8 +12,9 @@ the kinds of ctx.options["cache_kinds"] ({name: kind}), "cache_qblock" (default 
     %vs  = cast(%v) {dtype = f16}
     %len = kv_store(%pos, %kq, %ks, %kr, %vs) {layer = 0, names = [...], kinds = ["q8_0", "fp16"], ...}
     %c, %s = kv_load_codes(%len) {...};  %kd = kv_dequantize(%c, %s) {kind = "q8_0", dtype = f32, ...}
-    %kc  = kv_ring_merge(%kd, %len) {layer = 0, tensor = "k"}
-    %vc  = cast(kv_load(%len) {kind = "fp16", ...}) {dtype = f32}
+    %ke  = kv_ring_merge(%kd, %len) {layer = 0, tensor = "k"}     # kv_read {view = "exact"}: the ring's window
+    %vc  = cast(kv_load(%len) {kind = "fp16", ...}) {dtype = f32}   # both views of a float kind
+The two views of one tensor share their load and dequantize.
 
 Every op runs in the interpreter against the same KVCache, so this stage computes exactly what stage 1 did.
 fuse_cached_attention then folds the whole thing back into attributes of one cached attention op.
@@ -40,11 +41,21 @@ def cache_options(ctx: PassContext, names) -> tuple[dict[str, str], int, int]:
             int(ctx.options.get("cache_residual_len", 0)))
 
 
+def check_ring_form(graph: Graph, residual: int) -> None:
+    """A cache with a residual ring needs the graph insert_kv_cache builds for one (two views, window masks)."""
+    windows = any(n.op == "kv_window_mask" for n in graph.nodes)
+    if bool(residual) != windows:
+        raise CarambaError(f"the cache has residual_len {residual} but insert_kv_cache built this graph "
+                           f"{'with' if windows else 'without'} residual windows; run insert_kv_cache with the same "
+                           f"ctx.options['cache_residual_len']")
+
+
 def insert_kv_dequant(graph: Graph, ctx: PassContext) -> Graph:
     appends = [n for n in graph.nodes if n.op == "kv_append" and n.attrs.get("kinds") is None]
     if not appends:
         return graph
     kinds, qblock, residual = cache_options(ctx, appends[0].attrs["names"])
+    check_ring_form(graph, residual)
     from caramba.runtime.quant import parse_kind
 
     for node in appends:
@@ -64,22 +75,27 @@ def insert_kv_dequant(graph: Graph, ctx: PassContext) -> Graph:
         splice(graph, node, b.nodes, replace=True)
         graph.replace_uses(node.outputs[0], out)
         ctx.count("stores")
+    decoded: dict[tuple, Value] = {}  # (ready, layer, tensor, dtype) -> the value through the storage kind
     for node in [n for n in graph.nodes if n.op == "kv_read"]:
         a = node.attrs
         kind = parse_kind(kinds[a["tensor"]])
         b = Builder(graph, node)
-        common = dict(layer=a["layer"], tensor=a["tensor"], kind=kind.name, features=a["features"], ctx=a["ctx"])
-        if kind.block_scaled:
-            codes, scales = b.op("kv_load_codes", [node.inputs[0]], name=f"{a['tensor']}_codes", qblock=qblock,
-                                 **common)
-            x = b.op("kv_dequantize", [codes, scales], name=f"{a['tensor']}_deq", kind=kind.name,
-                     features=a["features"], qblock=qblock, dtype=a["dtype"])
-            if residual:
-                x = b.op("kv_ring_merge", [x, node.inputs[0]], name=f"{a['tensor']}_merged", layer=a["layer"],
-                         tensor=a["tensor"])
-        else:
-            x = _cast(b, b.op("kv_load", [node.inputs[0]], name=f"{a['tensor']}_stored", **common), a["dtype"],
-                      f"{a['tensor']}_deq")
+        key = (node.inputs[0], a["layer"], a["tensor"], a["dtype"])
+        x = decoded.get(key)
+        if x is None:
+            common = dict(layer=a["layer"], tensor=a["tensor"], kind=kind.name, features=a["features"], ctx=a["ctx"])
+            if kind.block_scaled:
+                codes, scales = b.op("kv_load_codes", [node.inputs[0]], name=f"{a['tensor']}_codes", qblock=qblock,
+                                     **common)
+                x = b.op("kv_dequantize", [codes, scales], name=f"{a['tensor']}_deq", kind=kind.name,
+                         features=a["features"], qblock=qblock, dtype=a["dtype"])
+            else:
+                x = _cast(b, b.op("kv_load", [node.inputs[0]], name=f"{a['tensor']}_stored", **common), a["dtype"],
+                          f"{a['tensor']}_deq")
+            decoded[key] = x
+        if kind.block_scaled and residual and a.get("view") == "exact":
+            x = b.op("kv_ring_merge", [x, node.inputs[0]], name=f"{a['tensor']}_exact", layer=a["layer"],
+                     tensor=a["tensor"])
         splice(graph, node, b.nodes, replace=True)
         graph.replace_uses(node.outputs[0], x)
         ctx.count("reads")

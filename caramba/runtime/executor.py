@@ -63,10 +63,11 @@ class CacheConfig:
         kinds = {k for _, k in self.kinds}
         return kinds.pop() if len(kinds) == 1 else ",".join(f"{n}={k}" for n, k in self.kinds)
 
-    def spec(self, layout: CacheLayout, batch: int, device: str | torch.device = "cpu") -> CacheSpec:
+    def spec(self, layout: CacheLayout, batch: int, device: str | torch.device = "cpu",
+             ring_slack: int = 0) -> CacheSpec:
         return CacheSpec.build(layout.n_layers, batch, self.max_seq_len,
                                {n: (layout.features[n], k) for n, k in self.kinds}, qblock=self.qblock,
-                               residual_len=self.residual_len, device=device)
+                               residual_len=self.residual_len, device=device, ring_slack=ring_slack)
 
 
 @dataclass
@@ -134,9 +135,10 @@ class Executor(ABC):
     def max_seq_len(self) -> int:
         return self.program.config.max_seq_len
 
-    def new_cache(self, batch: int) -> KVCache:
-        """An empty cache for `batch` rows in this program's kinds, on this executor's device."""
-        return KVCache(self.config.spec(self.layout, batch, self.device))
+    def new_cache(self, batch: int, ring_slack: int = 0) -> KVCache:
+        """An empty cache for `batch` rows in this program's kinds, on this executor's device; ring_slack extra
+        fp16 ring slots keep residual windows exact across rollbacks of up to that many tokens."""
+        return KVCache(self.config.spec(self.layout, batch, self.device, ring_slack))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, S, V) for the S new tokens of every row; appends them to `cache` (see the module doc)."""

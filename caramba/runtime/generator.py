@@ -161,6 +161,9 @@ class Generator:
         self.model = model
         self._executor: Executor | None = model if isinstance(model, Executor) else None
         self.cache: KVCache | None = None
+        # extra fp16 ring slots (cache_residual_len > 0): rolling back up to this many tokens keeps every query's
+        # residual window exact (kv_cache.py); SpeculativeGenerator sets it to its largest k
+        self.ring_slack = 0
         self.tokens: list[list[int]] | None = None  # per row, the conversation so far
         self.stats = GenerationStats()
         self._rng = make_generator(self.config.seed)
@@ -179,12 +182,12 @@ class Generator:
             self._executor = self._resolve_executor(batch)
         ex = self._executor
         if self.cache is None:
-            self.cache = ex.new_cache(batch)
+            self.cache = ex.new_cache(batch, ring_slack=self.ring_slack)
         elif self.cache.spec.batch != batch:
             if self.tokens:
                 raise InputError(f"this Generator holds a conversation of {self.cache.spec.batch} row(s); got "
                                  f"{batch}: call reset() first, or use another Generator")
-            self.cache = ex.new_cache(batch)
+            self.cache = ex.new_cache(batch, ring_slack=self.ring_slack)
 
     def _resolve_executor(self, batch: int) -> Executor:
         cm, c = self.model, self.config

@@ -10,16 +10,25 @@ Lengths are tracked per layer and per row: during a forward pass layer 0 already
 layer 1 does not yet, and a ragged batch may write rows at different positions. `read` returns (batch, L, F) with
 L the longest row; positions at or past a row's own length read as zeros (the caller masks them by `lengths`).
 
-Residual ring (residual_len R > 0, block-scaled kinds only): the newest R tokens of each row are also kept in an
-fp16 ring (batch, R, F), position p in slot p mod R, and reads return them from the ring. Per row the ring holds
-the contiguous positions [ring_start, length), at most R of them:
-- append of T tokens at position s: ring_start = max(min(ring_start, s), s + T - R); only the last min(T, R)
+Residual ring (residual_len R > 0, block-scaled kinds only): the newest tokens of each row are also kept in an
+fp16 ring of C = R + ring_slack slots (batch, C, F), position p in slot p mod C. Per row the ring holds the
+contiguous positions [ring_start, length), at most C of them:
+- append of T tokens at position s: ring_start = max(min(ring_start, s), s + T - C); only the last min(T, C)
   tokens are written to the ring (earlier ones would be overwritten within the same append anyway).
 - rollback / truncate to length L': ring_start = min(ring_start, L'). Positions still in the ring stay exact.
-  Positions that had already left the ring before the rollback (evicted by the tokens now dropped) are only
-  held quantized, so after rolling back by n the ring may hold fewer than R tokens: a dropped token's slot held
-  an older position that is gone. The ring fills up again as new tokens arrive. Keeping them exact would need
-  a ring of R + (longest rollback) slots; speculative decoding can size R for that itself.
+  Right after an append the ring is rebuilt instead from the ring before it and the appended tokens, so dropping
+  (part of) the last step restores the positions it pushed out: ring_start = max(min(w, L'), L' - C), w the
+  ring_start before the append.
+What attention reads (SPEC §3 invariance, per query): the query at position p reads key j exact (fp16) iff
+max(w, p - R + 1) <= j <= p, w the row's ring_start before the step's append, and through its storage kind
+otherwise. For one token per step that is the ring after the append; for a step of several tokens (prefill,
+speculative verification) each query gets the window it would have had decoding alone, so a step of T tokens
+equals T steps of one. `read_exact` gives the values for that (the ring as it stood before the append, and the
+step's own tokens in fp16, kept from the append) and `window_mask` the per-query choice.
+Rolling back within the last step, or by n <= ring_slack tokens over several steps, keeps every window exact (the
+slack slots still hold the positions the dropped tokens pushed out of the R newest); speculative decoding sizes
+ring_slack to its largest k. A longer rollback over several steps may leave fewer than R exact positions until new
+tokens refill the ring.
 fp32/fp16/bf16 kinds keep no ring: their storage is already the value (and an fp16 ring would be *less* precise
 than fp32 storage).
 
@@ -85,10 +94,11 @@ class CacheSpec:
     qblock: int = 32
     residual_len: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    ring_slack: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", torch.device(self.device))
-        for what, lo in (("n_layers", 1), ("batch", 1), ("max_seq_len", 1), ("residual_len", 0)):
+        for what, lo in (("n_layers", 1), ("batch", 1), ("max_seq_len", 1), ("residual_len", 0), ("ring_slack", 0)):
             _check_int(what, getattr(self, what), lo)
         check_qblock(self.qblock)
         if self.residual_len > self.max_seq_len:
@@ -97,10 +107,11 @@ class CacheSpec:
 
     @classmethod
     def build(cls, n_layers: int, batch: int, max_seq_len: int, tensors: Mapping[str, tuple[int, str | CacheKind]],
-              *, qblock: int = 32, residual_len: int = 0, device: str | torch.device = "cpu") -> CacheSpec:
+              *, qblock: int = 32, residual_len: int = 0, device: str | torch.device = "cpu",
+              ring_slack: int = 0) -> CacheSpec:
         """From {tensor name: (features, kind)}, e.g. {"k_sem": (64, "q8_0"), "k_geo": (128, "q8_0"), ...}."""
         cached = tuple(CachedTensor(name, features, parse_kind(kind)) for name, (features, kind) in tensors.items())
-        return cls(n_layers, batch, max_seq_len, cached, qblock, residual_len, torch.device(device))
+        return cls(n_layers, batch, max_seq_len, cached, qblock, residual_len, torch.device(device), ring_slack)
 
     @classmethod
     def standard(cls, n_layers: int, batch: int, max_seq_len: int, kv_features: int, kind: KindSpec = "fp16",
@@ -128,6 +139,11 @@ class CacheSpec:
     def has_ring(self, t: CachedTensor) -> bool:
         return self.residual_len > 0 and t.kind.block_scaled
 
+    @property
+    def ring_capacity(self) -> int:
+        """Slots of each fp16 ring: R + ring_slack (never more than max_seq_len); 0 without a ring."""
+        return min(self.residual_len + self.ring_slack, self.max_seq_len) if self.residual_len else 0
+
     def tensor_bytes_per_token(self, name: str) -> int:
         """Exact bytes of one token of one tensor in one layer and row, scales and padding included."""
         t = self._tensor(name)
@@ -145,8 +161,8 @@ class CacheSpec:
 
     @property
     def ring_nbytes_per_layer(self) -> int:
-        """The fixed fp16 ring of one layer: batch · R · features · 2 per ringed tensor."""
-        return sum(self.batch * self.residual_len * t.features * _RING_BYTES for t in self.tensors if self.has_ring(t))
+        """The fixed fp16 ring of one layer: batch · (R + ring_slack) · features · 2 per ringed tensor."""
+        return sum(self.batch * self.ring_capacity * t.features * _RING_BYTES for t in self.tensors if self.has_ring(t))
 
     @property
     def nbytes(self) -> int:
@@ -182,36 +198,38 @@ def _check_layout(tensors: tuple[CachedTensor, ...]) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class _Encoded:
-    """New tokens ready to be written: their codes/scales and, when ringed, the fp16 tail for the ring."""
+    """New tokens ready to be written: their codes/scales and, when ringed, their fp16 values."""
 
     q: QTensor  # codes (B, T, stored), scales (B, T, nb)
-    ring: torch.Tensor | None  # (B, min(T, R), F) fp16
+    exact: torch.Tensor | None  # (B, T, F) fp16: the ring's copy (its last C tokens) and the step's exact values
 
 
 class _TensorStore:
     """The buffers of one cached tensor in one layer."""
 
     def __init__(self, t: CachedTensor, spec: CacheSpec) -> None:
-        self.t, self.qblock, self.residual_len = t, spec.qblock, spec.residual_len
+        self.t, self.qblock, self.capacity = t, spec.qblock, spec.ring_capacity
         b, s, dev = spec.batch, spec.max_seq_len, spec.device
         width, blocks = code_width(t.kind, t.features, spec.qblock), n_blocks(t.kind, t.features, spec.qblock)
         self.codes = torch.zeros(b, s, width, dtype=t.kind.code_dtype, device=dev)
         self.scales = torch.zeros(b, s, blocks, dtype=SCALE_DTYPE, device=dev) if t.kind.block_scaled else None
         self.ring = None
         if spec.has_ring(t):
-            self.ring = torch.zeros(b, spec.residual_len, t.features, dtype=torch.float16, device=dev)
+            self.ring = torch.zeros(b, self.capacity, t.features, dtype=torch.float16, device=dev)
+        # the last append, for read_exact: the ring as it stood before it and the step's fp16 values
+        self.step: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def nbytes(self) -> int:
         return sum(buf.numel() * buf.element_size() for buf in (self.codes, self.scales, self.ring) if buf is not None)
 
     def encode(self, x: torch.Tensor) -> _Encoded:
-        """x (B, T, F) -> codes and ring tail; raises (before anything is written) on values the kind refuses."""
+        """x (B, T, F) -> codes and fp16 values; raises (before anything is written) on values the kind refuses."""
         q = quantize(x, self.t.kind, self.qblock)
         if self.ring is None:
             return _Encoded(q, None)
         try:
-            return _Encoded(q, quantize(x[:, -self.residual_len:], "fp16").codes)
+            return _Encoded(q, quantize(x, "fp16").codes)
         except NonFiniteError as e:
             raise NonFiniteError(f"the fp16 residual ring cannot hold these values ({e}); "
                                  f"build the cache with residual_len=0") from None
@@ -222,7 +240,9 @@ class _TensorStore:
         if self.scales is not None:
             self.scales[rows, pos] = e.q.scales
         if self.ring is not None:
-            self.ring[rows, pos[:, -e.ring.shape[1]:] % self.residual_len] = e.ring
+            self.step = (self.ring.clone(), e.exact)
+            tail = min(pos.shape[1], self.capacity)
+            self.ring[rows, pos[:, -tail:] % self.capacity] = e.exact[:, -tail:]
 
     def stored(self, n: int, lengths: torch.Tensor) -> QTensor:
         """The first n positions as stored (codes, scales), every position at or past a row's length zeroed."""
@@ -232,16 +252,50 @@ class _TensorStore:
         return QTensor(self.t.kind, codes, scales, self.t.features, self.qblock)
 
     def ring_merge(self, x: torch.Tensor, lengths: torch.Tensor, ring_start: torch.Tensor) -> torch.Tensor:
-        """x (B, n, F) decoded values with the positions the fp16 ring holds replaced by the ring's values."""
+        """x (B, n, F) decoded values with the positions the fp16 ring holds now replaced by the ring's values."""
         if self.ring is None:
             return x
+        return _take(x, self.ring, ring_start, lengths, self.capacity)
+
+    def exact_merge(self, x: torch.Tensor, step: "_Step | None", lengths: torch.Tensor,
+                    ring_start: torch.Tensor) -> torch.Tensor:
+        """x (B, n, F) decoded values with every position attention may read exact this step replaced by its fp16
+        value: the ring as it stood before the last append, and the appended tokens themselves. Without a step
+        since the last rollback or reset, the ring as it stands."""
+        if self.ring is None:
+            return x
+        if step is None or self.step is None:
+            return self.ring_merge(x, lengths, ring_start)
+        pre_ring, new = self.step
+        x = _take(x, pre_ring, step.window_start, step.starts, self.capacity)
         pos = torch.arange(x.shape[1], device=x.device)
-        from_ring = (pos >= ring_start[:, None]) & (pos < lengths[:, None])  # (B, n)
-        return torch.where(from_ring[..., None], self.ring[:, pos % self.residual_len].to(x.dtype), x)
+        rel = pos - step.starts[:, None]  # (B, n)
+        from_new = (rel >= 0) & (rel < new.shape[1])
+        idx = rel.clamp(0, new.shape[1] - 1)[..., None].expand(-1, -1, x.shape[2])
+        return torch.where(from_new[..., None], new.gather(1, idx).to(x.dtype), x)
 
     def read(self, n: int, lengths: torch.Tensor, ring_start: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(B, n, F) in dtype, n = the longest row; ring positions exact, positions past a row's length zero."""
-        return self.ring_merge(dequantize(self.stored(n, lengths), dtype), lengths, ring_start)
+        return self.ring_merge(self.decoded(n, lengths, dtype), lengths, ring_start)
+
+    def decoded(self, n: int, lengths: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, n, F) through the storage kind only (no ring)."""
+        return dequantize(self.stored(n, lengths), dtype)
+
+
+def _take(x: torch.Tensor, ring: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, capacity: int) -> torch.Tensor:
+    """x with positions [lo[b], hi[b]) of each row taken from the ring (position p in slot p mod capacity)."""
+    pos = torch.arange(x.shape[1], device=x.device)
+    from_ring = (pos >= lo[:, None]) & (pos < hi[:, None])  # (B, n)
+    return torch.where(from_ring[..., None], ring[:, pos % capacity].to(x.dtype), x)
+
+
+@dataclass(frozen=True, eq=False)
+class _Step:
+    """The last append of a layer: where each row started, and each row's ring_start before it."""
+
+    starts: torch.Tensor  # (B,)
+    window_start: torch.Tensor  # (B,)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,6 +312,7 @@ class LayerCache:
         self.stores = {t.name: _TensorStore(t, spec) for t in spec.tensors}
         self.lengths = [0] * spec.batch
         self.ring_start = [0] * spec.batch  # per row, the oldest position the ring still holds
+        self.step: _Step | None = None  # the last append, until a rollback or reset
 
     def append(self, tensors: Mapping[str, torch.Tensor], start: Start = None) -> None:
         """Write T new tokens per row: tensors[name] is (batch, T, features), features = H_kv·d with head h in
@@ -293,8 +348,7 @@ class LayerCache:
             raise CacheError(f"layer {self.index}: tensors bring different token counts {sorted(widths)}")
         n_new = widths.pop()
         starts = self._check_starts(start, n_new)
-        r = self.spec.residual_len
-        self._write(starts, n_new, {t.name: _Encoded(stored[t.name], ring[t.name][:, -r:].to(torch.float16)
+        self._write(starts, n_new, {t.name: _Encoded(stored[t.name], ring[t.name].to(torch.float16)
                                                       if self.spec.has_ring(t) else None)
                                     for t in self.spec.tensors})
 
@@ -303,8 +357,12 @@ class LayerCache:
         pos = (torch.tensor(starts)[:, None] + torch.arange(n_new)).to(self.spec.device)  # (B, T)
         for name, e in encoded.items():
             self.stores[name].write(rows, pos, e)
+        dev = self.spec.device
+        self.step = _Step(torch.tensor(starts, device=dev),
+                          torch.tensor([min(r, s) for r, s in zip(self.ring_start, starts)], device=dev))
+        capacity = self.spec.ring_capacity
         for b, s in enumerate(starts):
-            self.ring_start[b] = max(min(self.ring_start[b], s), s + n_new - self.spec.residual_len)
+            self.ring_start[b] = max(min(self.ring_start[b], s), s + n_new - capacity)
             self.lengths[b] = s + n_new
 
     def read(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -314,18 +372,37 @@ class LayerCache:
         n = max(self.lengths)
         return {name: store.read(n, lengths, ring_start, dtype) for name, store in self.stores.items()}
 
-    def read_tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """One tensor as (batch, max length, features) in dtype, decoded through its storage kind."""
-        lengths, ring_start = self._state()
-        return self._store(name).read(max(self.lengths), lengths, ring_start, dtype)
+    def read_stored(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One tensor as (batch, max length, features) through its storage kind only, the ring ignored."""
+        return self._store(name).decoded(max(self.lengths), self._state()[0], dtype)
+
+    def read_exact(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One tensor as (batch, max length, features) with every position some query of the last append reads
+        exact (see the module doc) in fp16 precision: the ring before that append and the appended tokens."""
+        return self.exact_merge(name, self._store(name).decoded(max(self.lengths), self._state()[0], dtype))
+
+    def window_mask(self, positions: torch.Tensor, ctx: int) -> torch.Tensor:
+        """bool (batch, 1, seq, 2·ctx) over [keys through the storage kind ; keys read exact] for the queries at
+        `positions` (batch, seq): key j is visible to the query at p iff j <= p, from the exact half iff
+        max(w, p - R + 1) <= j, w the row's ring_start before the last append; each visible key exactly once."""
+        if self.step is not None:
+            w = self.step.window_start
+        else:
+            w = torch.tensor(self.ring_start, device=positions.device)
+        keys = torch.arange(ctx, device=positions.device)
+        p = positions[..., None]  # (B, S, 1)
+        causal = keys <= p
+        exact = causal & (keys >= w.to(positions.device)[:, None, None]) & (keys > p - self.spec.residual_len)
+        return torch.cat([causal & ~exact, exact], dim=-1).unsqueeze(1)
 
     def stored(self, name: str) -> QTensor:
         """One tensor as stored, (batch, max length, ...), zero past each row's length."""
         return self._store(name).stored(max(self.lengths), self._state()[0])
 
-    def ring_merge(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """x (batch, max length, features) with the positions the fp16 ring of `name` holds taken from the ring."""
-        return self._store(name).ring_merge(x, *self._state())
+    def exact_merge(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, max length, features) decoded through the storage kind of `name`, with the positions read
+        exact this step taken in fp16 (see read_exact)."""
+        return self._store(name).exact_merge(x, self.step, *self._state())
 
     def _state(self) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.spec.device
@@ -340,12 +417,39 @@ class LayerCache:
 
     def set_lengths(self, lengths: Sequence[int]) -> None:
         """Shorten rows (KVCache validated that none grows); positions still in the ring stay exact."""
+        if self.step is not None:
+            self._restore_ring(lengths)
+        else:
+            self.ring_start = [min(r, n) for r, n in zip(self.ring_start, lengths)]
         self.lengths = list(lengths)
-        self.ring_start = [min(r, n) for r, n in zip(self.ring_start, self.lengths)]
+        self.step = None
+
+    def _restore_ring(self, lengths: Sequence[int]) -> None:
+        """Shortening right after an append: rebuild each row's ring from the ring before that append and the
+        appended tokens, so the positions the dropped tokens pushed out are exact again (a ragged prefill drops
+        its padding this way; speculative decoding its rejected drafts)."""
+        capacity = self.spec.ring_capacity
+        starts, window = self.step.starts.tolist(), self.step.window_start.tolist()
+        for b, n in enumerate(lengths):
+            lo = max(min(window[b], n), n - capacity)
+            for store in self.stores.values():
+                if store.ring is None or store.step is None or n == lo:
+                    continue
+                pre_ring, new = store.step
+                pos = torch.arange(lo, n, device=store.ring.device)
+                slots = pos % capacity
+                old = pos < starts[b]
+                values = pre_ring[b, slots]
+                if not bool(old.all()):
+                    rel = (pos - starts[b]).clamp(0, new.shape[1] - 1)
+                    values = torch.where(old[:, None], values, new[b, rel])
+                store.ring[b, slots] = values
+            self.ring_start[b] = lo
 
     def reset(self) -> None:
         self.lengths = [0] * self.spec.batch
         self.ring_start = [0] * self.spec.batch
+        self.step = None
 
     @property
     def nbytes(self) -> int:

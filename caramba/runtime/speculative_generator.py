@@ -28,10 +28,10 @@ amount each round: the executors check `longest cached row + new tokens <= max_s
 lengths that move together keep that within the same bound that is checked for one row before any work.
 
 Exactness at temperature 0 assumes that scoring k + 1 tokens in one pass gives the logits k + 1 single steps
-would. That holds up to float rounding for every cache without an fp16 ring (cache_residual_len 0, the default).
-With a ring over a block-quantized kind it does not: the pass appends all k + 1 tokens before attending, so its
-earlier queries read positions that the chunk pushed out of the ring as quantized values where single steps would
-have read them from the ring, and the output can then differ from plain decoding by what quantization changes.
+would. It does up to float rounding, for every cache kind: with an fp16 residual ring (cache_residual_len > 0)
+each query of the pass reads the ring window it would have read alone (kv_cache.py), and both caches get
+k_max (spec_k when not adaptive) extra ring slots, so the rollback after a rejection keeps the windows of later
+queries exact as well.
 """
 from __future__ import annotations
 
@@ -105,6 +105,8 @@ class SpeculativeGenerator:
         # Each Generator owns one model's executor and cache (resolution of the cache kind, "auto" included, and
         # the max_seq_len checks); the conversation and the loop live here.
         self._target, self._draft = Generator(target, self.config), Generator(draft, self.config)
+        # a round rolls back at most k tokens: ring slots for them keep fp16 residual windows exact
+        self._target.ring_slack = self._draft.ring_slack = self.spec.k_max if self.spec.adaptive else self.spec.spec_k
         vt, vd = self._target.model.vocab_size, self._draft.model.vocab_size
         if vt != vd:
             raise InputError(f"the draft's vocabulary ({vd} tokens) differs from the target's ({vt}); speculative "

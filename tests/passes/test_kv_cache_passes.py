@@ -61,6 +61,48 @@ def test_prefill_then_decode_equals_one_token_at_a_time(compiled, kind):
         assert 0 < (one - model(ids)).abs().max() <= 0.2 * one.abs().max()
 
 
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "nf4"])
+def test_with_a_residual_ring_prefill_equals_one_token_at_a_time(compiled, kind):
+    """Each query of a multi-token step reads exactly the fp16 window it would read decoding alone, so chunking
+    does not change the logits with a ring either, and the ring does change them (it is read)."""
+    model, cm = compiled
+    ex = cm.executor(CacheConfig.of(cm.cache_layout, kind, max_seq_len=MAX, residual_len=3))
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(1))
+    one, _ = _run_chunks(ex, ids, [1] * 11)
+    for chunks in ([7, 1, 3], [11], [2, 5, 4]):
+        mixed, _ = _run_chunks(ex, ids, chunks)
+        assert (mixed - one).abs().max() <= 1e-3 * one.abs().max(), chunks
+    plain, _ = _run_chunks(cm.executor(CacheConfig.of(cm.cache_layout, kind, max_seq_len=MAX)), ids, [1] * 11)
+    exact, _ = _run_chunks(cm.executor(CacheConfig.of(cm.cache_layout, "fp32", max_seq_len=MAX)), ids, [1] * 11)
+    assert (one - exact).abs().max() < (plain - exact).abs().max()  # the ring's fp16 window is closer to exact
+
+
+@pytest.mark.parametrize("slack", [0, 4])
+def test_a_rolled_back_step_leaves_the_ring_as_decoding_would(compiled, slack):
+    """Verify-style steps (several tokens, then a rollback) followed by decoding give the logits of plain
+    one-token decoding: the ring is rebuilt from before the step, and slack slots cover rollbacks over steps."""
+    _, cm = compiled
+    ex = cm.executor(CacheConfig.of(cm.cache_layout, "q4_0", max_seq_len=MAX, residual_len=3))
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(5))
+    want, _ = _run_chunks(ex, ids, [1] * 12)
+    cache, got = ex.new_cache(1, ring_slack=slack), []
+    junk = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(6))
+    t = 0
+    for n, extra in ((4, 3), (3, 5), (2, 0)):
+        step = torch.cat([ids[:, t:t + n], junk[:, :extra]], dim=1)  # n real tokens, then drafts to reject
+        got.append(ex.forward(step, _positions(cache.lengths(0), n + extra), cache)[:, :n])
+        cache.rollback(extra)
+        t += n
+    if slack:  # single steps, then a rollback over three of them
+        for extra in range(3):
+            ex.forward(junk[:, extra:extra + 1], _positions(cache.lengths(0), 1), cache)
+        cache.rollback(3)
+    for i in range(t, 12):
+        got.append(ex.forward(ids[:, i:i + 1], _positions(cache.lengths(0), 1), cache))
+    got = torch.cat(got, dim=1)
+    assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+
+
 def test_mixed_kinds_per_tensor(compiled):
     _, cm = compiled
     names = cm.cache_layout.names

@@ -286,26 +286,42 @@ def test_ring_holds_the_newest_tokens_exactly():
     assert not torch.equal(x[0, :6].half().float(), _stored(x[0, :6], "q4_0", 8))  # the test can tell them apart
 
 
-def test_rollback_keeps_ring_positions_exact_and_refills_the_ring():
+def test_rolling_back_into_the_last_append_restores_the_ring_before_it():
     x, y = torch.randn(1, 12, 8), torch.randn(1, 12, 8)
     cache = _ring_cache()
     _append(cache, x, 0, 10)  # one prefill longer than the ring: it holds 6..9
-    cache.rollback(2)
-    _split(cache, x, range(6, 8))  # 6 and 7 stay exact; 4 and 5 had left the ring and are only quantized
-    _append(cache, y, 8, 10)
+    _split(cache, x, range(6, 10))
+    cache.rollback(2)  # as if only 0..7 had been appended: 4..7
+    _split(cache, x, range(4, 8))
+    cache.rollback(2)  # no append since: the ring keeps what it physically holds (4, 5)
+    _split(cache, x, range(4, 6))
+    _append(cache, y, 6, 8)
     k = cache.read(0)["k"][0]
-    assert torch.equal(k[8:10], y[0, 8:10].half().float()) and torch.equal(k[6:8], x[0, 6:8].half().float())
+    assert torch.equal(k[6:8], y[0, 6:8].half().float()) and torch.equal(k[4:6], x[0, 4:6].half().float())
 
 
-def test_rolling_back_past_the_ring_leaves_it_empty_until_new_tokens_arrive():
+def test_rolling_back_past_the_last_append_keeps_the_ring_from_before_it():
     x, y = torch.randn(1, 12, 8), torch.randn(1, 12, 8)
     cache = _ring_cache()
-    _append(cache, x, 0, 10)
-    cache.rollback(7)
-    _split(cache, x, range(0))
+    _append(cache, x, 0, 6)  # the ring holds 2..5
+    _append(cache, x, 6, 10)  # 6..9
+    cache.rollback(7)  # to 3 tokens, before that append started: the ring before it held 2..5, so 2 is exact
+    _split(cache, x, range(2, 3))
     _append(cache, y, 3, 4)
-    assert torch.equal(cache.read(0)["k"][0, 3], y[0, 3].half().float())
-    _split(cache, torch.cat([x[:, :3], y[:, 3:4]], 1), range(3, 4))
+    _split(cache, torch.cat([x[:, :3], y[:, 3:4]], 1), range(2, 4))
+
+
+def test_ring_slack_keeps_windows_across_rollbacks_over_several_appends():
+    x = torch.randn(1, 12, 8)
+    plain, slack = _ring_cache(), KVCache(CacheSpec.standard(1, 1, 32, 8, "q4_0", qblock=8, residual_len=4,
+                                                            ring_slack=3))
+    assert slack.nbytes - plain.nbytes == 2 * 3 * 8 * 2  # k and v: 3 more fp16 slots of 8 features
+    for cache in (plain, slack):
+        for t in range(10):
+            _append(cache, x, t, t + 1)
+        cache.rollback(3)  # over three single-token appends: positions 3..6 are the R newest now
+    _split(slack, x, range(2, 7))  # 7 slots: 2..6 (the last append, 9, started with 2..8 held)
+    _split(plain, x, range(5, 7))  # 4 slots: 5..8 before that append, so 3 and 4 had left the ring
 
 
 @st.composite
@@ -320,13 +336,15 @@ def ring_scenarios(draw):
 @given(ring_scenarios())
 def test_reads_match_a_model_of_the_physical_ring(scenario):
     """An independent oracle: every token ever written and, per ring slot, which position it physically holds.
-    A position reads exact fp16 iff its slot still holds it; otherwise it reads through its storage kind."""
+    A position reads exact fp16 iff its slot still holds it; otherwise it reads through its storage kind. A
+    rollback right after an append leaves the ring as if only that append's kept tokens had been written."""
     kinds, residual_len, ops, seed = scenario
     spec = CacheSpec.build(1, 2, 12, {"k": (6, kinds["k"]), "v": (5, kinds["v"])}, qblock=4,
                            residual_len=residual_len)
     cache, g = KVCache(spec), torch.Generator().manual_seed(seed)
     tokens: list[dict[str, torch.Tensor]] = []  # per position: {name: (batch, F)}
     slots: dict[int, int] = {}  # ring slot -> position it holds
+    pending = None  # after an append, until a rollback: (slots before it, its start)
     for op, n in ops:
         if op == "rollback":
             if n > len(tokens):
@@ -335,6 +353,12 @@ def test_reads_match_a_model_of_the_physical_ring(scenario):
                 continue
             cache.rollback(n)
             del tokens[len(tokens) - n:]
+            if pending is not None:  # right after an append: the ring as if only the kept tokens had come
+                before, begin = pending
+                slots = dict(before)
+                for t in range(begin, len(tokens)):
+                    slots[t % residual_len] = t
+            pending = None
             continue
         start = len(tokens) if op == "append" else max(0, len(tokens) - n)
         new = {name: torch.randn(2, n, f, generator=g) for name, f in (("k", 6), ("v", 5))}
@@ -343,6 +367,7 @@ def test_reads_match_a_model_of_the_physical_ring(scenario):
                 cache.append(0, new, start=start)
             continue
         cache.append(0, new, start=start)
+        pending = (dict(slots), start) if residual_len else None
         del tokens[start:]
         for t in range(n):
             tokens.append({name: v[:, t] for name, v in new.items()})

@@ -99,6 +99,22 @@ def test_greedy_output_equals_the_targets_greedy_output(models, reference, spec,
             assert 0 < gen.stats.accepted < gen.stats.proposed
 
 
+@pytest.mark.parametrize("spec", [SpeculativeConfig(spec_k=3, **FIXED),
+                                  SpeculativeConfig(spec_k=2, k_min=1, k_max=5, adjust_every=2)],
+                         ids=["k3", "adaptive"])
+def test_greedy_equality_holds_with_a_quantized_cache_and_an_fp16_ring(models, spec):
+    """With cache_residual_len > 0 each query of the verify pass reads the ring window it would read decoding
+    alone, and rollbacks keep later windows exact: the output is still the target's greedy output."""
+    target, draft = models
+    config = _greedy(cache_kind="q4_0", cache_residual_len=4, max_new_tokens=24)
+    for prompts in (PROMPTS, [[7, 3, 9, 1, 200, 45, 6], [99]]):
+        gen = SpeculativeGenerator(target, draft, config, spec)
+        assert torch.equal(gen.generate(prompts), Generator(target, config).generate(prompts))
+        assert 0 < gen.stats.accepted < gen.stats.proposed  # rounds with rejections, so rollbacks happened
+        assert gen.target_cache.spec.ring_slack == (spec.k_max if spec.adaptive else spec.spec_k)
+        _assert_in_sync(gen, contents=False)
+
+
 def test_a_draft_equal_to_the_target_has_every_round_fully_accepted(models):
     target, _ = models
     gen = SpeculativeGenerator(target, target, _greedy(max_new_tokens=12), SpeculativeConfig(spec_k=3, **FIXED))
