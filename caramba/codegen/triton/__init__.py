@@ -1,0 +1,5 @@
+"""Triton kernels for target "cuda": rendered from templates (source.py), cached on disk, imported lazily.
+
+Nothing here imports triton at module import time; each kernel module's launch function loads its kernel
+through source.load on first use.
+"""
