@@ -192,10 +192,26 @@ def vocab_size_of(graph: Graph) -> int:
     return v
 
 
+# target -> "module:factory"; factory(program, cm) -> Executor. Imported on first use, so a target's dependencies
+# (triton, onnxruntime) load only when that target runs.
+EXECUTORS: dict[str, str] = {
+    "eager": "caramba.runtime.executor:_interpreter_executor",
+    "onnx": "caramba.codegen.onnx.runner:onnx_executor",
+    "cuda": "caramba.codegen.triton.executor:cuda_executor",
+}
+
+
+def _interpreter_executor(program: CachedProgram, cm: "CompiledModel") -> Executor:
+    return InterpreterExecutor(program, vocab_size_of(cm.graph))
+
+
 def executor_for(cm: "CompiledModel", config: CacheConfig, **kwargs) -> Executor:
-    """The executor of cm.target for `config` (targets register theirs here as they land)."""
+    """The executor of cm.target for `config`."""
+    import importlib
+
+    if cm.target not in EXECUTORS:
+        raise NotImplementedError(f"no executor for target {cm.target!r}; targets: {', '.join(EXECUTORS)}")
     program = lower(cm, config, **kwargs)
-    if cm.target == "eager":
-        return InterpreterExecutor(program, vocab_size_of(cm.graph))
-    raise NotImplementedError(f"no executor for target {cm.target!r} yet")
+    module, factory = EXECUTORS[cm.target].split(":")
+    return getattr(importlib.import_module(module), factory)(program, cm)
 
