@@ -73,11 +73,16 @@ class _Step:
 class Interpreter:
     """Compile a graph into a flat list of steps once; run it many times.
 
+    `impl_for(node)` lets a backend run some nodes with its own implementation (same inputs, attrs and outputs
+    as the op's reference; target "cuda" puts its Triton kernels there) and leave the rest to the reference.
+
     `check_types=True` also checks every produced tensor against its declared type (tests and debug runs).
     """
 
-    def __init__(self, g: Graph, weights: Mapping[str, torch.Tensor] | None = None, check_types: bool = False) -> None:
+    def __init__(self, g: Graph, weights: Mapping[str, torch.Tensor] | None = None, check_types: bool = False,
+                 impl_for: Callable[[Node], Callable[..., Any] | None] | None = None) -> None:
         self.graph = g
+        self._impl_for = impl_for  # a backend's implementation of a node (its kernel), None: the reference
         self.check_types = check_types
         weights = g.weights if weights is None else weights
         missing = [n for n in g.params if n not in weights]
@@ -104,7 +109,8 @@ class Interpreter:
         for i, n in enumerate(g.nodes):
             opdef = get_op(n.op)
             attrs = opdef.full_attrs(n.attrs)
-            steps.append(_Step(n, opdef.impl, tuple(slot[v] for v in n.inputs), tuple(slot[v] for v in n.outputs),
+            impl = (self._impl_for(n) if self._impl_for is not None else None) or opdef.impl
+            steps.append(_Step(n, impl, tuple(slot[v] for v in n.inputs), tuple(slot[v] for v in n.outputs),
                                attrs, any(symbolic.has_symbols(a) for a in attrs.values()),
                                STATEFUL in opdef.tags, tuple(frees.get(i, ()))))
         return steps

@@ -357,9 +357,29 @@ class LayerCache:
         pos = (torch.tensor(starts)[:, None] + torch.arange(n_new)).to(self.spec.device)  # (B, T)
         for name, e in encoded.items():
             self.stores[name].write(rows, pos, e)
+        self._advance(starts, n_new, keep_step=True)
+
+    def note_append(self, starts: Sequence[int], n_new: int, *, exact: Mapping[str, torch.Tensor] | None = None,
+                    pre_ring: Mapping[str, torch.Tensor] | None = None) -> list[int]:
+        """The bookkeeping of an append whose buffers a kernel writes (target "cuda"): checks the starts, moves the
+        lengths and ring starts, and returns each row's window start w (ring_start before the append, for the
+        attention kernels). With `exact` (the step's fp16 values per ringed tensor) and `pre_ring` (each ring as it
+        stood before the kernel wrote it) a rollback right after the step restores the ring as append does;
+        without them it keeps what the ring physically holds."""
+        starts = self._check_starts(list(starts), n_new)
+        window = [min(r, s) for r, s in zip(self.ring_start, starts)]
+        keep = exact is not None and pre_ring is not None
+        for name, store in self.stores.items():
+            store.step = (pre_ring[name], exact[name]) if keep and store.ring is not None else None
+        self._advance(starts, n_new, keep_step=keep)
+        return window
+
+    def _advance(self, starts: list[int], n_new: int, *, keep_step: bool) -> None:
         dev = self.spec.device
-        self.step = _Step(torch.tensor(starts, device=dev),
-                          torch.tensor([min(r, s) for r, s in zip(self.ring_start, starts)], device=dev))
+        self.step = None
+        if keep_step:
+            self.step = _Step(torch.tensor(starts, device=dev),
+                              torch.tensor([min(r, s) for r, s in zip(self.ring_start, starts)], device=dev))
         capacity = self.spec.ring_capacity
         for b, s in enumerate(starts):
             self.ring_start[b] = max(min(self.ring_start[b], s), s + n_new - capacity)

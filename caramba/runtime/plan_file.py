@@ -41,7 +41,6 @@ import logging
 import math
 import os
 import platform
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from caramba.errors import CarambaError
-from caramba.fsutil import fsync_dir
+from caramba.fsutil import atomic_write_text
 from caramba.runtime.cache_candidates import Candidate, CandidateRow
 
 try:
@@ -265,17 +264,7 @@ class PlanFile:
 
     # ---- writing ------------------------------------------------------------------------------------------------
     def _write(self, text: str) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        try:
-            with open(tmp, "x", encoding="utf-8") as f:  # "x": honours the umask, never follows an existing name
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(self.path.parent)
+        atomic_write_text(self.path, text)
 
     def _set_aside(self, problem: str) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.clock()))
