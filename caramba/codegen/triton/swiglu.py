@@ -1,0 +1,60 @@
+"""Triton kernel for the swiglu op: silu(gate) * up, elementwise over two equally shaped tensors.
+
+As the reference (F.silu(gate) * up) rounds: silu in fp32 rounded to gate's dtype, then the product in the
+promoted dtype of gate and up. silu is g / (1 + exp(-g)), torch's formula; exp's last bit may differ from torch's.
+Inputs are read as flat contiguous arrays (other layouts are copied first); `out=` takes a preallocated contiguous
+output of the promoted dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from caramba.codegen.triton import source
+from caramba.codegen.triton.jit_helpers import HELPERS, check_float, from_f32, round_f32, to_f32
+
+BLOCK = 2048
+
+_TEMPLATE = '''"""caramba swiglu: gate $G_DTYPE, up $U_DTYPE -> $OUT_DTYPE."""
+import triton
+import triton.language as tl
+$HELPERS
+
+@triton.jit
+def kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = $LOAD_G
+    u = $LOAD_U
+    act = $ROUND_ACT
+    tl.store(y_ptr + offs, $STORE_Y, mask=mask)
+'''
+
+
+def _kernel(g_dtype: torch.dtype, u_dtype: torch.dtype, out_dtype: torch.dtype):
+    text = source.render(
+        _TEMPLATE, G_DTYPE=g_dtype, U_DTYPE=u_dtype, OUT_DTYPE=out_dtype, HELPERS=HELPERS,
+        LOAD_G=to_f32("tl.load(g_ptr + offs, mask=mask, other=0.0)", g_dtype),
+        LOAD_U=to_f32("tl.load(u_ptr + offs, mask=mask, other=0.0)", u_dtype),
+        ROUND_ACT=round_f32("g / (1.0 + tl.exp(-g))", g_dtype),
+        STORE_Y=from_f32("act * u", out_dtype))
+    return source.load(text, "swiglu").kernel
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The swiglu op: returns silu(gate) * up, shaped like gate, in the promoted dtype (into `out` when given)."""
+    check_float(gate, "swiglu gate")
+    check_float(up, "swiglu up")
+    if gate.shape != up.shape or gate.device != up.device:
+        raise ValueError(f"swiglu takes gate and up of one shape and device, got {tuple(gate.shape)} on "
+                         f"{gate.device} and {tuple(up.shape)} on {up.device}")
+    out_dtype = torch.promote_types(gate.dtype, up.dtype)
+    if out is None:
+        out = torch.empty(gate.shape, dtype=out_dtype, device=gate.device)
+    elif out.shape != gate.shape or out.dtype != out_dtype or out.device != gate.device or not out.is_contiguous():
+        raise ValueError(f"swiglu: out must be a contiguous {out_dtype} tensor of shape {tuple(gate.shape)}, got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    n = gate.numel()
+    if n:
+        _kernel(gate.dtype, up.dtype, out_dtype)[(-(-n // BLOCK),)](gate.contiguous(), up.contiguous(), out, n,
+                                                                   BLOCK=BLOCK, num_warps=8)
+    return out
