@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import os
 import time
@@ -24,7 +25,7 @@ from caramba.passes.pipeline import cache_pipeline_for, entry_pipeline_for, pipe
 log = logging.getLogger("caramba")
 
 TARGETS = ("auto", "cuda", "metal", "onnx", "eager")
-IMPLEMENTED_TARGETS = ("eager",)
+IMPLEMENTED_TARGETS = ("cuda", "eager")
 COMPUTE_DTYPES = (DType.f32, DType.f16, DType.bf16)
 
 
@@ -100,20 +101,28 @@ def resolve_target(target: str) -> str:
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if target == "auto":
-        chosen = next(t for t in ("cuda", "metal", "onnx", "eager") if t in IMPLEMENTED_TARGETS and _available(t))
+        chosen = next(t for t in ("cuda", "metal", "onnx", "eager")
+                      if t in IMPLEMENTED_TARGETS and _available(t, interpreted=False))
         log.info("target='auto' resolved to %r", chosen)
         return chosen
     if target not in IMPLEMENTED_TARGETS:
         raise NotImplementedError(f"target {target!r} is not implemented in this version of caramba yet; "
                                   f"available: {', '.join(IMPLEMENTED_TARGETS)} (or 'auto')")
     if not _available(target):
-        raise RuntimeError(f"target {target!r} needs hardware this machine does not have")
+        hint = " (or TRITON_INTERPRET=1 to run its kernels on the CPU, slowly)" if target == "cuda" else ""
+        raise RuntimeError(f"target {target!r} needs hardware this machine does not have{hint}")
     return target
 
 
-def _available(target: str) -> bool:
+def _available(target: str, interpreted: bool = True) -> bool:
+    """Whether `target` can run here; cuda also under TRITON_INTERPRET=1 (Triton's CPU interpreter: tests),
+    except when "auto" chooses (interpreted=False)."""
     if target == "cuda":
-        return torch.cuda.is_available()
+        if torch.cuda.is_available():
+            return True
+        from caramba.codegen.triton.source import interpreting
+
+        return interpreted and interpreting() and importlib.util.find_spec("triton") is not None
     if target == "metal":
         return torch.backends.mps.is_available()
     return True
