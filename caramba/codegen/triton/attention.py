@@ -1,0 +1,688 @@
+"""Triton attention over the quantized KV cache: decode (flash-decoding split-K) and prefill (flash, causal).
+
+The kernels read the cache buffers in place (runtime/kv_cache.py, layouts in runtime/quant.py) and dequantize each
+tile in registers; nothing is decoded to a full tensor first. Semantics: ops_cache.cached_attention and
+cached_decoupled_attention (SPEC §1, §3, §7): scores = Σ_i (q_i·k_i)·scale_i over one term (MHA/GQA) or two (DBA:
+k_sem and k_geo, each with its own head dim and scale), key j visible to the query at position p iff j <= p,
+softmax in fp32, times v (its own head dim). Query head h reads kv head h // (H / H_kv). Cache values are
+rounded to q's dtype before the products, as the reference reads the cache in q's dtype.
+
+Launch functions (all tensors on one device; q's dtype, fp16 / bf16 / fp32, is the compute and output dtype):
+
+    decode_attention(q, k, v, lengths, *, scales, kv_heads, window=None, residual_len=0, partitions=1,
+                     out=None, workspace=None, block_n=64) -> Tensor (B, H, d_v)
+        q          sequence of 1 (MHA/GQA) or 2 (DBA: q_sem, q_geo) tensors (B, H, d_i), one query per row
+        k          sequence of CacheViews, one per q term (k, or k_sem and k_geo); v: the CacheView of v
+        lengths    (B,) int32 (or int64) on the device: keys per row after the step's append; the query sits at
+                   position lengths[b] - 1. Data, not shape: the grid is (B, H_kv, partitions) whatever the
+                   lengths, so the step can be captured in a CUDA graph while the cache grows
+        scales     one float per q term (1/sqrt(d) for MHA; scale_sem, scale_geo for DBA)
+        kv_heads   H_kv (divides H); each tensor's features are H_kv · d
+        window     (B,) int32 on the device, each row's ring start before the step (LayerCache.step.window_start);
+                   needed when residual_len > 0 and some tensor has a ring
+        residual_len  R: the query at p reads key j exact from the fp16 ring (slot j % C) iff
+                   max(window[b], p - R + 1) <= j, through its kind otherwise (block-scaled kinds only)
+        partitions P: split-K over each row's keys; P > 1 writes (partial out, max, denominator) per partition in
+                   fp32 to the workspace and a second kernel combines them; P = 1 writes out directly
+        out        optional (B, H, d_v) in q's dtype; workspace optional fp32 (B, H, P, d_v + 2)
+                   (decode_workspace), laid out [partial out (d_v) | running max (log2 units) | denominator]
+        block_n    keys per tile (a power of two >= 16)
+
+    prefill_attention(q, k, v, starts, *, scales, kv_heads, exact=None, window=None, residual_len=0,
+                      out=None, block_m=64, block_n=64) -> Tensor (B, H, S, d_v)
+        q          sequence of 1 or 2 tensors (B, H, S, d_i); query s of row b sits at position starts[b] + s
+        k, v       CacheViews as above, read after the step's append; keys 0 .. starts[b] + S - 1
+        starts     (B,) int32 (or int64) on the device
+        exact      with a ring: one tensor per cached tensor (k terms then v), (B, ctx, F), the fp16 values of
+                   LayerCache.read_exact (None for tensors without a ring, or the whole argument None when R = 0)
+        window, residual_len, scales, kv_heads as for decode (the window rule is applied per query and key)
+        block_m, block_n  queries and keys per tile (powers of two >= 16)
+
+    CacheView(codes, scales, ring, kind, features, qblock, capacity): one cached tensor of one layer
+        (CacheView.of(layer_cache, name) builds it from a runtime LayerCache).
+
+Limits: one query per row at decode (speculative verification goes through prefill); head dims up to 256 per
+tile (any size, masked to the next power of two >= 16); the last dim of every buffer contiguous; feature offsets
+within a row must fit in int32 (row and batch offsets are int64).
+
+Under TRITON_INTERPRET=1 bf16 products go through an fp32 dot of the bf16 values: Triton's interpreter multiplies
+bf16 tiles as their raw uint16 bits (triton 3.9). The products of bf16 values are exact in fp32 either way, so
+both paths compute the same sums; on a GPU the dot takes bf16 directly.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from caramba.codegen.triton import source
+from caramba.errors import CarambaError
+from caramba.runtime.quant import NF4_LEVELS, SCALE_DTYPE, code_width, n_blocks, parse_kind
+
+_LOG2E = 1.4426950408889634
+_DTYPES = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16"}
+_MAX_HEAD_DIM = 256
+
+
+class AttentionLaunchError(CarambaError, ValueError):
+    """Arguments a Triton attention kernel cannot take (shapes, dtypes, devices, cache views)."""
+
+
+@dataclass(frozen=True, eq=False)
+class CacheView:
+    """One cached tensor of one layer as the kernels read it, in place.
+
+    codes (B, max_seq_len, width) in the kind's code dtype; scales (B, max_seq_len, n_blocks) fp16 for block-scaled
+    kinds, else None; ring (B, capacity, features) fp16 when the tensor has a residual ring (position p in slot
+    p % capacity), else None.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor | None
+    ring: torch.Tensor | None
+    kind: str
+    features: int
+    qblock: int = 32
+    capacity: int = 0
+
+    @classmethod
+    def of(cls, layer: Any, name: str) -> CacheView:
+        """The view of tensor `name` of a runtime LayerCache."""
+        store, spec = layer.stores[name], layer.spec
+        return cls(store.codes, store.scales, store.ring, store.t.kind.name, store.t.features, spec.qblock,
+                   spec.ring_capacity)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Specialisation: everything static that the source bakes in
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Tensor:
+    """One cached tensor as a kernel sees it: prefix in the source, kind, head dim, qblock, ring."""
+
+    prefix: str
+    kind: str
+    dim: int
+    qblock: int
+    ringed: bool
+
+    @property
+    def block(self) -> int:
+        return _pow2(self.dim)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """A kernel specialisation; the key of the rendered-source cache."""
+
+    keys: tuple[_Tensor, ...]
+    v: _Tensor
+    scales: tuple[float, ...]
+    group: int  # query heads per kv head
+    dtype: str  # "tl.float16" etc.: compute and output dtype
+    residual_len: int
+    capacity: int
+    partitions: int
+    block_m: int
+    block_n: int
+    interpret: bool
+
+    @property
+    def tensors(self) -> tuple[_Tensor, ...]:
+        return (*self.keys, self.v)
+
+    @property
+    def ringed(self) -> bool:
+        return any(t.ringed for t in self.tensors)
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    """The next power of two >= n, at least `least` (tl.dot takes no dim below 16)."""
+    return max(least, 1 << (n - 1).bit_length())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Source: shared helpers (one dequantizing tile loader per cached tensor, the dot)
+# ---------------------------------------------------------------------------------------------------------------
+_HEADER = '''"""caramba $WHAT attention kernel (rendered by caramba/codegen/triton/attention.py)."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot(a, b):
+    $DOT
+
+
+@triton.jit
+def load_exact(ptr, sb, sj, b, slots, feats, mask):
+    # fp16 values kept exact (the ring, or LayerCache.read_exact's tensor) -> compute dtype
+    return tl.load(ptr + b * sb + slots * sj + feats, mask=mask, other=0.0).to($CDT)
+'''
+
+# Tile loader of one cached tensor: keys and feats are broadcastable int index tensors (absolute positions and
+# features of the row, head offset included); mask selects what is read through the kind.
+_LOADER = '''
+
+@triton.jit
+def load_$T($PARAMS, levels, b, keys, feats, mask):
+    $BODY
+    return x.to($CDT)
+'''
+
+_CODES = "tl.load(${T}_codes + b * ${T}_c_sb + keys * ${T}_c_sj + $COL, mask=mask, other=0)"
+_SCALE = "tl.load(${T}_scales + b * ${T}_s_sb + keys * ${T}_s_sj + feats // $QB, mask=mask, other=0.0).to(tl.float32)"
+_NIBBLE = f"((({_CODES.replace('$COL', 'feats // 2')}).to(tl.int32) >> ((feats % 2) * 4)) & 15)"
+_DEQUANT = {
+    # float kinds: the value as stored
+    "fp32": f"x = {_CODES.replace('$COL', 'feats')}",
+    "fp16": f"x = {_CODES.replace('$COL', 'feats')}",
+    "bf16": f"x = {_CODES.replace('$COL', 'feats')}",
+    # q8_0: int8 code times its block's fp16 scale (exact in fp32)
+    "q8_0": f"x = {_CODES.replace('$COL', 'feats')}.to(tl.float32) * {_SCALE}",
+    # q4_0: low nibble = even feature; (code - 8) times the block scale
+    "q4_0": f"x = ({_NIBBLE}.to(tl.float32) - 8.0) * {_SCALE}",
+    # nf4: the code indexes the 16 NormalFloat4 levels, times the block scale
+    "nf4": f"x = tl.load(levels + {_NIBBLE}) * {_SCALE}",
+}
+# dequantize(..., fp16) saturates at fp16's range (a block extreme can decode just past it); so does the kernel
+_SATURATE = "\n    x = tl.minimum(tl.maximum(x, -65504.0), 65504.0)"
+
+
+def _params(t: _Tensor, exact: bool) -> list[str]:
+    """Kernel parameters of one cached tensor: codes (+ scales) (+ ring or exact values), each with b/j strides."""
+    names = [f"{t.prefix}_codes", f"{t.prefix}_c_sb", f"{t.prefix}_c_sj"]
+    if parse_kind(t.kind).block_scaled:
+        names += [f"{t.prefix}_scales", f"{t.prefix}_s_sb", f"{t.prefix}_s_sj"]
+    return names + (_ring_params(t) if exact and t.ringed else [])
+
+
+def _ring_params(t: _Tensor) -> list[str]:
+    return [f"{t.prefix}_ring", f"{t.prefix}_r_sb", f"{t.prefix}_r_sj"]
+
+
+def _loader(t: _Tensor, cdt: str) -> str:
+    body = source.render(_DEQUANT[t.kind], T=t.prefix, QB=t.qblock)
+    if cdt == "tl.float16" and parse_kind(t.kind).block_scaled:
+        body += _SATURATE
+    return source.render(_LOADER, T=t.prefix, PARAMS=", ".join(_params(t, exact=False)), BODY=body, CDT=cdt)
+
+
+def _header(spec: _Spec, what: str) -> str:
+    if spec.dtype == "tl.float32":
+        dot = 'return tl.dot(a, b, input_precision="ieee")'
+    elif spec.dtype == "tl.bfloat16" and spec.interpret:
+        dot = 'return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")'
+    else:
+        dot = "return tl.dot(a, b)"
+    return source.render(_HEADER, WHAT=what, DOT=dot, CDT=spec.dtype) + "".join(
+        _loader(t, spec.dtype) for t in spec.tensors)
+
+
+def _signature(spec: _Spec, queries: list[str], tail: list[str]) -> list[str]:
+    return [*queries, *(p for t in spec.tensors for p in _params(t, exact=True)), "levels", *tail]
+
+
+def _def(name: str, params: list[str]) -> str:
+    return f"\n\n@triton.jit\ndef {name}(\n    " + ",\n    ".join(params) + ",\n):\n"
+
+
+def _load_call(t: _Tensor, keys: str, feats: str, mask: str) -> str:
+    return f"load_{t.prefix}({', '.join(_params(t, exact=False))}, levels, b, {keys}, {feats}, {mask})"
+
+
+def _exact_call(t: _Tensor, slots: str, feats: str, mask: str) -> str:
+    return f"load_exact({', '.join(_ring_params(t))}, b, {slots}, {feats}, {mask})"
+
+
+def _query_loads(spec: _Spec, row_offset: str, row_mask: str) -> str:
+    """Load each q term (rows x BLOCK_D_i) in the compute dtype; feature offsets of its kv head in the cache row.
+    row_offset: the rows' offset expression with {i} for the term index."""
+    lines = []
+    for i, t in enumerate(spec.keys):
+        lines += [f"    d{i} = tl.arange(0, {t.block})",
+                  f"    dm{i} = d{i} < {t.dim}",
+                  f"    f{i} = kvh * {t.dim} + d{i}",
+                  f"    q{i}t = tl.load(q{i} + b * q{i}_sb + {row_offset.format(i=i)} + d{i}[None, :],",
+                  f"                  mask={row_mask}[:, None] & dm{i}[None, :], other=0.0).to({spec.dtype})"]
+    return "\n".join(lines) + "\n"
+
+
+def _v_offsets(spec: _Spec) -> str:
+    return (f"    dv = tl.arange(0, {spec.v.block})\n    dvm = dv < {spec.v.dim}\n"
+            f"    fv = kvh * {spec.v.dim} + dv\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decode: grid (B, H_kv, P); one program = all query heads of one kv head over one partition of the row's keys
+# ---------------------------------------------------------------------------------------------------------------
+_DECODE_PROLOGUE = '''    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    part = tl.program_id(2)
+    n_keys = tl.load(lengths + b)
+    # partition `part` covers whole tiles [start, end) of this row's keys; empty when the row is short
+    span = tl.cdiv(tl.cdiv(n_keys, $BLOCK_N), $P) * $BLOCK_N
+    start = part * span
+    end = tl.minimum(start + span, n_keys)
+    g = tl.arange(0, $BLOCK_G)
+    gm = g < $G
+    heads = kvh * $G + g
+'''
+
+_DECODE_LOOP = '''    m_i = tl.full([$BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([$BLOCK_G], tl.float32)
+    acc = tl.zeros([$BLOCK_G, $BLOCK_DV], tl.float32)
+    for n0 in range(start, end, $BLOCK_N):
+        keys = n0 + tl.arange(0, $BLOCK_N)
+        valid = keys < end
+$MASKS        s = tl.zeros([$BLOCK_G, $BLOCK_N], tl.float32)
+$SCORES        s = tl.where(valid[None, :], s, float("-inf"))
+        # every tile holds key n0 < end, so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+$VALUES        acc = acc * alpha[:, None] + dot(p.to($CDT), vt)
+        m_i = m_new
+'''
+
+_DECODE_SPLIT = '''    rows = b * ws_sb + heads * ws_sh + part * ws_sp
+    tl.store(ws + rows[:, None] + dv[None, :], acc, mask=gm[:, None] & dvm[None, :])
+    tl.store(ws + rows + $DV, m_i, mask=gm)
+    tl.store(ws + rows + $DV + 1, l_i, mask=gm)
+'''
+
+_DECODE_DIRECT = '''    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out + b * o_sb + heads[:, None] * o_sh + dv[None, :], o.to($CDT), mask=gm[:, None] & dvm[None, :])
+'''
+
+_COMBINE = '''
+
+@triton.jit
+def decode_combine(ws, ws_sb, ws_sh, ws_sp, out, o_sb, o_sh):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    parts = tl.arange(0, $BLOCK_P)
+    pm = parts < $P
+    base = ws + b * ws_sb + h * ws_sh + parts * ws_sp
+    m = tl.load(base + $DV, mask=pm, other=float("-inf"))
+    den = tl.load(base + $DV + 1, mask=pm, other=0.0)
+    m_max = tl.max(m, 0)
+    # an empty partition has m = -inf and weight 0; a row with no key at all gives zeros
+    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))
+    total = tl.sum(den * w, 0)
+    dv = tl.arange(0, $BLOCK_DV)
+    dvm = dv < $DV
+    partial = tl.load(base[:, None] + dv[None, :], mask=pm[:, None] & dvm[None, :], other=0.0)
+    o = tl.sum(partial * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out + b * o_sb + h * o_sh + dv, o.to($CDT), mask=dvm)
+'''
+
+
+def _decode_masks(spec: _Spec) -> str:
+    if not spec.ringed:
+        return ""
+    return ("        exact = valid & (keys >= lo_exact)\n"
+            "        stored = valid & (keys < lo_exact)\n")
+
+
+def _decode_tile(t: _Tensor, spec: _Spec, keys: str, feats: str, fmask: str, kdim: str) -> str:
+    """Lines that put tensor t's tile (keys along kdim of a 2-D tile) into `x`, the ring's keys taken exact."""
+    key_ax = "[None, :]" if kdim == "cols" else "[:, None]"
+    feat_ax = "[:, None]" if kdim == "cols" else "[None, :]"
+    read = "stored" if t.ringed else "valid"
+    line = (f"        x = {_load_call(t, keys + key_ax, feats + feat_ax, f'{read}{key_ax} & {fmask}{feat_ax}')}\n")
+    if t.ringed:
+        exact = _exact_call(t, f"{keys}{key_ax} % {spec.capacity}", feats + feat_ax, f"exact{key_ax} & {fmask}{feat_ax}")
+        line += f"        x = tl.where(exact{key_ax}, {exact}, x)\n"
+    return line
+
+
+def _decode_source(spec: _Spec) -> tuple[str, list[str]]:
+    queries = [p for i in range(len(spec.keys)) for p in (f"q{i}", f"q{i}_sb", f"q{i}_sh")]
+    tail = ["lengths", *(["window"] if spec.ringed else []), "out", "o_sb", "o_sh", "ws", "ws_sb", "ws_sh", "ws_sp"]
+    params = _signature(spec, queries, tail)
+    subs = dict(BLOCK_N=spec.block_n, P=spec.partitions, BLOCK_G=_pow2(spec.group), G=spec.group,
+                BLOCK_DV=spec.v.block, DV=spec.v.dim, CDT=spec.dtype, BLOCK_P=_pow2(spec.partitions, least=2))
+    body = source.render(_DECODE_PROLOGUE, **subs)
+    if spec.ringed:
+        body += f"    lo_exact = tl.maximum(tl.load(window + b), n_keys - {spec.residual_len})\n"
+    body += _query_loads(spec, "heads[:, None] * q{i}_sh", "gm")
+    body += _v_offsets(spec)
+    scores = ""
+    for i, t in enumerate(spec.keys):
+        scores += _decode_tile(t, spec, "keys", f"f{i}", f"dm{i}", "cols")
+        scores += f"        s += dot(q{i}t, x) * {spec.scales[i] * _LOG2E!r}\n"
+    values = _decode_tile(spec.v, spec, "keys", "fv", "dvm", "rows").replace("x = ", "vt = ").replace(", x)", ", vt)")
+    body += source.render(_DECODE_LOOP, MASKS=_decode_masks(spec), SCORES=scores, VALUES=values, **subs)
+    body += source.render(_DECODE_SPLIT if spec.partitions > 1 else _DECODE_DIRECT, **subs)
+    text = _header(spec, "decode") + _def("decode_partial", params) + body
+    if spec.partitions > 1:
+        text += source.render(_COMBINE, **subs)
+    return text, params
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prefill: grid (query tiles, B, H); one program = BLOCK_M queries of one head against every key they can see
+# ---------------------------------------------------------------------------------------------------------------
+_PREFILL_PROLOGUE = '''    mt = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2)
+    kvh = h // $G
+    start = tl.load(starts + b)
+    m = mt * $BLOCK_M + tl.arange(0, $BLOCK_M)
+    mm = m < n_q
+    pos = start + m
+    # keys [0, end): the last query of this tile sees end - 1
+    end = start + tl.minimum(n_q, (mt + 1) * $BLOCK_M)
+'''
+
+_PREFILL_INIT = '''    m_i = tl.full([$BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([$BLOCK_M], tl.float32)
+    acc = tl.zeros([$BLOCK_M, $BLOCK_DV], tl.float32)
+'''
+
+# Keys before `band` are read through their kinds by every query of the tile; from `band` on some query may read a
+# key exact, so ringed tensors bring both tiles and each score / probability takes the one its query reads.
+_PREFILL_BAND = '''    w = tl.load(window + b)
+    lo_exact = tl.maximum(w, pos - $R_1)
+    band = tl.maximum(w, start + mt * $BLOCK_M - $R_1)
+    band = tl.minimum(tl.maximum(band, 0) // $BLOCK_N * $BLOCK_N, end)
+'''
+
+_PREFILL_TILE = '''    for n0 in range($LO, $HI, $BLOCK_N):
+        keys = n0 + tl.arange(0, $BLOCK_N)
+        kv = keys < end
+        vis = (keys[None, :] <= pos[:, None]) & kv[None, :]
+$EXACT        s = tl.zeros([$BLOCK_M, $BLOCK_N], tl.float32)
+$SCORES        s = tl.where(vis, s, float("-inf"))
+        # the tile's first key (0, or band <= the first query's window start) is visible to every query
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+$VALUES        m_i = m_new
+'''
+
+_PREFILL_EPILOGUE = '''    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out + b * o_sb + h * o_sh + m[:, None] * o_ss + dv[None, :], o.to($CDT),
+             mask=mm[:, None] & dvm[None, :])
+'''
+
+
+def _prefill_tile(spec: _Spec, with_exact: bool) -> tuple[str, str, str]:
+    """(exact mask, score lines, value lines) of one key tile; with_exact: the band where rings matter."""
+    exact = "        exact = vis & (keys[None, :] >= lo_exact[:, None])\n" if with_exact else ""
+    scores = ""
+    for i, t in enumerate(spec.keys):
+        stored = _load_call(t, "keys[None, :]", f"f{i}[:, None]", f"kv[None, :] & dm{i}[:, None]")
+        scale = repr(spec.scales[i] * _LOG2E)
+        if with_exact and t.ringed:
+            ring = _exact_call(t, "keys[None, :]", f"f{i}[:, None]", f"kv[None, :] & dm{i}[:, None]")
+            scores += (f"        s += tl.where(exact, dot(q{i}t, {ring}),\n"
+                       f"                      dot(q{i}t, {stored})) * {scale}\n")
+        else:
+            scores += f"        s += dot(q{i}t, {stored}) * {scale}\n"
+    v = spec.v
+    stored = _load_call(v, "keys[:, None]", "fv[None, :]", "kv[:, None] & dvm[None, :]")
+    if with_exact and v.ringed:
+        ring = _exact_call(v, "keys[:, None]", "fv[None, :]", "kv[:, None] & dvm[None, :]")
+        values = (f"        acc += dot(tl.where(exact, 0.0, p).to({spec.dtype}), {stored})\n"
+                  f"        acc += dot(tl.where(exact, p, 0.0).to({spec.dtype}), {ring})\n")
+    else:
+        values = f"        acc += dot(p.to({spec.dtype}), {stored})\n"
+    return exact, scores, values
+
+
+def _prefill_source(spec: _Spec) -> tuple[str, list[str]]:
+    queries = [p for i in range(len(spec.keys)) for p in (f"q{i}", f"q{i}_sb", f"q{i}_sh", f"q{i}_ss")]
+    tail = ["starts", *(["window"] if spec.ringed else []), "n_q", "out", "o_sb", "o_sh", "o_ss"]
+    params = _signature(spec, queries, tail)
+    subs = dict(BLOCK_M=spec.block_m, BLOCK_N=spec.block_n, G=spec.group, BLOCK_DV=spec.v.block, DV=spec.v.dim,
+                CDT=spec.dtype, R_1=spec.residual_len - 1)
+    body = source.render(_PREFILL_PROLOGUE, **subs)
+    body += _query_loads(spec, "h * q{i}_sh + m[:, None] * q{i}_ss", "mm")
+    body += _v_offsets(spec) + source.render(_PREFILL_INIT, **subs)
+    if spec.ringed:
+        body += source.render(_PREFILL_BAND, **subs)
+    ranges = [("0", "band", False), ("band", "end", True)] if spec.ringed else [("0", "end", False)]
+    for lo, hi, with_exact in ranges:
+        exact, scores, values = _prefill_tile(spec, with_exact)
+        body += source.render(_PREFILL_TILE, LO=lo, HI=hi, EXACT=exact, SCORES=scores, VALUES=values, **subs)
+    body += source.render(_PREFILL_EPILOGUE, **subs)
+    return _header(spec, "prefill") + _def("prefill", params) + body, params
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(spec: _Spec, what: str) -> tuple[Any, list[str]]:
+    """The loaded kernel module of a specialisation and the kernel's parameter names, rendered once."""
+    text, params = (_decode_source if what == "decode" else _prefill_source)(spec)
+    return source.load(text, f"{what}_attention"), params
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch
+# ---------------------------------------------------------------------------------------------------------------
+_LEVELS: dict[torch.device, torch.Tensor] = {}
+
+
+def _levels(device: torch.device) -> torch.Tensor:
+    """NF4_LEVELS as an fp32 table on the device (every kernel gets it; only nf4 loaders read it)."""
+    if device not in _LEVELS:
+        _LEVELS[device] = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+    return _LEVELS[device]
+
+
+def _check_queries(q: Sequence[torch.Tensor], rank: int, n_views: int) -> list[torch.Tensor]:
+    q = list(q)
+    if len(q) not in (1, 2) or len(q) != n_views:
+        raise AttentionLaunchError(f"attention takes 1 (MHA/GQA) or 2 (DBA) query terms, one per key view; got "
+                                   f"{len(q)} queries and {n_views} key views")
+    first = q[0]
+    for x in q:
+        if not isinstance(x, torch.Tensor) or x.dim() != rank or x.dtype not in _DTYPES:
+            raise AttentionLaunchError(f"queries must be fp16/bf16/fp32 tensors of rank {rank}, got "
+                                       f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+        if x.dtype != first.dtype or x.device != first.device or x.shape[:-1] != first.shape[:-1]:
+            raise AttentionLaunchError(f"query terms differ in dtype, device or leading dims: "
+                                       f"{[(t.dtype, tuple(t.shape), str(t.device)) for t in q]}")
+        if x.shape[-1] > _MAX_HEAD_DIM:
+            raise AttentionLaunchError(f"head dim {x.shape[-1]} exceeds the kernels' {_MAX_HEAD_DIM}")
+    return [x if x.stride(-1) == 1 else x.contiguous() for x in q]
+
+
+def _tensor_spec(prefix: str, view: CacheView, dim: int, kv_heads: int, batch: int, device: torch.device,
+                 residual_len: int) -> _Tensor:
+    """Validate one cache view against the queries and say how the kernel reads it."""
+    if not isinstance(view, CacheView):
+        raise AttentionLaunchError(f"{prefix}: expected a CacheView, got {type(view).__name__}")
+    kind = parse_kind(view.kind)
+    if view.features != kv_heads * dim:
+        raise AttentionLaunchError(f"{prefix}: the cache holds {view.features} features per token, the queries need "
+                                   f"kv_heads {kv_heads} x head dim {dim} = {kv_heads * dim}")
+    width = code_width(kind, view.features, view.qblock)
+    _check_buffer(prefix, "codes", view.codes, kind.code_dtype, batch, width, device)
+    if kind.block_scaled:
+        _check_buffer(prefix, "scales", view.scales, SCALE_DTYPE, batch, n_blocks(kind, view.features, view.qblock),
+                      device)
+    ringed = residual_len > 0 and kind.block_scaled
+    return _Tensor(prefix, kind.name, dim, view.qblock, ringed)
+
+
+def _check_buffer(prefix: str, what: str, x: Any, dtype: torch.dtype, batch: int, width: int,
+                  device: torch.device) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.dtype != dtype or x.shape[0] != batch \
+            or x.shape[2] != width or x.device != device or x.stride(2) != 1:
+        raise AttentionLaunchError(f"{prefix} {what}: expected {dtype} (batch={batch}, positions, {width}) on "
+                                   f"{device} with a contiguous last dim, got {_describe(x)}")
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} {tuple(x.shape)} strides {x.stride()} on {x.device}"
+    return type(x).__name__
+
+
+def _buffer_args(t: _Tensor, view: CacheView, exact: torch.Tensor | None) -> dict[str, Any]:
+    """Kernel arguments of one cached tensor (names as _params)."""
+    p, args = t.prefix, {}
+    args.update({f"{p}_codes": view.codes, f"{p}_c_sb": view.codes.stride(0), f"{p}_c_sj": view.codes.stride(1)})
+    if view.scales is not None and parse_kind(t.kind).block_scaled:
+        args.update({f"{p}_scales": view.scales, f"{p}_s_sb": view.scales.stride(0),
+                     f"{p}_s_sj": view.scales.stride(1)})
+    if t.ringed:
+        args.update({f"{p}_ring": exact, f"{p}_r_sb": exact.stride(0), f"{p}_r_sj": exact.stride(1)})
+    return args
+
+
+def _check_rows(name: str, x: Any, batch: int, device: torch.device) -> None:
+    if not isinstance(x, torch.Tensor) or x.shape != (batch,) or x.dtype not in (torch.int32, torch.int64) \
+            or x.device != device:
+        raise AttentionLaunchError(f"{name} must be an int32 (or int64) tensor ({batch},) on {device}, "
+                                   f"got {_describe(x)}")
+
+
+def _check_window(window: Any, tensors: Sequence[_Tensor], batch: int, device: torch.device) -> None:
+    if any(t.ringed for t in tensors):
+        _check_rows("window (each row's ring start before the step)", window, batch, device)
+
+
+def _check_block(name: str, n: int) -> None:
+    if not isinstance(n, int) or n < 16 or n & (n - 1):
+        raise AttentionLaunchError(f"{name} must be a power of two >= 16, got {n!r}")
+
+
+def _check_out(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if out.shape != shape or out.dtype != like.dtype or out.device != like.device or out.stride(-1) != 1:
+        raise AttentionLaunchError(f"out must be {like.dtype} {shape} on {like.device} with a contiguous last dim, "
+                                   f"got {_describe(out)}")
+    return out
+
+
+def _check_common(q: list[torch.Tensor], k: Sequence[CacheView], v: CacheView, scales: Sequence[float],
+                  kv_heads: int, residual_len: int) -> tuple[tuple[_Tensor, ...], _Tensor, int]:
+    batch, heads, device = q[0].shape[0], q[0].shape[1], q[0].device
+    if not isinstance(kv_heads, int) or kv_heads < 1 or heads % kv_heads:
+        raise AttentionLaunchError(f"kv_heads must divide the {heads} query heads, got {kv_heads!r}")
+    if len(scales) != len(q):
+        raise AttentionLaunchError(f"one scale per query term: {len(q)} terms, {len(scales)} scales")
+    if not isinstance(residual_len, int) or residual_len < 0:
+        raise AttentionLaunchError(f"residual_len must be an int >= 0, got {residual_len!r}")
+    keys = tuple(_tensor_spec(f"k{i}", view, x.shape[-1], kv_heads, batch, device, residual_len)
+                 for i, (x, view) in enumerate(zip(q, k)))
+    if v.features % kv_heads:
+        raise AttentionLaunchError(f"v: {v.features} features do not split into {kv_heads} kv heads")
+    if v.features // kv_heads > _MAX_HEAD_DIM:
+        raise AttentionLaunchError(f"v head dim {v.features // kv_heads} exceeds the kernels' {_MAX_HEAD_DIM}")
+    vt = _tensor_spec("v", v, v.features // kv_heads, kv_heads, batch, device, residual_len)
+    return keys, vt, heads // kv_heads
+
+
+def decode_workspace(batch: int, heads: int, partitions: int, v_head_dim: int,
+                     device: torch.device | str) -> torch.Tensor:
+    """fp32 (B, H, P, d_v + 2): per partition [partial out | running max (log2 units) | denominator]."""
+    return torch.empty(batch, heads, partitions, v_head_dim + 2, dtype=torch.float32, device=device)
+
+
+def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: CacheView, lengths: torch.Tensor, *,
+                     scales: Sequence[float], kv_heads: int, window: torch.Tensor | None = None,
+                     residual_len: int = 0, partitions: int = 1, out: torch.Tensor | None = None,
+                     workspace: torch.Tensor | None = None, block_n: int = 64) -> torch.Tensor:
+    """One query per row over the cache, flash-decoding split-K; see the module docstring. Returns (B, H, d_v)."""
+    q = _check_queries(q, 3, len(k))
+    keys, vt, group = _check_common(q, k, v, scales, kv_heads, residual_len)
+    batch, heads, device = q[0].shape[0], q[0].shape[1], q[0].device
+    _check_rows("lengths", lengths, batch, device)
+    _check_window(window, (*keys, vt), batch, device)
+    _check_block("block_n", block_n)
+    if not isinstance(partitions, int) or partitions < 1:
+        raise AttentionLaunchError(f"partitions must be an int >= 1, got {partitions!r}")
+    views = (*k, v)
+    capacity = _ring_capacity(views, (*keys, vt), residual_len, batch, device)
+    spec = _Spec(keys, vt, tuple(float(s) for s in scales), group, _DTYPES[q[0].dtype], residual_len, capacity,
+                 partitions, 16, block_n, source.interpreting())
+    out = _check_out(out, (batch, heads, vt.dim), q[0])
+    ws = out
+    if partitions > 1:
+        shape = (batch, heads, partitions, vt.dim + 2)
+        ws = decode_workspace(*shape[:3], vt.dim, device) if workspace is None else workspace
+        if ws.shape != shape or ws.dtype != torch.float32 or ws.device != device or ws.stride(-1) != 1:
+            raise AttentionLaunchError(f"workspace must be fp32 {shape} on {device} (decode_workspace), "
+                                       f"got {_describe(ws)}")
+    mod, params = _kernels(spec, "decode")
+    args: dict[str, Any] = {"levels": _levels(device), "lengths": lengths, "window": window, "out": out,
+                            "o_sb": out.stride(0), "o_sh": out.stride(1), "ws": ws}
+    args.update({"ws_sb": ws.stride(0), "ws_sh": ws.stride(1), "ws_sp": ws.stride(2)} if partitions > 1 else
+                {"ws_sb": 0, "ws_sh": 0, "ws_sp": 0})
+    for i, x in enumerate(q):
+        args.update({f"q{i}": x, f"q{i}_sb": x.stride(0), f"q{i}_sh": x.stride(1)})
+    for t, view in zip((*keys, vt), views):
+        args.update(_buffer_args(t, view, view.ring))
+    mod.decode_partial[(batch, kv_heads, partitions)](*(args[n] for n in params), num_warps=4)
+    if partitions > 1:
+        mod.decode_combine[(batch, heads)](ws, ws.stride(0), ws.stride(1), ws.stride(2), out, out.stride(0),
+                                           out.stride(1), num_warps=1)
+    return out
+
+
+def _ring_capacity(views: Sequence[CacheView], tensors: Sequence[_Tensor], residual_len: int, batch: int,
+                   device: torch.device) -> int:
+    """The rings' common capacity C (>= R); 0 without rings."""
+    capacity = 0
+    for t, view in zip(tensors, views):
+        if not t.ringed:
+            continue
+        if not isinstance(view.capacity, int) or view.capacity < residual_len:
+            raise AttentionLaunchError(f"{t.prefix}: ring capacity {view.capacity!r} is below residual_len "
+                                       f"{residual_len}")
+        _check_buffer(t.prefix, "ring", view.ring, torch.float16, batch, view.features, device)
+        if view.ring.shape[1] != view.capacity or capacity not in (0, view.capacity):
+            raise AttentionLaunchError(f"{t.prefix}: ring {tuple(view.ring.shape)} does not match capacity "
+                                       f"{view.capacity} (other rings: {capacity})")
+        capacity = view.capacity
+    return capacity
+
+
+def prefill_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: CacheView, starts: torch.Tensor, *,
+                      scales: Sequence[float], kv_heads: int, exact: Sequence[torch.Tensor | None] | None = None,
+                      window: torch.Tensor | None = None, residual_len: int = 0, out: torch.Tensor | None = None,
+                      block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+    """S queries per row over the cache after the step's append, causal by position, flash-style; see the module
+    docstring. Returns (B, H, S, d_v)."""
+    q = _check_queries(q, 4, len(k))
+    keys, vt, group = _check_common(q, k, v, scales, kv_heads, residual_len)
+    batch, heads, n_q, device = *q[0].shape[:3], q[0].device
+    _check_rows("starts", starts, batch, device)
+    _check_window(window, (*keys, vt), batch, device)
+    _check_block("block_m", block_m)
+    _check_block("block_n", block_n)
+    tensors, views = (*keys, vt), (*k, v)
+    exact = list(exact) if exact is not None else [None] * len(tensors)
+    if len(exact) != len(tensors):
+        raise AttentionLaunchError(f"exact: one entry per cached tensor (k terms then v), {len(tensors)}, got "
+                                   f"{len(exact)}")
+    for t, view, x in zip(tensors, views, exact):
+        if t.ringed and (not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != batch
+                         or x.shape[2] != view.features or not x.is_floating_point() or x.device != device
+                         or x.stride(2) != 1):
+            raise AttentionLaunchError(f"{t.prefix} has a residual ring: exact must hold its values (batch={batch}, "
+                                       f"ctx, {view.features}) on {device} (LayerCache.read_exact), got "
+                                       f"{_describe(x)}")
+    spec = _Spec(keys, vt, tuple(float(s) for s in scales), group, _DTYPES[q[0].dtype], residual_len, 0, 1,
+                 block_m, block_n, source.interpreting())
+    out = _check_out(out, (batch, heads, n_q, vt.dim), q[0])
+    mod, params = _kernels(spec, "prefill")
+    args: dict[str, Any] = {"levels": _levels(device), "starts": starts, "window": window, "n_q": n_q, "out": out,
+                            "o_sb": out.stride(0), "o_sh": out.stride(1), "o_ss": out.stride(2)}
+    for i, x in enumerate(q):
+        args.update({f"q{i}": x, f"q{i}_sb": x.stride(0), f"q{i}_sh": x.stride(1), f"q{i}_ss": x.stride(2)})
+    for t, view, x in zip(tensors, views, exact):
+        args.update(_buffer_args(t, view, x))
+    mod.prefill[(math.ceil(n_q / block_m), batch, heads)](*(args[n] for n in params), num_warps=4)
+    return out

@@ -1,0 +1,332 @@
+"""Triton attention kernels (caramba/codegen/triton/attention.py) against the reference ops and float64.
+
+Each case fills a real KVCache, appends the step, runs the kernel on the cache's own buffers and compares it with
+(a) the registered reference op (cached_attention / cached_decoupled_attention, as the interpreter runs it) and
+(b) a float64 attention written here from the cache's stored codes (quant.dequantize) and exact fp16 values, the
+residual window applied per query and key. On the CPU the kernels run under TRITON_INTERPRET=1 (small shapes: the
+interpreter runs each program in Python); with a CUDA GPU and TRITON_INTERPRET=0 the same tests run compiled.
+
+Tolerances (|kernel - reference| <= atol + rtol·|reference|):
+- fp32 queries: both sides compute in fp32 from the same decoded values (every kind decodes exactly in fp32); only
+  the summation order differs: 1e-5.
+- fp16 / bf16 queries, against the op: the cache values are rounded to q's dtype on both sides; the kernel also
+  rounds the softmax probabilities to q's dtype before the value product (flash-attention style: one ulp of a
+  weight in [0, 1], 2^-11 in fp16 and 2^-8 in bf16, times |v| <= ~4) and the output is rounded once (half an ulp):
+  fp16 4e-3, bf16 3e-2.
+- fp16 / bf16 queries, against float64: q, k and v rounded to q's dtype move each score by up to ~2^-11 (bf16
+  2^-8) of |q|·|k|·scale (<= ~8 here), which moves the weights by as much relatively: fp16 1e-2, bf16 8e-2.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported; a GPU run sets it to 0
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton kernels need triton installed (pip install triton)")
+
+from caramba.codegen.triton import attention as A  # noqa: E402
+from caramba.codegen.triton import source  # noqa: E402
+from caramba.ir import get_op  # noqa: E402
+from caramba.runtime.kv_cache import CacheSpec, KVCache  # noqa: E402
+from caramba.runtime.quant import KIND_NAMES, dequantize  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not source.interpreting() else "cpu")
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
+TOL64 = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (8e-2, 8e-2)}
+MAX_SEQ = 160
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel_cache_dir(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CARAMBA_CACHE_DIR", str(tmp_path_factory.mktemp("caramba-cache")))
+        yield
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(shape, generator=_gen).to(dtype).to(DEVICE)
+
+
+_gen = torch.Generator().manual_seed(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cases: a cache, its queries, and both references
+# ---------------------------------------------------------------------------------------------------------------
+class Case:
+    """One layer's cache: names -> (head dim, kind); rows filled to `prefix` lengths, then a step of `step` tokens
+    per row. dims: k / v (MHA/GQA) or k_sem / k_geo / v (DBA)."""
+
+    def __init__(self, kinds: dict[str, str], dims: dict[str, int], heads: int, kv_heads: int, prefix: list[int],
+                 step: int, residual_len: int = 0, ring_slack: int = 0, shorten: list[list[int]] = ()) -> None:
+        self.names, self.dims, self.heads, self.kv_heads = list(kinds), dims, heads, kv_heads
+        self.residual_len = residual_len
+        spec = CacheSpec.build(1, len(prefix), MAX_SEQ, {n: (kv_heads * dims[n], kinds[n]) for n in kinds},
+                               residual_len=residual_len, ring_slack=ring_slack, device=DEVICE)
+        self.cache = KVCache(spec)
+        longest = max(max(prefix), *(max(s) for s in shorten)) if shorten else max(prefix)
+        if longest:
+            self.cache.append(0, {n: randn(len(prefix), longest, spec.tensors[i].features)
+                                  for i, n in enumerate(self.names)}, start=0)
+        for lengths in (*shorten, prefix):  # several truncations move the rows' ring starts around
+            self.cache.truncate_rows(lengths)
+        self.starts = list(prefix)
+        self.cache.append(0, {n: randn(len(prefix), step, spec.tensors[i].features)
+                              for i, n in enumerate(self.names)})
+        self.layer = self.cache.layers[0]
+        self.step = step
+
+    @property
+    def key_names(self) -> list[str]:
+        return self.names[:-1]
+
+    def views(self) -> tuple[list[A.CacheView], A.CacheView]:
+        return [A.CacheView.of(self.layer, n) for n in self.key_names], A.CacheView.of(self.layer, "v")
+
+    def rows(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+    @property
+    def window(self) -> torch.Tensor:
+        return self.layer.step.window_start.to(torch.int32)
+
+    def positions(self) -> torch.Tensor:
+        """(B, step) absolute positions of the step's queries, int64."""
+        return torch.tensor(self.starts, device=DEVICE)[:, None] + torch.arange(self.step, device=DEVICE)
+
+    def reference_op(self, q: list[torch.Tensor], scales: list[float]) -> torch.Tensor:
+        """The registered op's implementation on this cache; q terms (B, H, S, d_i)."""
+        decoupled = len(q) == 2
+        op = get_op("cached_decoupled_attention" if decoupled else "cached_attention")
+        scale_attrs = {"scale_sem": scales[0], "scale_geo": scales[1]} if decoupled else {"scale": scales[0]}
+        attrs = op.full_attrs({**scale_attrs, "layer": 0, "names": self.names, "qblock": 32,
+                               "kinds": [str(self.cache.spec.kinds[n]) for n in self.names],
+                               "residual_len": self.residual_len, "kv_heads": self.kv_heads,
+                               "v_head_dim": self.dims["v"]})
+        lengths = torch.tensor(self.layer.lengths, device=DEVICE)
+        return op.impl(*q, self.positions(), lengths, **attrs, state=self.cache)
+
+    def reference64(self, q: list[torch.Tensor], scales: list[float]) -> torch.Tensor:
+        """float64 attention from the stored codes and the exact values, window rule per query and key."""
+        pos = self.positions()[..., None]  # (B, S, 1)
+        keys = torch.arange(max(self.layer.lengths), device=DEVICE)
+        visible = (keys <= pos)[:, None]  # (B, 1, S, n)
+        window = self.layer.step.window_start[:, None, None]
+        exact = visible & (keys >= window[:, None]) & (keys > pos[:, None] - self.residual_len)
+        group = self.heads // self.kv_heads
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (B, n, Hkv·d) -> (B, H, n, d)
+            b, n, f = x.shape
+            return x.reshape(b, n, self.kv_heads, f // self.kv_heads).transpose(1, 2).repeat_interleave(group, 1)
+
+        def pair(name: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+            stored = heads(dequantize(self.layer.stored(name), torch.float64))
+            ringed = self.residual_len > 0 and self.cache.spec.kinds[name].block_scaled
+            return stored, heads(self.layer.read_exact(name, torch.float64)) if ringed else stored, ringed
+
+        scores = 0
+        for x, name, scale in zip(q, self.key_names, scales):
+            stored, ring, ringed = pair(name)
+            s_stored = x.double() @ stored.transpose(-1, -2)
+            scores = scores + scale * (torch.where(exact, x.double() @ ring.transpose(-1, -2), s_stored)
+                                       if ringed else s_stored)
+        probs = scores.masked_fill(~visible, -math.inf).softmax(-1)
+        stored, ring, ringed = pair("v")
+        if not ringed:
+            return probs @ stored
+        return probs.masked_fill(exact, 0) @ stored + probs.masked_fill(~exact, 0) @ ring
+
+    def queries(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        b = len(self.starts)
+        return [randn(b, self.heads, self.step, self.dims[n], dtype=dtype) for n in self.key_names]
+
+    def scales(self) -> list[float]:
+        return [self.dims[n] ** -0.5 for n in self.key_names]
+
+
+def assert_matches(out: torch.Tensor, case: Case, q: list[torch.Tensor], scales: list[float]) -> None:
+    """out (B, H, S, dv) against the reference op and float64, at q's dtype's tolerances."""
+    assert out.dtype == q[0].dtype and not out.isnan().any(), "kernel left outputs unwritten (NaN poison)"
+    atol, rtol = TOL[q[0].dtype]
+    torch.testing.assert_close(out.float(), case.reference_op(q, scales).float(), atol=atol, rtol=rtol)
+    atol, rtol = TOL64[q[0].dtype]
+    torch.testing.assert_close(out.double(), case.reference64(q, scales), atol=atol, rtol=rtol)
+
+
+def poisoned(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full(shape, math.nan, dtype=dtype, device=DEVICE)
+
+
+def run_decode(case: Case, dtype: torch.dtype = torch.float32, partitions: int = 1, block_n: int = 32) -> None:
+    q = case.queries(dtype)
+    k, v = case.views()
+    b, h = len(case.starts), case.heads
+    out = poisoned(b, h, case.dims["v"], dtype=dtype)
+    workspace = poisoned(b, h, partitions, case.dims["v"] + 2, dtype=torch.float32)
+    got = A.decode_attention([x[:, :, 0] for x in q], k, v, case.rows(case.layer.lengths), scales=case.scales(),
+                             kv_heads=case.kv_heads, window=case.window if case.residual_len else None,
+                             residual_len=case.residual_len, partitions=partitions, out=out,
+                             workspace=workspace, block_n=block_n)
+    assert got is out
+    assert_matches(out[:, :, None], case, q, case.scales())
+
+
+def run_prefill(case: Case, dtype: torch.dtype = torch.float32, block_m: int = 16, block_n: int = 32) -> None:
+    q = case.queries(dtype)
+    k, v = case.views()
+    exact = None
+    if case.residual_len:
+        exact = [case.layer.read_exact(n, torch.float16) if case.cache.spec.kinds[n].block_scaled else None
+                 for n in case.names]
+    out = poisoned(len(case.starts), case.heads, case.step, case.dims["v"], dtype=dtype)
+    A.prefill_attention(q, k, v, case.rows(case.starts), scales=case.scales(), kv_heads=case.kv_heads,
+                        exact=exact, window=case.window if case.residual_len else None,
+                        residual_len=case.residual_len, out=out, block_m=block_m, block_n=block_n)
+    assert_matches(out, case, q, case.scales())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decode
+# ---------------------------------------------------------------------------------------------------------------
+GQA_DIMS = {"k": 24, "v": 40}  # head 1 of k (features 24..47) and of v (40..79) straddle qblock 32 boundaries
+DBA_DIMS = {"k_sem": 24, "k_geo": 40, "v": 24}
+
+
+@pytest.mark.parametrize("kind", KIND_NAMES)
+def test_decode_every_kind_gqa_ragged(kind):
+    """GQA (4 heads on 2 kv heads), head dims 24 / 40, rows of 37, 1 and 130 keys, 3 partitions."""
+    case = Case({"k": kind, "v": kind}, GQA_DIMS, heads=4, kv_heads=2, prefix=[36, 0, 129], step=1)
+    run_decode(case, partitions=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_half_precision_mha_mixed_kinds(dtype):
+    case = Case({"k": "q8_0", "v": "bf16" if dtype == torch.bfloat16 else "fp16"}, {"k": 40, "v": 24}, heads=2,
+                kv_heads=2, prefix=[36, 11], step=1)
+    run_decode(case, dtype, partitions=2)
+
+
+def test_decode_decoupled_mixed_kinds():
+    """DBA: two score terms with their own head dims and scales, one query group of 3 heads per kv head."""
+    case = Case({"k_sem": "q8_0", "k_geo": "nf4", "v": "q4_0"}, DBA_DIMS, heads=3, kv_heads=1,
+                prefix=[36, 5, 0], step=1)
+    run_decode(case, partitions=1)
+
+
+@pytest.mark.parametrize("partitions", [1, 3, 8])
+def test_decode_partitions_are_exact(partitions):
+    """8 partitions over rows of 1..3 key tiles: most are empty and must drop out of the combine."""
+    case = Case({"k": "q4_0", "v": "fp16"}, {"k": 16, "v": 16}, heads=2, kv_heads=1, prefix=[36, 0], step=1)
+    run_decode(case, partitions=partitions, block_n=16)
+
+
+@pytest.mark.parametrize("kinds", [{"k": "q4_0", "v": "nf4"}, {"k": "q8_0", "v": "fp16"}])
+def test_decode_residual_ring(kinds):
+    """R = 4, capacity 6: rows whose ring starts late (after truncations) and short rows (window start 0 binds)."""
+    case = Case(kinds, GQA_DIMS, heads=2, kv_heads=2, prefix=[21, 2, 30], step=1, residual_len=4, ring_slack=2,
+                shorten=[[27, 3, 30]])
+    # row 0's ring starts at 21 after the truncations: its window is [21, 21], not [18, 21]
+    assert case.window.tolist() == [21, 0, 24]
+    run_decode(case, partitions=2)
+
+
+def test_decode_grid_ignores_lengths_and_reuses_buffers():
+    """A CUDA graph replays one launch while the cache grows: the same out and workspace, no new kernel."""
+    case = Case({"k": "q8_0", "v": "q8_0"}, {"k": 16, "v": 16}, heads=2, kv_heads=1, prefix=[3, 17], step=1)
+    k, v = case.views()
+    out = poisoned(2, 2, 16, dtype=torch.float32)
+    workspace = poisoned(2, 2, 2, 18, dtype=torch.float32)
+    lengths = case.rows(case.layer.lengths)
+    q = randn(2, 2, 16)
+    kernels = A._kernels.cache_info().currsize
+    for _ in range(2):
+        A.decode_attention([q], k, v, lengths, scales=[0.25], kv_heads=1, partitions=2, out=out,
+                           workspace=workspace, block_n=16)
+        case.starts = [n - 1 for n in case.layer.lengths]
+        torch.testing.assert_close(out.double(), case.reference64([q[:, :, None]], [0.25])[:, :, 0], atol=1e-5,
+                                   rtol=1e-5)
+        case.cache.append(0, {"k": randn(2, 1, 16), "v": randn(2, 1, 16)})
+        lengths.copy_(case.rows(case.layer.lengths))  # in place, as a captured graph's input
+    assert A._kernels.cache_info().currsize == kernels + 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prefill
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KIND_NAMES)
+def test_prefill_every_kind_gqa_ragged(kind):
+    """7 queries per row starting at 0, 5 and 20 (ragged), GQA, head dims 24 / 40."""
+    case = Case({"k": kind, "v": kind}, GQA_DIMS, heads=4, kv_heads=2, prefix=[0, 5, 20], step=7)
+    run_prefill(case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prefill_decoupled_half_precision(dtype):
+    """DBA with a mixed mapping; 19 queries cross query tiles of 16 and key tiles of 16."""
+    case = Case({"k_sem": "nf4", "k_geo": "fp16", "v": "q8_0"}, DBA_DIMS, heads=2, kv_heads=1, prefix=[3, 14],
+                step=19)
+    run_prefill(case, dtype, block_n=16)
+
+
+@pytest.mark.parametrize("kinds", [{"k": "q4_0", "v": "q4_0"}, {"k": "nf4", "v": "bf16"}])
+def test_prefill_residual_ring_window_per_query(kinds):
+    """R = 3: each query reads its own window exact (the ring before the step and the step's tokens), the rest
+    through the kind; a fresh row (window start 0) and rows whose rings started late."""
+    case = Case(kinds, GQA_DIMS, heads=2, kv_heads=2, prefix=[0, 21, 9], step=9, residual_len=3, ring_slack=1,
+                shorten=[[0, 27, 12]])
+    assert case.window.tolist() == [0, 21, 8]  # rows 1 and 2: the window start binds for their first queries
+    run_prefill(case, block_n=16)
+
+
+def test_prefill_of_one_token_equals_decode():
+    case = Case({"k": "q8_0", "v": "nf4"}, GQA_DIMS, heads=4, kv_heads=2, prefix=[12, 40], step=1)
+    q = case.queries(torch.float32)
+    k, v = case.views()
+    pre = A.prefill_attention(q, k, v, case.rows(case.starts), scales=case.scales(), kv_heads=2, block_m=16,
+                              block_n=16)
+    dec = A.decode_attention([q[0][:, :, 0]], k, v, case.rows(case.layer.lengths), scales=case.scales(),
+                             kv_heads=2, partitions=3, block_n=16)
+    torch.testing.assert_close(pre[:, :, 0], dec, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch checks and the lazy import
+# ---------------------------------------------------------------------------------------------------------------
+def test_bad_arguments_are_refused_before_launch():
+    case = Case({"k": "q8_0", "v": "q8_0"}, {"k": 16, "v": 16}, heads=2, kv_heads=1, prefix=[3], step=1,
+                residual_len=2)
+    k, v = case.views()
+    q, lengths = randn(1, 2, 16), case.rows(case.layer.lengths)
+    call = dict(scales=[0.25], kv_heads=1, residual_len=2, window=case.window)
+    with pytest.raises(A.AttentionLaunchError, match="window"):
+        A.decode_attention([q], k, v, lengths, **{**call, "window": None})
+    with pytest.raises(A.AttentionLaunchError, match="lengths"):
+        A.decode_attention([q], k, v, lengths.float(), **call)
+    with pytest.raises(A.AttentionLaunchError, match="features"):
+        A.decode_attention([randn(1, 2, 8)], k, v, lengths, **call)
+    with pytest.raises(A.AttentionLaunchError, match="kv_heads"):
+        A.decode_attention([q], k, v, lengths, **{**call, "kv_heads": 3})
+    with pytest.raises(A.AttentionLaunchError, match="block_n"):
+        A.decode_attention([q], k, v, lengths, **call, block_n=24)
+    with pytest.raises(A.AttentionLaunchError, match="workspace"):
+        A.decode_attention([q], k, v, lengths, **call, partitions=2, workspace=torch.empty(1, device=DEVICE))
+    with pytest.raises(A.AttentionLaunchError, match="exact"):
+        A.prefill_attention([q[:, :, None]], k, v, case.rows(case.starts), **call)
+
+
+def test_module_imports_without_triton(monkeypatch):
+    """A fresh copy of the module executes with `import triton` failing: triton is only imported at launch."""
+    import importlib.util
+
+    monkeypatch.setitem(sys.modules, "triton", None)
+    spec = importlib.util.spec_from_file_location("attention_without_triton", A.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.decode_attention and module.prefill_attention
+    with pytest.raises(source.TritonUnavailableError):
+        source.require_triton()
