@@ -1,0 +1,83 @@
+"""choose_chunking for target cuda: the cost model's decisions, measured decisions persisted per device (atomic,
+other entries kept, a corrupt file set aside), and the pass writing them into the decode entry."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from caramba.codegen.triton.chunking import ChunkKey, Chunking, ChunkingPlan, bucket, cost_model
+
+H100_SMS = 132
+
+
+def key(batch=1, length=4096, dims=(32, 64, 64), kinds=("fp16",) * 3, kv_heads=32, heads=32) -> ChunkKey:
+    return ChunkKey.of(batch, length, dims, kinds, kv_heads, heads)
+
+
+def test_length_buckets_are_powers_of_two():
+    assert [bucket(n) for n in (1, 2, 3, 4096, 4097, 131072)] == [1, 2, 4, 4096, 8192, 131072]
+    assert key(length=3000) == key(length=4096)  # one decision for the whole bucket
+
+
+def test_the_cost_model_fills_the_gpu_and_never_cuts_partitions_too_short():
+    one = cost_model(key(batch=1, length=131072), H100_SMS)
+    assert one.partitions * 32 >= 2 * H100_SMS  # B·H_kv·P programs: at least two waves
+    assert cost_model(key(batch=32, length=131072), H100_SMS).partitions == 1  # 1024 programs already
+    short = cost_model(key(batch=1, length=512), H100_SMS)
+    assert short.partitions == 2  # 512 keys: no partition under 256
+    assert cost_model(key(length=1), H100_SMS).partitions == 1
+    assert cost_model(key(dims=(128, 128, 128)), H100_SMS).block_n == 64
+    assert cost_model(key(dims=(256, 256, 256)), H100_SMS).block_n == 32
+
+
+def test_measured_decisions_are_kept_per_device_and_reloaded(tmp_path):
+    path = tmp_path / "chunking.json"
+    h100 = ChunkingPlan("cuda H100 sm_90", H100_SMS, path)
+    times = {1: 3.0, 2: 1.0, 4: 2.0}
+    best = h100.tune(key(), lambda c: times.get(c.partitions, 9.0),
+                     [Chunking(p, 64) for p in (1, 2, 4)])
+    assert (best.partitions, best.source, best.ms) == (2, "measured", 1.0)
+    other = ChunkingPlan("cuda H200 sm_90", H100_SMS, path)
+    other.tune(key(batch=8), lambda c: 1.0, [Chunking(1, 32)])
+    again = ChunkingPlan("cuda H100 sm_90", H100_SMS, path)  # a new process: read from the file
+    assert again.choose(key()) == best
+    assert again.choose(key(batch=8)) == cost_model(key(batch=8), H100_SMS)  # measured on the H200 only
+    data = json.loads(path.read_text())
+    assert set(data["devices"]) == {"cuda H100 sm_90", "cuda H200 sm_90"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left behind
+
+
+def test_a_corrupt_plan_is_set_aside_not_overwritten(tmp_path, caplog):
+    path = tmp_path / "chunking.json"
+    path.write_text("{not json")
+    plan = ChunkingPlan("cpu", 4, path)
+    assert plan.choose(key()) == cost_model(key(), 4)  # unreadable: the cost model, with a warning
+    plan.tune(key(), lambda c: 1.0, [Chunking(3, 32)])
+    aside = [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert len(aside) == 1 and aside[0].read_text() == "{not json"
+    assert ChunkingPlan("cpu", 4, path).choose(key()).partitions == 3
+
+
+def test_choose_chunking_gives_the_cuda_decode_entry_the_plan_and_prefill_one_partition(monkeypatch, tmp_path):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("CARAMBA_CACHE_DIR", str(tmp_path))
+    import torch
+
+    import caramba
+    from caramba.models import Transformer, preset
+    from caramba.runtime.executor import CacheConfig, lower
+
+    torch.manual_seed(0)
+    cm = caramba.compile(Transformer(preset("tiny", attention="decoupled", n_layers=1)).eval(), target="cuda")
+    program = lower(cm, CacheConfig.of(cm.cache_layout, "q8_0", max_seq_len=512))
+    decode = [n for n in program.decode.nodes if n.op.startswith("cached_")]
+    prefill = [n for n in program.prefill.nodes if n.op.startswith("cached_")]
+    assert decode and prefill
+    node = decode[0]
+    dims = (node.inputs[0].type.shape[3], node.inputs[1].type.shape[3], node.attrs["v_head_dim"])
+    want = cost_model(ChunkKey.of(1, 512, dims, node.attrs["kinds"], node.attrs["kv_heads"],
+                                  node.inputs[0].type.shape[1]), 4).partitions
+    assert want > 1 and all(n.attrs["partitions"] == want for n in decode)
+    assert all(n.attrs.get("partitions", 1) == 1 for n in prefill)
