@@ -326,6 +326,7 @@ def test_module_imports_without_triton(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)
     spec = importlib.util.spec_from_file_location("attention_without_triton", A.__file__)
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
     spec.loader.exec_module(module)
     assert module.decode_attention and module.prefill_attention
     with pytest.raises(source.TritonUnavailableError):
