@@ -25,7 +25,7 @@ from caramba.passes.pipeline import cache_pipeline_for, entry_pipeline_for, pipe
 log = logging.getLogger("caramba")
 
 TARGETS = ("auto", "cuda", "metal", "onnx", "eager")
-IMPLEMENTED_TARGETS = ("cuda", "eager")
+IMPLEMENTED_TARGETS = ("cuda", "onnx", "eager")
 COMPUTE_DTYPES = (DType.f32, DType.f16, DType.bf16)
 
 
@@ -125,6 +125,8 @@ def _available(target: str, interpreted: bool = True) -> bool:
         return interpreted and interpreting() and importlib.util.find_spec("triton") is not None
     if target == "metal":
         return torch.backends.mps.is_available()
+    if target == "onnx":  # ONNX Runtime on the CPU: the default without a GPU
+        return importlib.util.find_spec("onnxruntime") is not None
     return True
 
 

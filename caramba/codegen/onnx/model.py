@@ -1,0 +1,122 @@
+"""One ONNX model from a cached entry graph (the CachedProgram's prefill graph, seq symbolic).
+
+    input_ids (batch, seq) i64, position_ids (batch, seq) i64, past_key_values.{i}.* -> logits, present.{i}.*
+
+Prefill (past length 0) and decode (seq 1) run the same model. Weights are initializers named by their module
+paths; a linear weight (out, in) is stored transposed ("<name>.T", (in, out)) so MatMul reads it directly.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import onnx
+
+from caramba.codegen.onnx import cache as kv
+from caramba.codegen.onnx.emit import Builder
+from caramba.codegen.onnx.ops import OPS, Lowering
+from caramba.errors import UnsupportedOpError
+from caramba.ir.graph import Graph, Node, Value
+from caramba.ir.registry import get_op
+from caramba.ir.types import DType
+from caramba.passes.kv_layout import CacheLayout
+
+DEFAULT_OPSET = {"concat": 23, "scatter": 24}
+OPSETS = (23, 24)
+
+
+@dataclass
+class OnnxModel:
+    """The built model and what a runner needs to bind it."""
+
+    proto: onnx.ModelProto
+    mode: str
+    opset: int
+    parts: list[kv.CachePart]
+    vocab_size: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_opset(mode: str, opset: int | None) -> int:
+    if mode not in kv.MODES:
+        raise ValueError(f"cache mode must be one of {', '.join(kv.MODES)}, got {mode!r}")
+    opset = DEFAULT_OPSET[mode] if opset is None else opset
+    if opset not in OPSETS:
+        raise ValueError(f"opset must be one of {OPSETS} (ONNX Runtime 1.31 runs both), got {opset!r}")
+    if mode == "scatter" and opset < 24:
+        raise ValueError("the in-place cache (mode 'scatter') needs TensorScatter, which is opset 24; use "
+                         "--opset 24 or the 'concat' cache")
+    return opset
+
+
+def build_model(graph: Graph, layout: CacheLayout, kinds: dict[str, str], *, max_seq_len: int, qblock: int = 32,
+                residual_len: int = 0, mode: str = "concat", opset: int | None = None,
+                extra_metadata: dict[str, str] | None = None) -> OnnxModel:
+    """Translate a cached entry graph (after lower()) into one ONNX model with the KV cache as inputs/outputs."""
+    opset = resolve_opset(mode, opset)
+    kv.check_kinds(kinds, residual_len)
+    if layout.dtype not in (DType.f32, DType.f16):
+        raise UnsupportedOpError(f"target 'onnx' computes in fp32 or fp16; this model is {layout.dtype} (ONNX "
+                                 f"Runtime's bf16 Attention is a slow fallback): compile with dtype='fp32' or 'fp16'")
+    if [v.name for v in graph.inputs] != ["input_ids", "position_ids"]:
+        raise UnsupportedOpError(f"expected a cached entry graph with inputs (input_ids, position_ids), got "
+                                 f"{[v.name for v in graph.inputs]}; lower the model for a cache first")
+    b = Builder(opset)
+    lw = Lowering(b, lambda v: _transposed(b, graph, v))
+    ids = b.add_input("input_ids", DType.i64, ["batch_size", "sequence_length"])
+    pos = b.add_input("position_ids", DType.i64, ["batch_size", "sequence_length"])
+    lw.names[graph.inputs[0]], lw.names[graph.inputs[1]] = ids, pos
+    b.bind_dim("batch", b.op("Shape", [ids], "batch", start=0, end=1))
+    seq = b.op("Shape", [ids], "seq", start=1, end=2)
+    b.bind_dim("seq", seq)
+    parts = kv.cache_parts(layout.n_layers, layout.features, kinds, qblock)
+    cl = kv.CacheLowering(lw, mode, parts, pos, seq, qblock, layout.features, kinds, max_seq_len)
+    table = {**OPS, **kv.register(cl)}
+    linear_weights = {n.inputs[1] for n in graph.nodes if n.op == "linear"}
+    other_uses = {v for n in graph.nodes for i, v in enumerate(n.inputs) if not (n.op == "linear" and i == 1)}
+    for name, v in graph.params.items():
+        if v in other_uses or v not in linear_weights:
+            lw.names[v] = b.initializer(name, graph.weights[name])
+    for node in graph.nodes:
+        node = Node(node.op, node.inputs, node.outputs, get_op(node.op).full_attrs(node.attrs), node.loc)
+        fn = table.get(node.op)
+        if fn is None:
+            raise UnsupportedOpError(f"the ONNX codegen has no lowering for IR op {node.op!r} (at "
+                                     f"{node.loc or 'top level'}); compile with target='eager' to run it")
+        for v, out in zip(node.outputs, fn(lw, node)):
+            lw.names[v] = out
+    logits = graph.outputs[0]
+    vocab = logits.type.shape[-1]
+    b.add_output(lw[logits], "logits", logits.type.dtype, ["batch_size", "sequence_length", vocab])
+    present_len = "present_sequence_length" if mode == "concat" else max_seq_len
+    for value, part in cl.outputs:
+        b.add_output(value, part.output, part.dtype, ["batch_size", present_len, part.width])
+    meta = metadata(layout, kinds, qblock=qblock, max_seq_len=max_seq_len, mode=mode)
+    meta.update(extra_metadata or {})
+    return OnnxModel(b.model("caramba", meta), mode, opset, parts, int(vocab), meta)
+
+
+def _transposed(b: Builder, graph: Graph, v: Value) -> str:
+    name = f"{v.name}.T"
+    if name not in b._names:
+        b.initializer(name, graph.weights[v.name].t().contiguous())
+    return name
+
+
+def metadata(layout: CacheLayout, kinds: dict[str, str], *, qblock: int, max_seq_len: int,
+             mode: str) -> dict[str, str]:
+    """What a reader of the file needs to drive the cache: tensors, widths, kinds, layout (metadata_props)."""
+    from caramba import __version__
+
+    tensors = [{"name": n, "onnx_name": kv.ONNX_NAMES[n], "kind": kinds[n], "kv_heads": h, "head_dim": d,
+                "features": h * d} for n, (h, d) in layout.heads.items()]
+    cache = {"family": layout.family, "n_layers": layout.n_layers, "layout": "batch, position, kv_heads * head_dim",
+             "tensors": tensors, "qblock": qblock, "max_seq_len": max_seq_len, "mode": mode,
+             "positions": "row b writes its tokens at position_ids[b, 0].. (contiguous); key j is visible to the "
+                          "query at position p iff j <= p"}
+    return {"caramba.version": __version__, "caramba.cache": json.dumps(cache), "caramba.dtype": str(layout.dtype)}
+
+
+def check(model: onnx.ModelProto) -> None:
+    """onnx.checker with full check (strict shape inference), as every exported model must pass."""
+    onnx.checker.check_model(model, full_check=True)

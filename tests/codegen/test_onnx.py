@@ -1,0 +1,177 @@
+"""target "onnx": the cached graph as one ONNX model run by ONNX Runtime, against the interpreter (target "eager")
+at every step: prefill, ragged rows, decode and multi-token steps, for every attention mode, cache kind and both
+cache write paths; greedy generation through the public API; the checker; refusals."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+import caramba
+from caramba.codegen.onnx.model import build_model, check
+from caramba.codegen.onnx.runner import OnnxExecutor
+from caramba.errors import UnsupportedOpError
+from caramba.models import Transformer, preset
+from caramba.runtime.executor import CacheConfig, InterpreterExecutor, lower, vocab_size_of
+from tests.helpers import hf_model, rel_err
+
+MODES = ("decoupled", "standard", "gqa")
+_COMPILED: dict = {}
+
+
+def compiled(attention: str, dtype: str = "fp32"):
+    key = (attention, dtype)
+    if key not in _COMPILED:
+        torch.manual_seed(0)
+        model = Transformer(preset("tiny", attention=attention)).eval()
+        _COMPILED[key] = caramba.compile(model, target="onnx", dtype=dtype)
+    return _COMPILED[key]
+
+
+def pair(cm, kind: str, mode: str, max_seq_len: int = 48):
+    program = lower(cm, CacheConfig.of(cm.cache_layout, kind, max_seq_len=max_seq_len))
+    vocab = vocab_size_of(cm.graph)
+    return InterpreterExecutor(program, vocab), OnnxExecutor(program, vocab, mode=mode)
+
+
+def steps(seed: int = 0):
+    """A ragged prefill (rows of 6 and 3 real tokens), then decode steps of one and of two tokens."""
+    g = torch.Generator().manual_seed(seed)
+    yield torch.randint(0, 256, (2, 6), generator=g), [6, 3]
+    for i in range(7):
+        yield torch.randint(0, 256, (2, 1 + (i % 3 == 2)), generator=g), None
+
+
+def run_both(ref, ex, tol: float) -> None:
+    c_ref, c_ex = ref.new_cache(2), ex.new_cache(2)
+    for i, (ids, keep) in enumerate(steps()):
+        start = torch.tensor(c_ref.lengths(0))[:, None]
+        pos = start + torch.arange(ids.shape[1])
+        want, got = ref.forward(ids, pos, c_ref), ex.forward(ids, pos, c_ex)
+        assert got.shape == want.shape
+        err = rel_err(got, want)
+        assert err <= tol, f"step {i}: relative error {err:.2e} > {tol:.0e}"
+        if keep is not None:
+            c_ref.truncate_rows(keep)
+            c_ex.truncate_rows(keep)
+        assert c_ex.lengths(0) == c_ref.lengths(0)
+    return c_ref, c_ex
+
+
+@pytest.mark.parametrize("mode", ["concat", "scatter"])
+@pytest.mark.parametrize("attention", MODES)
+def test_fp32_cache_logits_match_the_interpreter_at_every_step(attention, mode):
+    ref, ex = pair(compiled(attention), "fp32", mode)
+    c_ref, c_ex = run_both(ref, ex, 1e-4)
+    for name in c_ref.spec.names:  # the cache the ORT session wrote holds the same values
+        n = c_ref.max_length
+        assert torch.allclose(c_ex.layers[1].stores[name].codes[:, :n], c_ref.layers[1].stores[name].codes[:, :n],
+                              rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "fp16"])
+@pytest.mark.parametrize("attention", MODES)
+def test_quantized_and_fp16_caches_match_the_interpreters_reference(attention, kind):
+    for mode in ("concat", "scatter"):
+        ref, ex = pair(compiled(attention), kind, mode)
+        c_ref, c_ex = run_both(ref, ex, 1e-4)
+        if kind == "fp16":
+            continue  # fp16 storage of values that differ in the last fp32 bits may round one ulp apart
+        for layer in range(c_ref.spec.n_layers):
+            for name in c_ref.spec.names:
+                a, b = c_ref.layers[layer].stores[name], c_ex.layers[layer].stores[name]
+                for row, n in enumerate(c_ref.lengths(layer)):
+                    codes_differ = (a.codes[row, :n].int() != b.codes[row, :n].int()).float().mean().item()
+                    assert codes_differ < 1e-3, f"{mode} {name} layer {layer}: {codes_differ:.1%} of codes differ"
+                    assert torch.allclose(a.scales[row, :n].float(), b.scales[row, :n].float(), rtol=1e-3)
+
+
+def test_fp16_compute_matches_the_interpreter():
+    ref, ex = pair(compiled("decoupled", "fp16"), "fp16", "scatter")
+    run_both(ref, ex, 2e-2)
+
+
+def test_every_built_model_passes_the_full_checker():
+    cm = compiled("decoupled")
+    program = lower(cm, CacheConfig.of(cm.cache_layout, {"k_sem": "q8_0", "k_geo": "q4_0", "v": "fp16"},
+                                       max_seq_len=48))
+    for mode in ("concat", "scatter"):
+        model = build_model(program.prefill, program.layout, program.config.kind_map, max_seq_len=48, mode=mode)
+        check(model.proto)
+        names = [i.name for i in model.proto.graph.input]
+        assert names[:3] == ["input_ids", "position_ids", "past_key_values.0.key_sem"]
+        assert "past_key_values.0.key_sem_scales" in names and "past_key_values.1.value" in names
+        assert [o.name for o in model.proto.graph.output][:2] == ["logits", "present.0.key_sem"]
+        ops = {n.op_type for n in model.proto.graph.node}
+        assert {"Attention", "DequantizeLinear", "RMSNormalization", "MatMul"} <= ops
+        assert ("TensorScatter" in ops) == (mode == "scatter")
+
+
+def greedy(cm, prompt, n: int = 32):
+    config = caramba.GenerateConfig(max_new_tokens=n, cache_kind="fp32", temperature=0, max_seq_len=64)
+    return caramba.Generator(cm, config).generate(prompt)
+
+
+def test_greedy_tokens_through_the_public_api_equal_eager_for_llama():
+    model = hf_model("llama")
+    prompt = [[5, 17, 3, 88, 41], [9, 2]]
+    eager = greedy(caramba.compile(model, target="eager", dtype="fp32"), prompt)
+    onnx = greedy(caramba.compile(model, target="onnx", dtype="fp32"), prompt)
+    assert torch.equal(onnx, eager)
+
+
+@pytest.mark.parametrize("attention", MODES)
+def test_greedy_tokens_equal_eager_for_every_attention_mode(attention):
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", attention=attention)).eval()
+    prompt = [[1, 2, 3, 4, 5, 6, 7]]
+    assert torch.equal(greedy(caramba.compile(model, target="onnx"), prompt),
+                       greedy(caramba.compile(model, target="eager"), prompt))
+
+
+def test_a_cache_moves_between_targets():
+    """Prefill on the interpreter, decode on ORT with the same KVCache (one layout for every target)."""
+    ref, ex = pair(compiled("gqa"), "q8_0", "concat")
+    cache, shadow = ref.new_cache(1), ref.new_cache(1)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    pos = torch.arange(5)[None]
+    ref.forward(ids, pos, cache)
+    ref.forward(ids, pos, shadow)
+    step, at = torch.tensor([[9]]), torch.tensor([[5]])
+    assert rel_err(ex.forward(step, at, cache), ref.forward(step, at, shadow)) <= 1e-4
+
+
+def test_rollback_then_decode_resyncs_the_compact_cache():
+    ref, ex = pair(compiled("standard"), "fp32", "concat")
+    c_ref, c_ex = ref.new_cache(1), ex.new_cache(1)
+    ids, pos = torch.arange(10, 18)[None], torch.arange(8)[None]
+    ref.forward(ids, pos, c_ref)
+    ex.forward(ids, pos, c_ex)
+    c_ref.rollback(3)
+    c_ex.rollback(3)
+    step, at = torch.tensor([[7]]), torch.tensor([[5]])
+    assert rel_err(ex.forward(step, at, c_ex), ref.forward(step, at, c_ref)) <= 1e-4
+
+
+def test_refusals_name_the_fix():
+    cm = compiled("standard")
+    layout = cm.cache_layout
+    with pytest.raises(UnsupportedOpError, match="residual ring.*cache_residual_len=0"):
+        caramba.Generator(cm, caramba.GenerateConfig(cache_kind="q8_0", cache_residual_len=8, max_seq_len=32,
+                                                     max_new_tokens=2)).generate([[1, 2]])
+    with pytest.raises(UnsupportedOpError, match="nf4"):
+        cm.executor(CacheConfig.of(layout, "nf4", max_seq_len=32))
+    program = lower(cm, CacheConfig.of(layout, "fp32", max_seq_len=32))
+    with pytest.raises(ValueError, match="TensorScatter, which is opset 24"):
+        build_model(program.prefill, layout, program.config.kind_map, max_seq_len=32, mode="scatter", opset=23)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        OnnxExecutor(program, 256, mode="inplace")
+
+
+def test_auto_picks_onnx_without_a_gpu(monkeypatch):
+    from caramba.compiler import resolve_target
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_target("auto") == "onnx"
