@@ -18,7 +18,8 @@ Two ways to write the step's tokens (`mode`):
   write, so its cost follows the used length, not the buffer.
 
 Reads decode through the storage kind exactly as runtime/quant.py does (q8_0: DequantizeLinear with fp32 scales,
-block qblock; q4_0: nibbles unpacked with BitwiseAnd / BitShift, DequantizeLinear with zero point 8; fp16: Cast),
+block qblock; q4_0: nibbles unpacked with BitwiseAnd / BitShift, DequantizeLinear with zero point 8; nf4: the
+same nibbles through a Gather of the level table times the scale; fp16: Cast),
 then every layer runs one Attention (opset 23) with 3-D inputs: key j visible to the query at position p iff
 j <= p (bool mask, per row). DBA is one Attention over per-head [q_sem·s_sem ‖ q_geo·s_geo] and [k_sem ‖ k_geo]
 with scale 1 (SPEC §1 step 5).
@@ -36,7 +37,7 @@ from caramba.runtime.quant import code_width, n_blocks, padded_features, parse_k
 
 MODES = ("concat", "scatter")
 ONNX_NAMES = {"k": "key", "v": "value", "k_sem": "key_sem", "k_geo": "key_geo"}
-SUPPORTED_KINDS = ("fp32", "fp16", "q8_0", "q4_0")
+SUPPORTED_KINDS = ("fp32", "fp16", "q8_0", "q4_0", "nf4")
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,8 @@ def check_kinds(kinds: dict[str, str], residual_len: int) -> None:
     bad = {n: k for n, k in kinds.items() if k not in SUPPORTED_KINDS}
     if bad:
         raise UnsupportedOpError(f"target 'onnx' stores KV caches as {', '.join(SUPPORTED_KINDS)}; {bad} has no "
-                                 f"standard-op form here (bf16 Attention is a slow path in ORT, nf4 is a table "
-                                 f"lookup): pick one of those kinds, or target='eager'")
+                                 f"runner here (numpy, which ORT binds buffers through, has no bf16): pick one of "
+                                 f"those kinds, or target='eager'")
     if residual_len:
         raise UnsupportedOpError(f"target 'onnx' does not implement the fp16 residual ring (cache_residual_len="
                                  f"{residual_len}); use cache_residual_len=0 (or q8_0, which needs no ring), or "
@@ -146,7 +147,8 @@ class CacheLowering:
         kind = parse_kind(self.kinds[name])
         if not kind.block_scaled:
             return self.lw.cast(x, dtype, DType.from_torch(kind.code_dtype)), None
-        return (self._quantize_q8_0 if kind.name == "q8_0" else self._quantize_q4_0)(x, dtype, name)
+        quantize = {"q8_0": self._quantize_q8_0, "q4_0": self._quantize_q4_0, "nf4": self._quantize_nf4}
+        return quantize[kind.name](x, dtype, name)
 
     def _blocks(self, x: str, dtype: DType, name: str) -> str:
         """(B, S, F) -> (B, S, nb, qblock) fp32, zero-padded to whole blocks (quant._blocks)."""
@@ -184,13 +186,38 @@ class CacheLowering:
         q = b.op("Add", [b.op("Round", [self._divide(xb, d16)]), b.const(8.0, DType.f32)], "q")
         q = b.op("Clip", [q, b.const(0.0, DType.f32), b.const(15.0, DType.f32)], "q")
         q = b.op("Cast", [q], "q4", to=onnx_dtype(DType.u8))
+        return self._pack(q), b.op("Squeeze", [d16, b.const([-1])], "q4_scales")
+
+    def _quantize_nf4(self, x: str, dtype: DType, name: str) -> tuple[str, str]:
+        """q = how many of the fp32 midpoints between NF4 levels lie strictly below x / d16 (torch.bucketize)."""
+        from caramba.runtime.quant import _NF4_MIDPOINTS_T
+
+        b = self.b
+        xb = self._blocks(x, dtype, name)
+        amax = b.op("ReduceMax", [b.op("Abs", [xb]), b.const([-1])], "amax", keepdims=1)
+        d16 = b.op("Cast", [amax], "d16", to=onnx_dtype(DType.f16))
+        v = b.op("Unsqueeze", [self._divide(xb, d16), b.const([-1])], "v")
+        below = b.op("Less", [b.const(_NF4_MIDPOINTS_T.numpy(), DType.f32), v], "below")
+        q = b.op("ReduceSum", [b.op("Cast", [below], to=onnx_dtype(DType.i64)), b.const([-1])], "nf4", keepdims=0)
+        q = b.op("Cast", [q], "nf4", to=onnx_dtype(DType.u8))
+        return self._pack(q), b.op("Squeeze", [d16, b.const([-1])], "nf4_scales")
+
+    def _pack(self, q: str) -> str:
+        """(B, S, nb, qblock) uint8 codes in [0, 15] -> (B, S, Fp/2): byte j = code[2j] | code[2j+1] << 4."""
+        b = self.b
         pairs = b.op("Reshape", [q, b.const([0, 0, -1, 2])], "pairs")  # (B, S, Fp/2, 2): (even, odd) features
         last = b.const([-1])
         lo = b.op("Slice", [pairs, b.const([0]), b.const([1]), last], "lo")
         hi = b.op("Slice", [pairs, b.const([1]), b.const([2]), last], "hi")
         hi = b.op("BitShift", [hi, b.const(4, DType.u8)], "hi", direction="LEFT")
-        packed = b.op("Reshape", [b.op("BitwiseOr", [lo, hi]), b.const([0, 0, -1])], "q4_codes")
-        return packed, b.op("Squeeze", [d16, b.const([-1])], "q4_scales")
+        return b.op("Reshape", [b.op("BitwiseOr", [lo, hi]), b.const([0, 0, -1])], "packed")
+
+    def _unpack(self, codes: str) -> str:
+        """(B, T, Fp/2) packed bytes -> (B, T, Fp) uint8 codes, even feature from the low nibble."""
+        b, last = self.b, self.b.const([-1])
+        lo = b.op("Unsqueeze", [b.op("BitwiseAnd", [codes, b.const(15, DType.u8)]), last], "lo")
+        hi = b.op("Unsqueeze", [b.op("BitShift", [codes, b.const(4, DType.u8)], direction="RIGHT"), last], "hi")
+        return b.op("Reshape", [b.op("Concat", [lo, hi], axis=-1), b.const([0, 0, -1])], "codes")
 
     # -- read -----------------------------------------------------------------------------------------------------
     def read(self, layer: int, name: str, dtype: DType) -> str:
@@ -207,13 +234,17 @@ class CacheLowering:
         s32 = b.op("Cast", [scales], "scales32", to=onnx_dtype(DType.f32))
         if kind.name == "q8_0":
             x = b.op("DequantizeLinear", [codes, s32], "dq8", axis=-1, block_size=self.qblock)
-        else:
-            last = b.const([-1])
-            lo = b.op("Unsqueeze", [b.op("BitwiseAnd", [codes, b.const(15, DType.u8)]), last], "lo")
-            hi = b.op("Unsqueeze", [b.op("BitShift", [codes, b.const(4, DType.u8)], direction="RIGHT"), last], "hi")
-            q = b.op("Reshape", [b.op("Concat", [lo, hi], axis=-1), b.const([0, 0, -1])], "q4")
+        elif kind.name == "q4_0":
             zp = b.op("Expand", [b.const(8, DType.u8), b.op("Shape", [scales])], "zp")
-            x = b.op("DequantizeLinear", [q, s32, zp], "dq4", axis=-1, block_size=self.qblock)
+            x = b.op("DequantizeLinear", [self._unpack(codes), s32, zp], "dq4", axis=-1, block_size=self.qblock)
+        else:  # nf4: a level table lookup times the block's scale (no DequantizeLinear form)
+            from caramba.runtime.quant import NF4_LEVELS
+
+            idx = b.op("Cast", [self._unpack(codes)], "idx", to=onnx_dtype(DType.i64))
+            levels = b.op("Gather", [b.const(list(NF4_LEVELS), DType.f32), idx], "levels", axis=0)
+            blocks = b.op("Reshape", [levels, b.const([0, 0, -1, self.qblock])], "level_blocks")
+            x = b.op("Mul", [blocks, b.op("Unsqueeze", [s32, b.const([-1])])], "dnf4")
+            x = b.op("Reshape", [x, b.const([0, 0, -1])], "dnf4")
         f = self.features[name]
         if padded_features(f, self.qblock) != f:
             x = b.op("Slice", [x, b.const([0]), b.const([f]), b.const([-1])], "unpad")
