@@ -1,0 +1,219 @@
+"""Target "cuda": the post-pass entry graphs run with Triton kernels for the fused ops, cuBLAS (through torch) for
+the matrix products, and the decode step replayed as a CUDA graph.
+
+    ex = cm.executor(CacheConfig.of(cm.cache_layout, "q8_0", max_seq_len=4096))   # cm compiled for "cuda"
+    cache = ex.new_cache(batch)                 # KVCache whose buffers live on the GPU
+    logits = ex.forward(ids, positions, cache)   # prefill (S > 1) or decode (S = 1)
+
+Codegen: each entry graph is planned once (ir.Interpreter with `impl_for`): a node whose op has a kernel gets a
+launcher specialised for that node (dims, dtypes, cache kinds, chunking; the kernel source rendered and loaded
+through source.py's disk cache on first use), every other node keeps its torch implementation on the device
+(matrix products go to cuBLAS). Kernels: kv_append (quantize-on-write into the cache buffers), cached_attention /
+cached_decoupled_attention (decode: split-K flash-decoding dequantising in registers; prefill: flash attention
+through the cache kind), rms_norm / add_rms_norm / layer_norm / add_layer_norm, rope, swiglu.
+
+The cache's Python bookkeeping (lengths, ring starts) stays in LayerCache (note_append); kernels only write and
+read its preallocated buffers. The lengths the kernels see are device data: `ready` = positions[:, -1] + 1
+computed on the device, and the ring's window starts sit in a device buffer the executor fills before each step.
+
+CUDA graph (decode, one per cache and batch): the first decode step on a cache runs eagerly (warm-up: kernels
+compiled, autotuned, buffers allocated); the second captures the decode graph against that cache's buffers and
+static input buffers; every later step copies ids and positions in, does the bookkeeping in Python, and replays.
+Nothing in the decode graph depends on the cache length as a shape (the decode entry has no `past`-shaped value:
+checked when the executor is built), so the graph is never recaptured as the cache grows. Partitions for
+split-K are fixed per (batch, longest length) by choose_chunking's cuda plan; each partition takes its share of
+the row's current length in the kernel.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+
+from caramba.errors import CarambaError, InputError
+from caramba.ir import symbolic
+from caramba.ir.graph import Graph, Node
+from caramba.ir.interpreter import Interpreter
+from caramba.ir.registry import get_op
+from caramba.runtime.executor import CachedProgram, Executor, vocab_size_of
+from caramba.runtime.kv_cache import KVCache
+
+log = logging.getLogger("caramba")
+
+
+def cuda_executor(program: CachedProgram, cm: Any) -> "CudaExecutor":
+    from caramba.codegen.triton.source import interpreting, require_triton
+
+    require_triton()
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif interpreting():
+        device = torch.device("cpu")  # TRITON_INTERPRET=1: the same kernels, run by Triton's interpreter
+    else:
+        raise CarambaError("target 'cuda' needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernels on the CPU)")
+    return CudaExecutor(program, vocab_size_of(cm.graph), device)
+
+
+class CudaExecutor(Executor):
+    """Runs a CachedProgram with Triton kernels; see the module doc."""
+
+    def __init__(self, program: CachedProgram, vocab_size: int, device: torch.device, *,
+                 cuda_graphs: bool | None = None) -> None:
+        super().__init__(program, vocab_size, device)
+        from caramba.codegen.triton import kernels
+
+        self.kernels = kernels
+        weights = _to_device({**program.prefill.weights, **program.decode.weights}, self.device)
+        self._windows: dict[int, torch.Tensor] = {}  # id(cache) -> (n_layers, batch) int32 window starts
+        self._prefill = Interpreter(program.prefill, weights, impl_for=self._impl_for("prefill"))
+        self._decode = Interpreter(program.decode, weights, impl_for=self._impl_for("decode"))
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs:
+            _check_static(program.decode)
+        self._graphs: dict[int, _DecodeGraph] = {}
+        self._capturing = False
+        self.stats = {"eager_steps": 0, "graph_replays": 0, "captures": 0}
+
+    # -- the executor interface ----------------------------------------------------------------------------------
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        ids, pos = input_ids.to(self.device), positions.to(self.device)
+        past = max(cache.lengths(0))
+        if pos.shape[1] + past > self.max_seq_len:
+            raise InputError(f"{pos.shape[1]} new tokens after {past} would exceed max_seq_len {self.max_seq_len}")
+        if ids.shape[1] == 1 and self.cuda_graphs:
+            return self._graph_step(ids, pos, cache)
+        self.stats["eager_steps"] += 1
+        run = self._decode if ids.shape[1] == 1 else self._prefill
+        return run.run(ids, pos, state=cache, symbols={"past": past})[0]
+
+    def new_cache(self, batch: int, ring_slack: int = 0) -> KVCache:
+        return super().new_cache(batch, ring_slack)
+
+    # -- kernels per node -----------------------------------------------------------------------------------------
+    def _impl_for(self, entry: str) -> Callable[[Node], Callable | None]:
+        def impl(node: Node) -> Callable | None:
+            if node.op == "kv_append":
+                return self._append_impl(node, entry)
+            if node.op in ("cached_attention", "cached_decoupled_attention"):
+                return self._attention_impl(node, entry)
+            return self.kernels.launcher_for(node)
+        return impl
+
+    def window(self, cache: KVCache) -> torch.Tensor:
+        """(n_layers, batch) int32 on the device: each layer's ring window starts for the current step."""
+        w = self._windows.get(id(cache))
+        if w is None or w.shape[1] != cache.spec.batch:
+            w = torch.zeros(cache.spec.n_layers, cache.spec.batch, dtype=torch.int32, device=self.device)
+            self._windows[id(cache)] = w
+        return w
+
+    def _append_impl(self, node: Node, entry: str) -> Callable:
+        layer, names = node.attrs["layer"], list(node.attrs["names"])
+
+        def append(positions, *xs, state=None, **_attrs):
+            cache: KVCache = state
+            lc = cache.layers[layer]
+            n_new = positions.shape[1]
+            if not self._capturing:  # during capture and replay the executor did the bookkeeping already
+                exact = pre = None
+                if cache.spec.residual_len and n_new > 1:  # keep what a rollback of this step restores
+                    exact = {n: x.to(torch.float16) for n, x in zip(names, xs) if lc.stores[n].ring is not None}
+                    pre = {n: lc.stores[n].ring.clone() for n in exact}
+                window = lc.note_append(positions[:, 0].tolist(), n_new, exact=exact, pre_ring=pre)
+                self.window(cache)[layer].copy_(torch.tensor(window, dtype=torch.int32))
+            starts = positions[:, 0].to(torch.int32)
+            for name, x in zip(names, xs):
+                self.kernels.append(lc.stores[name], x, starts)
+            return positions[:, -1] + 1
+        return append
+
+    def _attention_impl(self, node: Node, entry: str) -> Callable:
+        decoupled = node.op == "cached_decoupled_attention"
+        a = get_op(node.op).full_attrs(node.attrs)
+
+        def attention(*args, state=None, **_attrs):
+            cache: KVCache = state
+            lc = cache.layers[a["layer"]]
+            if decoupled:
+                q_sem, q_geo, positions, ready = args
+                terms = [(q_sem, "k_sem", a["scale_sem"]), (q_geo, "k_geo", a["scale_geo"])]
+            else:
+                q, positions, ready = args
+                terms = [(q, "k", a["scale"])]
+            window = self.window(cache)[a["layer"]]
+            if positions.shape[1] == 1:
+                return self.kernels.decode_attention(lc, terms, ready, window, a, self._capturing)
+            return self.kernels.prefill_attention(lc, terms, positions, ready, window, a)
+        return attention
+
+    # -- the decode CUDA graph --------------------------------------------------------------------------------
+    def _graph_step(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        g = self._graphs.get(id(cache))
+        if g is None or g.cache is not cache or g.batch != ids.shape[0]:
+            # first decode step on this cache: eager (compiles and tunes every kernel); capture on the next
+            self._graphs[id(cache)] = _DecodeGraph(cache, ids.shape[0])
+            self.stats["eager_steps"] += 1
+            return self._decode.run(ids, pos, state=cache, symbols={"past": max(cache.lengths(0))})[0]
+        self._bookkeeping(cache, pos)
+        if g.graph is None:
+            self._capture(g, ids, pos)
+        g.ids.copy_(ids)
+        g.pos.copy_(pos)
+        g.graph.replay()
+        self.stats["graph_replays"] += 1
+        return g.logits.clone()
+
+    def _bookkeeping(self, cache: KVCache, pos: torch.Tensor) -> None:
+        starts = pos[:, 0].tolist()
+        w = self.window(cache)
+        windows = [lc.note_append(starts, 1) for lc in cache.layers]
+        w.copy_(torch.tensor(windows, dtype=torch.int32))
+
+    def _capture(self, g: "_DecodeGraph", ids: torch.Tensor, pos: torch.Tensor) -> None:
+        g.ids, g.pos = ids.clone(), pos.clone()
+        past = max(g.cache.lengths(0)) - 1
+        self._capturing = True
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
+                self._decode.run(g.ids, g.pos, state=g.cache, symbols={"past": past})
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                g.logits = self._decode.run(g.ids, g.pos, state=g.cache, symbols={"past": past})[0]
+            g.graph = graph
+        finally:
+            self._capturing = False
+        self.stats["captures"] += 1
+        log.info("captured the decode step as a CUDA graph (batch %d)", g.batch)
+
+
+class _DecodeGraph:
+    def __init__(self, cache: KVCache, batch: int) -> None:
+        self.cache, self.batch = cache, batch
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.ids = self.pos = self.logits = None
+
+
+def _to_device(weights: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    moved: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, w in weights.items():
+        if id(w) not in moved:
+            moved[id(w)] = w.to(device)
+        out[name] = moved[id(w)]
+    return out
+
+
+def _check_static(g: Graph) -> None:
+    """The decode graph may be captured once only if no value's shape and no attribute depends on `past`."""
+    past = symbolic.symbol("past")
+    for node in g.nodes:
+        shaped = [v for v in node.outputs if any(past in getattr(d, "free_symbols", ()) for d in v.type.shape)]
+        attrs = [k for k, v in node.attrs.items() if past in getattr(v, "free_symbols", ())]
+        if shaped or attrs:
+            raise CarambaError(f"the decode graph cannot be captured once: {node.op} has "
+                               f"{'outputs' if shaped else 'attributes ' + ', '.join(attrs)} that depend on the "
+                               f"cache length; run with cuda_graphs=False")
