@@ -7,8 +7,17 @@ from caramba.errors import (CaptureError, CarambaError, InputError, ParseError, 
 
 __version__ = "0.1.0"
 
+
+def export_onnx(model, out_dir, **options):
+    """Compile `model` for target "onnx" and write out_dir/{model.onnx, genai_config.json, caramba.json}
+    (caramba.codegen.onnx.export.export_onnx: cache_kind, opset, max_seq_len, dtype, cache_mode, ...)."""
+    from caramba.codegen.onnx.export import export_onnx as export
+
+    return export(model, out_dir, **options)
+
+
 __all__ = [
     "CaptureError", "CarambaError", "CompiledModel", "InputError", "ParseError", "UnsupportedOpError",
-    "VerificationError", "cast_model", "compile", "__version__", "CacheConfig", "GenerateConfig", "Generator",
-    "SpeculativeConfig", "SpeculativeGenerator",
+    "VerificationError", "cast_model", "compile", "export_onnx", "__version__", "CacheConfig", "GenerateConfig",
+    "Generator", "SpeculativeConfig", "SpeculativeGenerator",
 ]

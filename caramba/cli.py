@@ -1,4 +1,4 @@
-"""The `caramba` command line: compile (with pass-debugging dumps), bisect, generate; later export-onnx, bench."""
+"""The `caramba` command line: compile (with pass-debugging dumps), bisect, generate, export-onnx; later bench."""
 from __future__ import annotations
 
 import argparse
@@ -58,7 +58,56 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dump-dir", default=None, help="also write a pass dump of the run here")
     b.set_defaults(func=cmd_bisect)
     _add_generate_parser(sub)
+    _add_export_parser(sub)
     return ap
+
+
+def _add_export_parser(sub) -> None:
+    e = sub.add_parser("export-onnx", help="write an ONNX model with its KV cache as inputs/outputs",
+                       description="Compile a model for target onnx and write a directory holding model.onnx "
+                       "(+ model.onnx.data past 1 GiB of weights), genai_config.json and caramba.json; the "
+                       "directory is written completely or not at all.")
+    _add_model_args(e)
+    e.add_argument("-o", "--output", required=True, help="output directory (must not exist or be empty; --force "
+                   "replaces it)")
+    e.add_argument("--cache-kind", default="fp16", help="KV-cache storage: fp32, fp16, q8_0, q4_0, nf4, or one per "
+                   "cached tensor, e.g. k_sem=q8_0,k_geo=q8_0,v=q4_0 (default fp16)")
+    e.add_argument("--opset", type=int, default=None, choices=[23, 24], help="ONNX opset (default: 23 for the "
+                   "concat cache, 24 for --cache-mode scatter)")
+    e.add_argument("--cache-mode", default="concat", choices=["concat", "scatter"], help="concat: past -> present "
+                   "(Optimum style); scatter: preallocated max_seq_len buffers updated in place (TensorScatter-24)")
+    e.add_argument("--max-seq-len", type=int, default=None, help="longest sequence (default: the model's maximum)")
+    e.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="compute dtype (default fp32)")
+    e.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
+                   help="weights in model.onnx.data (default: only past 1 GiB)")
+    e.add_argument("--dump-dir", default=None, help="write the pass dump (and a copy of model.onnx) here")
+    e.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    e.set_defaults(func=cmd_export_onnx)
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from caramba.codegen.onnx.export import export_onnx, stderr_progress
+    from caramba.models.sources import load_model
+
+    cache_kind = parse_cache_kind(args.cache_kind)
+    kinds = cache_kind.values() if isinstance(cache_kind, dict) else [cache_kind]
+    from caramba.runtime.quant import parse_kind
+
+    for k in kinds:  # a typo costs no compile
+        parse_kind(k)
+    if args.opset == 23 and args.cache_mode == "scatter":
+        raise ValueError("--cache-mode scatter needs TensorScatter, which is opset 24: use --opset 24")
+    out = Path(args.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise ValueError(f"{out} exists and is not an empty directory; choose another -o or pass --force")
+    overrides = {"attention": args.attention} if args.attention else {}
+    stderr_progress(f"loading {args.model}")
+    model = load_model(args.model, seed=args.seed, **overrides)
+    result = export_onnx(model, out, cache_kind=cache_kind, opset=args.opset, max_seq_len=args.max_seq_len,
+                         dtype=args.dtype, cache_mode=args.cache_mode, external_data=args.external_data,
+                         dump_dir=args.dump_dir, overwrite=args.force, progress=stderr_progress)
+    print(result.directory)
+    return 0
 
 
 def _add_generate_parser(sub) -> None:
@@ -251,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--threads must be at least 1")
     try:
         return args.func(args)
-    except (CarambaError, ValueError, NotImplementedError, FileNotFoundError) as e:
+    except (CarambaError, ValueError, NotImplementedError, FileNotFoundError, FileExistsError) as e:
         print(f"caramba {args.command}: error: {e}", file=sys.stderr)
         return 2
 

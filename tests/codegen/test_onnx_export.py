@@ -1,0 +1,134 @@
+"""caramba.export_onnx and `caramba export-onnx`: the directory's files, all-or-nothing writes, the CLI's errors,
+and examples/onnx_generate.py generating from an export with onnxruntime and numpy alone."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+import caramba
+from caramba.codegen.onnx import export as export_mod
+from caramba.models import Transformer, preset
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "onnx_generate.py"
+
+
+def tiny(attention: str = "decoupled") -> torch.nn.Module:
+    torch.manual_seed(0)
+    return Transformer(preset("tiny", attention=attention)).eval()
+
+
+def test_export_writes_model_genai_config_and_metadata(tmp_path):
+    out = tmp_path / "tiny"
+    result = caramba.export_onnx(tiny(), out, cache_kind="q8_0", max_seq_len=64)
+    assert sorted(p.name for p in out.iterdir()) == ["caramba.json", "genai_config.json", "model.onnx"]
+    assert result.opset == 23 and result.cache == "q8_0" and result.bytes > 0
+    import onnx
+
+    model = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.ir_version == 10 and model.opset_import[0].version == 23
+    meta = json.loads(dict((p.key, p.value) for p in model.metadata_props)["caramba.cache"])
+    assert [(t["name"], t["features"], t["kind"]) for t in meta["tensors"]] == [
+        ("k_sem", 32, "q8_0"), ("k_geo", 64, "q8_0"), ("v", 64, "q8_0")]
+    genai = json.loads((out / "genai_config.json").read_text())
+    dec = genai["model"]["decoder"]
+    assert (genai["model"]["vocab_size"], genai["model"]["context_length"]) == (256, 64)
+    assert (dec["num_hidden_layers"], dec["num_attention_heads"], dec["hidden_size"]) == (2, 4, 64)
+    assert dec["inputs"]["past_key_names"] == "past_key_values.%d.key_sem"
+    assert genai["caramba"]["cache_names"]["k_geo"] == "past_key_values.%d.key_geo"
+    info = json.loads((out / "caramba.json").read_text())
+    assert info["cache"]["mode"] == "concat" and "past_key_values.1.value_scales" in info["inputs"]
+
+
+def test_external_data_and_the_scatter_cache(tmp_path):
+    out = tmp_path / "ext"
+    caramba.export_onnx(tiny("gqa"), out, cache_kind="fp16", max_seq_len=32, cache_mode="scatter",
+                        external_data=True)
+    assert (out / "model.onnx.data").stat().st_size > (out / "model.onnx").stat().st_size
+    import onnx
+
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    assert onnx.load(str(out / "model.onnx"), load_external_data=False).opset_import[0].version == 24
+
+
+def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
+    def broken(model):
+        raise RuntimeError("checker says no")
+
+    monkeypatch.setattr(export_mod, "check", broken)
+    with pytest.raises(RuntimeError, match="checker says no"):
+        caramba.export_onnx(tiny(), tmp_path / "new", max_seq_len=32)
+    assert list(tmp_path.iterdir()) == []
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "keep.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="checker says no"):
+        caramba.export_onnx(tiny(), old, max_seq_len=32, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"] and (old / "keep.txt").read_text() == "mine"
+
+
+def test_overwrite_is_explicit(tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "x").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        caramba.export_onnx(tiny(), out, max_seq_len=32)
+    caramba.export_onnx(tiny(), out, max_seq_len=32, overwrite=True)
+    assert not (out / "x").exists() and (out / "model.onnx").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # the old directory went away
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "caramba.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+
+
+def test_cli_export_then_standalone_generation_equals_caramba(tmp_path):
+    out = tmp_path / "gqa"
+    r = run_cli("export-onnx", "--model", "tiny", "--attention", "gqa", "-o", str(out), "--cache-kind", "q4_0",
+                "--max-seq-len", "64")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(out)
+    assert "[caramba] export: capturing" in r.stderr and "checking the model" in r.stderr
+    prompt = [5, 17, 3, 88, 41]
+    # the example runs with torch and caramba unimportable: onnxruntime and numpy only
+    guard = ("import sys, runpy; sys.modules['torch'] = None; sys.modules['caramba'] = None; "
+             f"sys.argv = ['onnx_generate.py', {str(out)!r}, '--ids', '5,17,3,88,41', '--max-new-tokens', '16']; "
+             f"runpy.run_path({str(EXAMPLE)!r}, run_name='__main__')")
+    g = subprocess.run([sys.executable, "-c", guard], capture_output=True, text=True, timeout=300)
+    assert g.returncode == 0, g.stderr
+    got = [int(t) for t in g.stdout.strip().split(",")]
+    from caramba.models.sources import load_model
+
+    cm = caramba.compile(load_model("tiny", seed=0, attention="gqa"), target="eager", max_seq_len=64)
+    config = caramba.GenerateConfig(max_new_tokens=16, cache_kind="q4_0", temperature=0, max_seq_len=64)
+    want = caramba.Generator(cm, config).generate([prompt])[0, len(prompt):].tolist()
+    assert got == want
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cache-kind", "q8"], "unknown KV-cache kind 'q8'"),
+    (["--cache-mode", "scatter", "--opset", "23"], "opset 24"),
+    (["--max-seq-len", "1"], "--max-seq-len must be at least 2"),
+    (["--opset", "22"], "invalid choice: 22"),
+    (["--model", "nope"], "nope"),
+])
+def test_cli_bad_arguments_exit_non_zero_with_one_clear_line(tmp_path, args, message):
+    model = [] if "--model" in args else ["--model", "tiny"]
+    r = run_cli("export-onnx", *model, "-o", str(tmp_path / "x"), *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_refuses_a_non_empty_directory(tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = run_cli("export-onnx", "--model", "tiny", "-o", str(tmp_path))
+    assert r.returncode == 2 and "not an empty directory" in r.stderr and "--force" in r.stderr
