@@ -35,7 +35,7 @@ from caramba.ir import get_op  # noqa: E402
 from caramba.runtime.kv_cache import CacheSpec, KVCache  # noqa: E402
 from caramba.runtime.quant import KIND_NAMES, dequantize  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() and not source.interpreting() else "cpu")
+DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() and not source.interpreting() else torch.device("cpu")
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
 TOL64 = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (8e-2, 8e-2)}
 MAX_SEQ = 160

@@ -584,6 +584,12 @@ def _check_common(q: list[torch.Tensor], k: Sequence[CacheView], v: CacheView, s
     return keys, vt, heads // kv_heads
 
 
+def _launch_options(spec: _Spec) -> dict[str, int]:
+    """Warps and pipeline stages. nf4's level lookup is a second, dependent load per element: with Triton's default
+    3 stages its buffers overflow shared memory at 128-key tiles (303 KB needed, 227 KB on an H200), so 2."""
+    return {"num_warps": 4, "num_stages": 2 if any(t.kind == "nf4" for t in spec.tensors) else 3}
+
+
 def decode_workspace(batch: int, heads: int, partitions: int, v_head_dim: int,
                      device: torch.device | str) -> torch.Tensor:
     """fp32 (B, H, P, d_v + 2): per partition [partial out | running max (log2 units) | denominator]."""
@@ -624,7 +630,7 @@ def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cache
         args.update({f"q{i}": x, f"q{i}_sb": x.stride(0), f"q{i}_sh": x.stride(1)})
     for t, view in zip((*keys, vt), views):
         args.update(_buffer_args(t, view, view.ring))
-    mod.decode_partial[(batch, kv_heads, partitions)](*(args[n] for n in params), num_warps=4)
+    mod.decode_partial[(batch, kv_heads, partitions)](*(args[n] for n in params), **_launch_options(spec))
     if partitions > 1:
         mod.decode_combine[(batch, heads)](ws, ws.stride(0), ws.stride(1), ws.stride(2), out, out.stride(0),
                                            out.stride(1), num_warps=1)
@@ -684,5 +690,5 @@ def prefill_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cach
         args.update({f"q{i}": x, f"q{i}_sb": x.stride(0), f"q{i}_sh": x.stride(1), f"q{i}_ss": x.stride(2)})
     for t, view, x in zip(tensors, views, exact):
         args.update(_buffer_args(t, view, x))
-    mod.prefill[(math.ceil(n_q / block_m), batch, heads)](*(args[n] for n in params), num_warps=4)
+    mod.prefill[(math.ceil(n_q / block_m), batch, heads)](*(args[n] for n in params), **_launch_options(spec))
     return out
