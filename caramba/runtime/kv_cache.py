@@ -97,7 +97,10 @@ class CacheSpec:
     ring_slack: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "device", torch.device(self.device))
+        device = torch.device(self.device)
+        if device.type == "cuda" and device.index is None:  # "cuda" means the current device: tensors say cuda:N
+            device = torch.device("cuda", torch.cuda.current_device())
+        object.__setattr__(self, "device", device)
         for what, lo in (("n_layers", 1), ("batch", 1), ("max_seq_len", 1), ("residual_len", 0), ("ring_slack", 0)):
             _check_int(what, getattr(self, what), lo)
         check_qblock(self.qblock)
