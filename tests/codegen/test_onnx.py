@@ -35,17 +35,17 @@ def pair(cm, kind: str, mode: str, max_seq_len: int = 48):
     return InterpreterExecutor(program, vocab), OnnxExecutor(program, vocab, mode=mode)
 
 
-def steps(seed: int = 0):
+def steps(vocab: int = 256, seed: int = 0):
     """A ragged prefill (rows of 6 and 3 real tokens), then decode steps of one and of two tokens."""
     g = torch.Generator().manual_seed(seed)
-    yield torch.randint(0, 256, (2, 6), generator=g), [6, 3]
+    yield torch.randint(0, vocab, (2, 6), generator=g), [6, 3]
     for i in range(7):
-        yield torch.randint(0, 256, (2, 1 + (i % 3 == 2)), generator=g), None
+        yield torch.randint(0, vocab, (2, 1 + (i % 3 == 2)), generator=g), None
 
 
 def run_both(ref, ex, tol: float) -> None:
     c_ref, c_ex = ref.new_cache(2), ex.new_cache(2)
-    for i, (ids, keep) in enumerate(steps()):
+    for i, (ids, keep) in enumerate(steps(ref.vocab_size)):
         start = torch.tensor(c_ref.lengths(0))[:, None]
         pos = start + torch.arange(ids.shape[1])
         want, got = ref.forward(ids, pos, c_ref), ex.forward(ids, pos, c_ex)
@@ -113,12 +113,42 @@ def greedy(cm, prompt, n: int = 32):
     return caramba.Generator(cm, config).generate(prompt)
 
 
-def test_greedy_tokens_through_the_public_api_equal_eager_for_llama():
-    model = hf_model("llama")
+HF = [("llama", {}), ("mistral", {"sliding_window": None}), ("qwen2", {})]  # the cache needs plain causal masks
+
+
+@pytest.mark.parametrize("family, overrides", HF, ids=[f for f, _ in HF])
+def test_transformers_models_match_the_interpreter_and_generate_the_same_tokens(family, overrides):
+    model = hf_model(family, **overrides)
+    cm = caramba.compile(model, target="onnx", dtype="fp32")
+    for mode in ("concat", "scatter"):
+        run_both(*pair(cm, "fp32", mode), 1e-4)
     prompt = [[5, 17, 3, 88, 41], [9, 2]]
-    eager = greedy(caramba.compile(model, target="eager", dtype="fp32"), prompt)
-    onnx = greedy(caramba.compile(model, target="onnx", dtype="fp32"), prompt)
-    assert torch.equal(onnx, eager)
+    assert torch.equal(greedy(cm, prompt), greedy(caramba.compile(model, target="eager", dtype="fp32"), prompt))
+
+
+def test_torch_onnx_export_is_a_second_oracle():
+    """Llama through torch.onnx.export (dynamo) and ORT gives the logits our model gives at prefill."""
+    pytest.importorskip("onnxscript")
+    import onnxruntime as ort
+
+    model = hf_model("llama")
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, ids):
+            return self.m(input_ids=ids, use_cache=False).logits
+
+    ids = torch.tensor([[5, 17, 3, 88, 41, 7, 60]])
+    oracle = torch.onnx.export(Logits(), (ids,), dynamo=True,
+                               dynamic_shapes={"ids": {1: torch.export.Dim("seq", max=128)}})
+    sess = ort.InferenceSession(oracle.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0])
+    _, ex = pair(caramba.compile(model, target="onnx", dtype="fp32"), "fp32", "concat")
+    got = ex.forward(ids, torch.arange(ids.shape[1])[None], ex.new_cache(1))
+    assert rel_err(got, want) <= 1e-4
 
 
 @pytest.mark.parametrize("attention", MODES)
