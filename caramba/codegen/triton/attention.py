@@ -43,7 +43,10 @@ Launch functions (all tensors on one device; q's dtype, fp16 / bf16 / fp32, is t
 
 Limits: one query per row at decode (speculative verification goes through prefill); head dims up to 256 per
 tile (any size, masked to the next power of two >= 16); the last dim of every buffer contiguous; feature offsets
-within a row must fit in int32 (row and batch offsets are int64).
+within a row must fit in int32 (row and batch offsets are int64). The first call of a specialisation compiles the
+kernel and puts the NF4 table on the device: make it before capturing a CUDA graph (replays then only read
+lengths / window from their tensors). 4-bit kinds gather one byte per feature (each byte twice) and one scale per
+feature: correct for every head dim and block straddle, but well below the fp16 kernel's bandwidth.
 
 Under TRITON_INTERPRET=1 bf16 products go through an fp32 dot of the bf16 values: Triton's interpreter multiplies
 bf16 tiles as their raw uint16 bits (triton 3.9). The products of bf16 values are exact in fp32 either way, so
