@@ -77,7 +77,9 @@ class CudaExecutor(Executor):
 
     # -- the executor interface ----------------------------------------------------------------------------------
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        ids, pos = input_ids.to(self.device), positions.to(self.device)
+        dense = torch.contiguous_format  # strides of a fresh tensor (kernels check unit strides, size-1 dims too)
+        ids = input_ids.to(self.device).clone(memory_format=dense)
+        pos = positions.to(self.device).clone(memory_format=dense)
         past = max(cache.lengths(0))
         if pos.shape[1] + past > self.max_seq_len:
             raise InputError(f"{pos.shape[1]} new tokens after {past} would exceed max_seq_len {self.max_seq_len}")
@@ -122,7 +124,7 @@ class CudaExecutor(Executor):
                     pre = {n: lc.stores[n].ring.clone() for n in exact}
                 window = lc.note_append(positions[:, 0].tolist(), n_new, exact=exact, pre_ring=pre)
                 self.window(cache)[layer].copy_(torch.tensor(window, dtype=torch.int32))
-            starts = positions[:, 0].to(torch.int32)
+            starts = positions[:, 0].to(torch.int32).clone(memory_format=torch.contiguous_format)
             for name, x in zip(names, xs):
                 self.kernels.append(lc.stores[name], x, starts)
             return positions[:, -1] + 1
