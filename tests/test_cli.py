@@ -39,7 +39,7 @@ def test_compile_checkpoint_and_hf_directories(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["compile", "--model", "nope"], "'nope' is neither a preset"),
     (["compile", "--model", "tiny", "--dtype", "fp13"], "unknown dtype 'fp13'"),
-    (["compile", "--model", "tiny", "--target", "onnx"], "target 'onnx' is not implemented"),
+    (["compile", "--model", "tiny", "--target", "metal"], "target 'metal' is not implemented"),
     (["compile", "--model", "tiny", "--target", "tpu"], "invalid choice: 'tpu'"),
     (["compile", "--model", "tiny", "--max-seq-len", "1"], "--max-seq-len must be at least 2"),
 ])

@@ -16,7 +16,7 @@ def test_demo_generates_with_a_q8_0_cache():
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "model: tiny-dba, 1.97M parameters, decoupled attention" in out
-    assert "compiled for target 'eager'" in out and "decoupled_attention 4" in out
+    assert "compiled for target 'onnx'" in out and "decoupled_attention 4" in out  # auto, no GPU: onnx
     assert "cached_decoupled_attention 4" in out  # the decode graph reads the q8_0 cache
     text = out.split("(greedy):\n\n", 1)[1].split("\n\n16 tokens:", 1)[0]
     assert text.startswith('def read_config(path):\n    """') and len(text) > len('def read_config(path):\n    """')
