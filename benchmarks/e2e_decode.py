@@ -143,15 +143,15 @@ def bench_caramba(model, batch, context, steps, kind: str) -> tuple[float, int]:
         cm = caramba.compile(model, target="cuda")
     ex = cm.executor(CacheConfig.of(cm.cache_layout, kind, max_seq_len=context + steps + 16))
     cache = ex.new_cache(batch)
-    prompt = torch.randint(0, model.config.vocab_size, (batch, context), device="cuda")
+    prompt = torch.randint(0, model.config.vocab_size, (batch, context))
     for s in range(0, context, 1024):  # fill the cache in chunks (prefill)
         n = min(1024, context - s)
-        ex.forward(prompt[:, s:s + n], (torch.arange(n, device="cuda") + s)[None].expand(batch, -1), cache)
-    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device="cuda")
+        ex.forward(prompt[:, s:s + n], (torch.arange(n) + s)[None].expand(batch, -1), cache)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1))  # on the CPU, as the Generator passes them
 
     def step(i):
         length = cache.lengths(0)[0]
-        return ex.forward(ids, torch.full((batch, 1), length, device="cuda", dtype=torch.long), cache)
+        return ex.forward(ids, torch.full((batch, 1), length, dtype=torch.long), cache)
     return timed_steps(step, steps, warmup=3), cache.spec.bytes_per_token
 
 

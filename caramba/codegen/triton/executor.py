@@ -77,17 +77,19 @@ class CudaExecutor(Executor):
 
     # -- the executor interface ----------------------------------------------------------------------------------
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        dense = torch.contiguous_format  # strides of a fresh tensor (kernels check unit strides, size-1 dims too)
-        ids = input_ids.to(self.device).clone(memory_format=dense)
-        pos = positions.to(self.device).clone(memory_format=dense)
+        """Inputs may live on the CPU (as the Generator makes them) or on the device; the bookkeeping reads the
+        CPU copy, so a decode step never waits for the GPU before it is launched."""
+        starts = positions[:, 0].tolist()
         past = max(cache.lengths(0))
-        if pos.shape[1] + past > self.max_seq_len:
-            raise InputError(f"{pos.shape[1]} new tokens after {past} would exceed max_seq_len {self.max_seq_len}")
-        if ids.shape[1] == 1 and self.cuda_graphs:
-            return self._graph_step(ids, pos, cache)
+        if positions.shape[1] + past > self.max_seq_len:
+            raise InputError(f"{positions.shape[1]} new tokens after {past} would exceed max_seq_len "
+                             f"{self.max_seq_len}")
+        if input_ids.shape[1] == 1 and self.cuda_graphs:
+            return self._graph_step(input_ids, positions, starts, cache)
         self.stats["eager_steps"] += 1
-        run = self._decode if ids.shape[1] == 1 else self._prefill
-        return run.run(ids, pos, state=cache, symbols={"past": past})[0]
+        run = self._decode if input_ids.shape[1] == 1 else self._prefill
+        return run.run(_dense(input_ids, self.device), _dense(positions, self.device), state=cache,
+                       symbols={"past": past})[0]
 
     def new_cache(self, batch: int, ring_slack: int = 0) -> KVCache:
         return super().new_cache(batch, ring_slack)
@@ -150,30 +152,30 @@ class CudaExecutor(Executor):
         return attention
 
     # -- the decode CUDA graph --------------------------------------------------------------------------------
-    def _graph_step(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def _graph_step(self, ids: torch.Tensor, pos: torch.Tensor, starts: list[int], cache: KVCache) -> torch.Tensor:
         g = self._graphs.get(id(cache))
         if g is None or g.cache is not cache or g.batch != ids.shape[0]:
             # first decode step on this cache: eager (compiles and tunes every kernel); capture on the next
             self._graphs[id(cache)] = _DecodeGraph(cache, ids.shape[0])
             self.stats["eager_steps"] += 1
-            return self._decode.run(ids, pos, state=cache, symbols={"past": max(cache.lengths(0))})[0]
-        self._bookkeeping(cache, pos)
+            return self._decode.run(_dense(ids, self.device), _dense(pos, self.device), state=cache,
+                                    symbols={"past": max(cache.lengths(0))})[0]
+        self._bookkeeping(cache, starts)
         if g.graph is None:
-            self._capture(g, ids, pos)
-        g.ids.copy_(ids)
-        g.pos.copy_(pos)
+            self._capture(g, _dense(ids, self.device), _dense(pos, self.device))
+        g.ids.copy_(ids, non_blocking=True)
+        g.pos.copy_(pos, non_blocking=True)
         g.graph.replay()
         self.stats["graph_replays"] += 1
         return g.logits.clone()
 
-    def _bookkeeping(self, cache: KVCache, pos: torch.Tensor) -> None:
-        starts = pos[:, 0].tolist()
-        w = self.window(cache)
+    def _bookkeeping(self, cache: KVCache, starts: list[int]) -> None:
         windows = [lc.note_append(starts, 1) for lc in cache.layers]
-        w.copy_(torch.tensor(windows, dtype=torch.int32))
+        if cache.spec.residual_len:  # only ring windows are read from this buffer
+            self.window(cache).copy_(torch.tensor(windows, dtype=torch.int32))
 
     def _capture(self, g: "_DecodeGraph", ids: torch.Tensor, pos: torch.Tensor) -> None:
-        g.ids, g.pos = ids.clone(), pos.clone()
+        g.ids, g.pos = ids, pos
         past = max(g.cache.lengths(0)) - 1
         self._capturing = True
         try:
@@ -197,6 +199,11 @@ class _DecodeGraph:
         self.cache, self.batch = cache, batch
         self.graph: torch.cuda.CUDAGraph | None = None
         self.ids = self.pos = self.logits = None
+
+
+def _dense(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """x on the device as a fresh dense tensor (kernels check unit strides, size-1 dims included)."""
+    return x.to(device).clone(memory_format=torch.contiguous_format)
 
 
 def _to_device(weights: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
