@@ -143,6 +143,8 @@ def test_rms_norm_torch_op(dtype, eps):
 def test_layer_norm(dtype, affine):
     if affine == "fp32" and dtype == F32:
         pytest.skip("the same as 'same dtype'")
+    if affine == "fp32" and DEVICE == "cuda":
+        pytest.skip("torch's CUDA layer_norm refuses a weight of another dtype, so there is no reference")
     for i, shape in enumerate(ROW_SHAPES):
         x = randn(*shape, dtype=dtype, scale=2, seed=i) + 0.5
         wb = [] if affine == "none" else [randn(shape[-1], dtype=dtype if affine == "same dtype" else F32, seed=s)
@@ -290,7 +292,9 @@ def assert_same_buffers(ref: KVCache, out: KVCache, what: str) -> None:
             assert (x is None) == (y is None)
             if x is not None:
                 diff = (bits(x) != bits(y)).nonzero()
-                assert diff.numel() == 0, f"{what}: {name}.{buf} differs at {diff[:5].tolist()}"
+                at = tuple(diff[:3].T)
+                assert diff.numel() == 0, (f"{what}: {name}.{buf} differs at {diff[:3].tolist()}: "
+                                           f"{bits(y)[at].tolist()} instead of {bits(x)[at].tolist()}")
 
 
 @pytest.mark.parametrize("qblock", [32, 16])

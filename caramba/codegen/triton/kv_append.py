@@ -10,7 +10,7 @@ Codes are bit-identical to quant.quantize: the fp16 scale is rounded first and t
 with IEEE division (tl.math.div_rn, not the approximate `/`); rounding is half-to-even (floor and compares, exact
 for every |x / d| < 2**23, which covers every code); q4_0 takes the sign of the block's first element of largest
 magnitude (its sign bit, so a zero block stores the same signed zero scale as the reference); nf4 counts the fp32
-midpoints strictly below x / d (the tie goes to the lower level); a zero scale stores zero codes; padding features
+midpoints strictly below x / d (the tie goes to the lower level); a zero scale stores the codes of 0; padding features
 F..Fp are quantized as zeros; 4-bit codes pack low nibble = even feature. fp32 / fp16 / bf16 kinds are plain
 round-to-nearest-even casts.
 
@@ -20,13 +20,15 @@ A kernel cannot raise. Instead of quant's NonFiniteError / the cache's overflow 
     ERR_RANGE      a finite value the storage cannot hold: an fp16 block scale, an fp16 code or the fp16 ring
                    would overflow (the reference's "overflows its fp16 block scale" / "... overflows fp16")
     ERR_POSITION   a start put a token outside [0, max_seq_len): that token was not written
-The flagged tokens' codes (and ring slots) hold unspecified values; every other token is written correctly.
+The flag is per launch, not per token: the offending tokens' codes (and ring slots) hold unspecified values, every
+other token is written correctly.
 `raise_if_error(flag)` reads the flag (one sync, outside any graph), clears it and raises what the reference
 would have raised; the caller must then not advance the lengths past the step (and rebuild the ring if it has
 one, since the step's ring slots were overwritten). Without a flag, checking stays with the caller.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -108,10 +110,11 @@ $CODES
 _SCALE = {
     # d = amax / 127
     "q8_0": "    d32 = tl.math.div_rn(amax, 127.0)",
-    # d = m / -8, m the first element of largest magnitude with its sign (its sign bit: -0.0 counts as negative)
+    # d = m / -8, m the first element of largest magnitude with its sign: |m| / 8 with the opposite of m's sign
+    # bit, set on the bits so that zero blocks keep the reference's signed zero (-0.0 / -8 = +0.0, +0.0 / -8 = -0.0)
     "q4_0": """    first = tl.min(tl.where(live & (ax == amax[:, None]), lane, $QBLOCK), axis=1)[:, None]
-    negative = tl.max(tl.where(lane == first, x.to(tl.uint32, bitcast=True) >> 31, 0), axis=1) != 0
-    d32 = tl.where(negative, -amax, amax) * -0.125""",
+    sign = tl.max(tl.where(lane == first, x.to(tl.uint32, bitcast=True) >> 31, 0), axis=1)
+    d32 = ((amax * 0.125).to(tl.uint32, bitcast=True) | ((sign ^ 1) << 31)).to(tl.float32, bitcast=True)""",
     # d = amax
     "nf4": "    d32 = amax",
 }
@@ -160,6 +163,7 @@ def kernel(x_ptr, starts_ptr, codes_ptr, err_ptr, n_tok, T, S, sxb, sxt, scb, sc
 '''
 
 
+@functools.lru_cache(maxsize=None)  # rendering and hashing the source is host time every launch would pay
 def _quant_kernel(kind: CacheKind, f: int, qblock: int, x_dtype: torch.dtype, ring_c: int, check: bool):
     subs = dict(QBLOCK=qblock, HALF=qblock // 2, F=f, NB=n_blocks(kind, f, qblock))
     text = source.render(
@@ -172,6 +176,7 @@ def _quant_kernel(kind: CacheKind, f: int, qblock: int, x_dtype: torch.dtype, ri
     return source.load(text, f"kv_append_{kind.name}").kernel
 
 
+@functools.lru_cache(maxsize=None)
 def _float_kernel(kind: CacheKind, f: int, x_dtype: torch.dtype, check: bool):
     text = source.render(
         _FLOAT_TEMPLATE, KIND=kind.name, F=f, X_DTYPE=x_dtype, HELPERS=HELPERS, CHECK=check,

@@ -15,6 +15,7 @@ graph can capture the launch.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -62,6 +63,7 @@ def _dtype(d: DType | torch.dtype | None) -> torch.dtype | None:
     return d.torch if isinstance(d, DType) else d
 
 
+@functools.lru_cache(maxsize=None)  # rendering and hashing the source is host time every launch would pay
 def _kernel(name: str, x_dtype: torch.dtype, w_dtype: torch.dtype | None, b_dtype: torch.dtype | None,
             out_dtype: torch.dtype, cast: torch.dtype | None, d: int, *, add: bool, center: bool,
             w_in_fp32: bool):

@@ -15,6 +15,7 @@ The output is a new contiguous tensor, or `out=` (contiguous, x's shape, the pro
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -31,8 +32,8 @@ $HELPERS
 @triton.jit
 def kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, n_rows, n1, n2,
            sx0, sx1, sx2, sc0, sc1, sc2, ss0, ss1, ss2, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]  # (ROWS, 1) over (n0, n1, n2)
-    i0, i1, i2 = row // (n1 * n2), (row // n2) % n1, row % n2
+    row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS))[:, None]  # (ROWS, 1) over (n0, n1, n2), int32 math
+    i0, i1, i2 = (row // (n1 * n2)).to(tl.int64), ((row // n2) % n1).to(tl.int64), (row % n2).to(tl.int64)
     j = tl.arange(0, BLOCK)[None, :]  # (1, BLOCK)
     live = row < n_rows
     rot = j < $R
@@ -50,10 +51,11 @@ def kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, n_rows, n1, n2,
     a = $ROUND_A
     b = $ROUND_B
     y = tl.where(rot, $ROUND_SUM, $ROUND_X)
-    tl.store(y_ptr + row * $D + j, $STORE_Y, mask=live & (j < $D))
+    tl.store(y_ptr + row.to(tl.int64) * $D + j, $STORE_Y, mask=live & (j < $D))
 '''
 
 
+@functools.lru_cache(maxsize=None)  # rendering and hashing the source is host time every launch would pay
 def _kernel(x_dtype: torch.dtype, c_dtype: torch.dtype, s_dtype: torch.dtype, out_dtype: torch.dtype, d: int,
             r: int, interleaved: bool):
     def load(ptr: str, dtype: torch.dtype, mask: str) -> str:

@@ -7,6 +7,8 @@ output of the promoted dtype.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from caramba.codegen.triton import source
@@ -30,6 +32,7 @@ def kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
 '''
 
 
+@functools.lru_cache(maxsize=None)  # rendering and hashing the source is host time every launch would pay
 def _kernel(g_dtype: torch.dtype, u_dtype: torch.dtype, out_dtype: torch.dtype):
     text = source.render(
         _TEMPLATE, G_DTYPE=g_dtype, U_DTYPE=u_dtype, OUT_DTYPE=out_dtype, HELPERS=HELPERS,
