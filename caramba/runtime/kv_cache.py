@@ -554,6 +554,23 @@ class KVCache:
         """One layer's tensors, (batch, max length, features), through their storage kinds."""
         return self._layer(layer).read(dtype)
 
+    def note_append(self, starts: Sequence[int], n_new: int) -> list[list[int]]:
+        """LayerCache.note_append for every layer at once (a decode step whose appends kernels write): returns
+        each layer's window starts per row. Layers in the same state (the usual case) share one computation."""
+        first = self.layers[0]
+        before = (list(first.lengths), list(first.ring_start))
+        window = first.note_append(starts, n_new)
+        windows = [window]
+        for lc in self.layers[1:]:
+            if (lc.lengths, lc.ring_start) != before:
+                windows.append(lc.note_append(starts, n_new))  # states differ: the general path
+                continue
+            lc.lengths, lc.ring_start, lc.step = list(first.lengths), list(first.ring_start), None
+            for store in lc.stores.values():
+                store.step = None
+            windows.append(window)
+        return windows
+
     def lengths(self, layer: int = 0) -> tuple[int, ...]:
         """Tokens held per row in one layer."""
         return tuple(self._layer(layer).lengths)

@@ -380,3 +380,23 @@ def test_reads_match_a_model_of_the_physical_ring(scenario):
             want = token[name].half().float() if in_ring else _stored(token[name], kind, 4)
             assert torch.equal(out[name][:, p], want), (p, name)
     assert cache.lengths(0) == (len(tokens), len(tokens))
+
+
+def test_note_append_moves_every_layer_as_an_append_would():
+    """KVCache.note_append (kernels write the buffers) leaves the bookkeeping an append leaves, layer by layer,
+    also when layers are in different states, and returns each layer's window starts."""
+    caches = [KVCache(CacheSpec.standard(3, 2, 32, 8, "q4_0", qblock=8, residual_len=3)) for _ in range(2)]
+    x = torch.randn(2, 9, 8)
+    for cache in caches:
+        for layer in range(3):
+            cache.append(layer, {"k": x[:, :6], "v": x[:, :6]})
+        cache.layers[2].set_lengths([4, 5])  # layer 2 in another state
+    written, noted = caches
+    want = [[min(r, s) for r, s in zip(lc.ring_start, (4, 5))] for lc in written.layers]
+    for layer in range(3):
+        written.append(layer, {"k": x[:, 6:7], "v": x[:, 6:7]}, start=[4, 5])
+    assert noted.note_append([4, 5], 1) == want
+    for a, b in zip(written.layers, noted.layers):
+        assert (a.lengths, a.ring_start) == (b.lengths, b.ring_start)
+    with pytest.raises(CacheError, match="start position 7"):
+        noted.note_append([7, 5], 1)  # a gap after row 0's 5 tokens

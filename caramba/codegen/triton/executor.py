@@ -170,7 +170,7 @@ class CudaExecutor(Executor):
         return g.logits.clone()
 
     def _bookkeeping(self, cache: KVCache, starts: list[int]) -> None:
-        windows = [lc.note_append(starts, 1) for lc in cache.layers]
+        windows = cache.note_append(starts, 1)
         if cache.spec.residual_len:  # only ring windows are read from this buffer
             self.window(cache).copy_(torch.tensor(windows, dtype=torch.int32))
 
