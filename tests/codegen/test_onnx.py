@@ -1,6 +1,7 @@
 """target "onnx": the cached graph as one ONNX model run by ONNX Runtime, against the interpreter (target "eager")
-at every step: prefill, ragged rows, decode and multi-token steps, for every attention mode, cache kind and both
-cache write paths; greedy generation through the public API; the checker; refusals."""
+at every step: prefill, ragged rows, decode and multi-token steps, for every attention mode, cache kind and runner
+mode (concat, scatter, shadow, contrib: com.microsoft GroupQueryAttention); the "optimum" export layout with a
+left-padded batch under attention_mask; greedy generation through the public API; the checker; refusals."""
 from __future__ import annotations
 
 import pytest
@@ -17,6 +18,7 @@ from caramba.runtime.executor import CacheConfig, InterpreterExecutor, lower, vo
 from tests.helpers import hf_model, rel_err
 
 MODES = ("decoupled", "standard", "gqa")
+RUNNER_MODES = ("concat", "scatter", "shadow", "contrib")
 _COMPILED: dict = {}
 
 
@@ -59,7 +61,7 @@ def run_both(ref, ex, tol: float) -> None:
     return c_ref, c_ex
 
 
-@pytest.mark.parametrize("mode", ["concat", "scatter"])
+@pytest.mark.parametrize("mode", RUNNER_MODES)
 @pytest.mark.parametrize("attention", MODES)
 def test_fp32_cache_logits_match_the_interpreter_at_every_step(attention, mode):
     ref, ex = pair(compiled(attention), "fp32", mode)
@@ -73,7 +75,7 @@ def test_fp32_cache_logits_match_the_interpreter_at_every_step(attention, mode):
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0", "nf4", "fp16"])
 @pytest.mark.parametrize("attention", MODES)
 def test_quantized_and_fp16_caches_match_the_interpreters_reference(attention, kind):
-    for mode in ("concat", "scatter"):
+    for mode in RUNNER_MODES:
         ref, ex = pair(compiled(attention), kind, mode)
         c_ref, c_ex = run_both(ref, ex, 1e-4)
         if kind == "fp16":
@@ -87,8 +89,9 @@ def test_quantized_and_fp16_caches_match_the_interpreters_reference(attention, k
                     assert torch.allclose(a.scales[row, :n].float(), b.scales[row, :n].float(), rtol=1e-3)
 
 
-def test_fp16_compute_matches_the_interpreter():
-    ref, ex = pair(compiled("decoupled", "fp16"), "fp16", "scatter")
+@pytest.mark.parametrize("mode", ["scatter", "shadow", "contrib"])
+def test_fp16_compute_matches_the_interpreter(mode):
+    ref, ex = pair(compiled("decoupled", "fp16"), "fp16", mode)
     run_both(ref, ex, 2e-2)
 
 
@@ -96,16 +99,19 @@ def test_every_built_model_passes_the_full_checker():
     cm = compiled("decoupled")
     program = lower(cm, CacheConfig.of(cm.cache_layout, {"k_sem": "q8_0", "k_geo": "q4_0", "v": "fp16"},
                                        max_seq_len=48))
-    for mode in ("concat", "scatter"):
+    for mode in RUNNER_MODES:
         model = build_model(program.prefill, program.layout, program.config.kind_map, max_seq_len=48, mode=mode)
         check(model.proto)
         names = [i.name for i in model.proto.graph.input]
         assert names[:3] == ["input_ids", "position_ids", "past_key_values.0.key_sem"]
         assert "past_key_values.0.key_sem_scales" in names and "past_key_values.1.value" in names
         assert [o.name for o in model.proto.graph.output][:2] == ["logits", "present.0.key_sem"]
+        assert ("past_attention.1.key" in names) == (mode in ("shadow", "contrib"))
         ops = {n.op_type for n in model.proto.graph.node}
-        assert {"Attention", "DequantizeLinear", "RMSNormalization", "MatMul"} <= ops
-        assert ("TensorScatter" in ops) == (mode == "scatter")
+        assert {"DequantizeLinear", "RMSNormalization", "MatMul"} <= ops
+        assert ("TensorScatter" in ops) == (mode != "concat")
+        assert ("GroupQueryAttention" in ops) == (mode == "contrib")
+        assert ("Attention" in ops) == (mode != "contrib")
 
 
 def greedy(cm, prompt, n: int = 32):
@@ -160,9 +166,10 @@ def test_greedy_tokens_equal_eager_for_every_attention_mode(attention):
                        greedy(caramba.compile(model, target="eager"), prompt))
 
 
-def test_a_cache_moves_between_targets():
+@pytest.mark.parametrize("mode", RUNNER_MODES)
+def test_a_cache_moves_between_targets(mode):
     """Prefill on the interpreter, decode on ORT with the same KVCache (one layout for every target)."""
-    ref, ex = pair(compiled("gqa"), "q8_0", "concat")
+    ref, ex = pair(compiled("decoupled"), "q8_0", mode)
     cache, shadow = ref.new_cache(1), ref.new_cache(1)
     ids = torch.tensor([[3, 1, 4, 1, 5]])
     pos = torch.arange(5)[None]
@@ -172,8 +179,9 @@ def test_a_cache_moves_between_targets():
     assert rel_err(ex.forward(step, at, cache), ref.forward(step, at, shadow)) <= 1e-4
 
 
-def test_rollback_then_decode_resyncs_the_compact_cache():
-    ref, ex = pair(compiled("standard"), "fp32", "concat")
+@pytest.mark.parametrize("mode", ["concat", "shadow", "contrib"])
+def test_rollback_then_decode_resyncs_the_runners_buffers(mode):
+    ref, ex = pair(compiled("standard"), "q4_0", mode)
     c_ref, c_ex = ref.new_cache(1), ex.new_cache(1)
     ids, pos = torch.arange(10, 18)[None], torch.arange(8)[None]
     ref.forward(ids, pos, c_ref)
@@ -197,6 +205,88 @@ def test_refusals_name_the_fix():
         build_model(program.prefill, layout, program.config.kind_map, max_seq_len=32, mode="scatter", opset=23)
     with pytest.raises(ValueError, match="mode must be one of"):
         OnnxExecutor(program, 256, mode="inplace")
+    with pytest.raises(ValueError, match="GroupQueryAttention.*mode='scatter'"):
+        OnnxExecutor(program, 256, mode="scatter", ort_contrib=True)
+    with pytest.raises(ValueError, match="optimum.*'concat'"):
+        build_model(program.prefill, layout, program.config.kind_map, max_seq_len=32, mode="shadow",
+                    cache_layout="optimum")
+
+
+def test_ort_contrib_opts_into_group_query_attention_and_grows_its_buffers():
+    """ort_contrib=True is mode contrib; the attention buffers start at one capacity step and grow past it."""
+    from caramba.codegen.onnx.cache import CAPACITY_STEP
+
+    cm = compiled("gqa")
+    program = lower(cm, CacheConfig.of(cm.cache_layout, "fp16", max_seq_len=CAPACITY_STEP + 40))
+    ex, ref = OnnxExecutor(program, 256, ort_contrib=True), InterpreterExecutor(program, 256)
+    assert ex.mode == "contrib"
+    c_ex, c_ref = ex.new_cache(1), ref.new_cache(1)
+    ids = torch.randint(0, 256, (1, CAPACITY_STEP - 1), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(ids.shape[1])[None]
+    assert rel_err(ex.forward(ids, pos, c_ex), ref.forward(ids, pos, c_ref)) <= 1e-4
+    assert ex._attn.capacity == CAPACITY_STEP
+    for p in range(CAPACITY_STEP - 1, CAPACITY_STEP + 2):
+        step, at = torch.tensor([[p % 256]]), torch.tensor([[p]])
+        assert rel_err(ex.forward(step, at, c_ex), ref.forward(step, at, c_ref)) <= 1e-4
+    assert ex._attn.capacity == CAPACITY_STEP + 40  # the next step, capped at max_seq_len
+
+
+def optimum_session(attention: str, kind):
+    from caramba.codegen.onnx.runner import make_session
+
+    cm = compiled(attention)
+    program = lower(cm, CacheConfig.of(cm.cache_layout, kind, max_seq_len=48))
+    model = build_model(program.prefill, program.layout, program.config.kind_map, max_seq_len=48,
+                        cache_layout="optimum")
+    check(model.proto)
+    return program, make_session(model, 1)
+
+
+OPTIMUM_KINDS = [("decoupled", "fp32"), ("decoupled", {"k_sem": "fp16", "k_geo": "q4_0", "v": "q8_0"}),
+                 ("gqa", "fp16"), ("standard", {"k": "q8_0", "v": "fp32"})]
+
+
+@pytest.mark.parametrize("attention, kind", OPTIMUM_KINDS, ids=[f"{a}-{k}" for a, k in OPTIMUM_KINDS])
+def test_optimum_layout_honours_attention_mask_on_a_left_padded_batch(attention, kind):
+    """Head-major float caches, attention_mask (batch, past + seq): a left-padded batch, then decode steps, gives
+    each row's logits as the interpreter gives them for that row alone (padding masked, not just ignored)."""
+    import numpy as np
+
+    numpy = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
+             "tensor(uint8)": np.uint8}
+    program, sess = optimum_session(attention, kind)
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (6, 3)]
+    width = max(map(len, rows))
+    ids, mask, pos = (np.full((2, width), 99, np.int64), np.zeros((2, width), np.int64),
+                      np.zeros((2, width), np.int64))
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):], mask[b, width - len(r):], pos[b, width - len(r):] = r, 1, range(len(r))
+    caches = {i.name: i for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
+    feed = {n: np.zeros([2 if d == "batch_size" else 0 if isinstance(d, str) else d for d in i.shape],
+                        numpy[i.type]) for n, i in caches.items()}
+    names = [o.name for o in sess.get_outputs()]
+    steps, tokens = [], [[7, 11], [8, 12], [9, 13]]
+    for i in range(len(tokens) + 1):
+        out = dict(zip(names, sess.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                                              **feed})))
+        steps.append(torch.from_numpy(out["logits"]).float())
+        if i == len(tokens):
+            break
+        feed = {n: out[n.replace("past_key_values.", "present.")] for n in caches}
+        ids, pos = np.array(tokens[i])[:, None], pos[:, -1:] + 1
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+    for name, info in caches.items():  # float caches head-major, block kinds in caramba's layout
+        assert len(info.shape) == (3 if out[name.replace("past_key_values.", "present.")].dtype in
+                                   (np.int8, np.uint8) or name.endswith("_scales") else 4)
+    ref = InterpreterExecutor(program, 256)
+    for b, r in enumerate(rows):
+        cache = ref.new_cache(1)
+        want = ref.forward(torch.tensor([r]), torch.arange(len(r))[None], cache)[0]
+        assert rel_err(steps[0][b, width - len(r):], want) <= 1e-4
+        for i, toks in enumerate(tokens):
+            want = ref.forward(torch.tensor([[toks[b]]]), torch.tensor([[len(r) + i]]), cache)[0]
+            assert rel_err(steps[i + 1][b], want) <= 1e-4, f"row {b}, decode step {i}"
 
 
 def test_auto_picks_onnx_without_a_gpu(monkeypatch):

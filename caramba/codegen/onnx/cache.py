@@ -1,28 +1,42 @@
 """The KV cache in ONNX: kv_append and the cached attention ops as graph inputs/outputs and standard ops.
 
-Layout: caramba's runtime layout (runtime/kv_cache.py, runtime/quant.py), so the runner binds a KVCache's own
-buffers and a cache moves between targets unchanged: per layer and cached tensor a codes tensor (batch, T, W) and,
-for q8_0/q4_0, an fp16 scales tensor (batch, T, n_blocks). Names follow Hugging Face Optimum's
-`past_key_values.{i}.key` / `present.{i}.key` (k -> key, v -> value, k_sem -> key_sem, k_geo -> key_geo, scales
-add `_scales`). Optimum's float caches are (batch, kv_heads, T, head_dim); caramba keeps (batch, T, kv_heads·head_dim)
-for every kind (the same bytes per token, one layout whatever the kind): metadata `caramba.cache` says so.
+Two cache layouts (`layout`):
+- "caramba" (what the runner binds): caramba's runtime layout (runtime/kv_cache.py, runtime/quant.py) for every
+  kind, so the runner binds a KVCache's own buffers and a cache moves between targets unchanged: per layer and
+  cached tensor a codes tensor (batch, T, W) and, for q8_0/q4_0/nf4, an fp16 scales tensor (batch, T, n_blocks).
+  Row b writes its tokens at position_ids[b, 0].. and key j is visible to the query at position p iff j <= p,
+  so ragged batches need no attention mask.
+- "optimum" (what `caramba export-onnx` writes by default, mode "concat" only): fp32/fp16 tensors are
+  (batch, kv_heads, T, head_dim) as Hugging Face Optimum and onnxruntime-genai expect; quantized kinds keep
+  caramba's (batch, T, W) codes + scales. The model takes `attention_mask` (batch, past + seq): the step's tokens
+  are appended at the end (cache index, not position), key j is visible to the step's token i iff
+  j <= past + i and attention_mask[b, j] != 0 (left padding is masked); position_ids only drive RoPE.
 
-Two ways to write the step's tokens (`mode`):
-- "concat" (opset 23): inputs hold the past (batch, past, W), outputs the present (batch, past + seq, W):
-  present = ScatterND(Concat(past, new), [b, positions[b, s]], new). Concat appends at `past` (right for every
-  row of an even batch); ScatterND moves each ragged row's tokens to its own positions. ORT copies the whole past
-  every step (what Attention-23's own past/present does too).
+Names follow Optimum's `past_key_values.{i}.key` / `present.{i}.key` (k -> key, v -> value, k_sem -> key_sem,
+k_geo -> key_geo; scales add `_scales`). Ways to write the step's tokens (`mode`):
+- "concat" (opset 23): inputs hold the past, outputs the present = Concat(past, new) (caramba layout:
+  ScatterND then moves each ragged row's tokens to its own positions). ORT copies the whole past every step.
 - "scatter" (opset 24): inputs and outputs are the whole preallocated buffers (batch, max_seq_len, W) and
-  present = TensorScatter(past, new, write_indices = positions[:, 0]); a runner that binds past and present to
-  one buffer gets the write in place. Attention reads Slice(present, 0, ctx), ctx = the longest row after the
-  write, so its cost follows the used length, not the buffer.
+  present = TensorScatter(past, new, write_indices = positions[:, 0]); bound to one buffer, the write is in place.
+  Attention reads Slice(present, 0, ctx), ctx = the longest row after the write.
+- "shadow" (opset 24): the KVCache buffers are written in place as in "scatter" but never read; attention reads
+  per-layer attention buffers `past_attention.{i}.key` / `.value` (batch, kv_heads, capacity, head_dim) in the
+  compute dtype, holding every cached token *as read through its storage kind* (DBA keys already
+  [k_sem ‖ k_geo] per head), updated in place by TensorScatter with the step's tokens only; one Attention-24
+  reads them under a per-row position mask. No concat, slice or dequantization of the past per step; costs a
+  compute-dtype copy of the cache (runner-owned, grown in buckets of CAPACITY_STEP positions).
+- "contrib" (opset 24 + com.microsoft, opt-in `ort_contrib=True`): like "shadow", but com.microsoft
+  GroupQueryAttention reads and writes the attention buffers (past and present shared, seqlens_k per row).
+  Its limits: value head size must equal the q/k head size (DBA and any dv != dk are zero-padded to the larger:
+  padding Q and K with zeros leaves the scores unchanged, padded V columns are sliced off the output); its own
+  quantized caches take per-tensor or per-channel scales only, not caramba's blocks of 32, so every storage kind
+  is quantized into the KVCache and dequantized outside the op into the attention buffers (exact); with a past,
+  a step of several tokens needs batch 1 (the runner then runs rows one at a time).
 
 Reads decode through the storage kind exactly as runtime/quant.py does (q8_0: DequantizeLinear with fp32 scales,
 block qblock; q4_0: nibbles unpacked with BitwiseAnd / BitShift, DequantizeLinear with zero point 8; nf4: the
-same nibbles through a Gather of the level table times the scale; fp16: Cast),
-then every layer runs one Attention (opset 23) with 3-D inputs: key j visible to the query at position p iff
-j <= p (bool mask, per row). DBA is one Attention over per-head [q_sem·s_sem ‖ q_geo·s_geo] and [k_sem ‖ k_geo]
-with scale 1 (SPEC §1 step 5).
+same nibbles through a Gather of the level table times the scale; fp16: Cast). DBA is one attention over per-head
+[q_sem·s_sem ‖ q_geo·s_geo] and [k_sem ‖ k_geo] with scale 1 (SPEC §1 step 5).
 """
 from __future__ import annotations
 
@@ -35,36 +49,68 @@ from caramba.ir.graph import Node
 from caramba.ir.types import DType
 from caramba.runtime.quant import code_width, n_blocks, padded_features, parse_kind
 
-MODES = ("concat", "scatter")
+MODES = ("concat", "scatter", "shadow", "contrib")
+LAYOUTS = ("caramba", "optimum")
 ONNX_NAMES = {"k": "key", "v": "value", "k_sem": "key_sem", "k_geo": "key_geo"}
 SUPPORTED_KINDS = ("fp32", "fp16", "q8_0", "q4_0", "nf4")
+KEY_TENSORS = {"standard": ("k",), "decoupled": ("k_sem", "k_geo")}
+CAPACITY_STEP = 256  # attention buffers ("shadow", "contrib") grow by this many positions
 
 
 @dataclass(frozen=True)
 class CachePart:
-    """One cache tensor of the ONNX model: a layer's codes or scales of one cached tensor."""
+    """One cache tensor of the ONNX model: a layer's codes or scales of one cached tensor, or (shadow/contrib) a
+    layer's attention buffer. heads == 0: (batch, T, width); heads > 0: (batch, heads, T, width)."""
 
     layer: int
-    tensor: str  # k, v, k_sem, k_geo
-    part: str  # "codes" or "scales"
+    tensor: str  # k, v, k_sem, k_geo; "attn_key" / "attn_value" for attention buffers
+    part: str  # "codes", "scales" or "attention"
     input: str
     output: str
     dtype: DType
     width: int  # last dim
+    heads: int = 0
+
+    @property
+    def seq_axis(self) -> int:
+        return 2 if self.heads else 1
 
 
-def cache_parts(n_layers: int, features: dict[str, int], kinds: dict[str, str], qblock: int) -> list[CachePart]:
+def cache_parts(n_layers: int, heads: dict[str, tuple[int, int]], kinds: dict[str, str], qblock: int,
+                layout: str = "caramba") -> list[CachePart]:
+    """The KVCache's tensors as model inputs/outputs (float kinds head-major in the "optimum" layout)."""
     parts = []
     for i in range(n_layers):
-        for name, f in features.items():
-            kind = parse_kind(kinds[name])
-            base = ONNX_NAMES[name]
+        for name, (h, d) in heads.items():
+            kind, f, base = parse_kind(kinds[name]), h * d, ONNX_NAMES[name]
+            dtype = DType.from_torch(kind.code_dtype)
+            if layout == "optimum" and not kind.block_scaled:
+                parts.append(CachePart(i, name, "codes", f"past_key_values.{i}.{base}", f"present.{i}.{base}",
+                                       dtype, d, h))
+                continue
             parts.append(CachePart(i, name, "codes", f"past_key_values.{i}.{base}", f"present.{i}.{base}",
-                                   DType.from_torch(kind.code_dtype), code_width(kind, f, qblock)))
+                                   dtype, code_width(kind, f, qblock)))
             if kind.block_scaled:
                 parts.append(CachePart(i, name, "scales", f"past_key_values.{i}.{base}_scales",
                                        f"present.{i}.{base}_scales", DType.f16, n_blocks(kind, f, qblock)))
     return parts
+
+
+def attention_dims(family: str, heads: dict[str, tuple[int, int]], mode: str) -> tuple[int, int, int]:
+    """(kv_heads, key head dim, value head dim) of the attention buffers; contrib pads both to the larger."""
+    h = heads["v"][0]
+    dk = sum(heads[n][1] for n in KEY_TENSORS[family])
+    dv = heads["v"][1]
+    return (h, max(dk, dv), max(dk, dv)) if mode == "contrib" else (h, dk, dv)
+
+
+def attention_parts(n_layers: int, family: str, heads: dict[str, tuple[int, int]], mode: str,
+                    dtype: DType) -> list[CachePart]:
+    if mode not in ("shadow", "contrib"):
+        return []
+    h, dk, dv = attention_dims(family, heads, mode)
+    return [CachePart(i, f"attn_{t}", "attention", f"past_attention.{i}.{t}", f"present_attention.{i}.{t}", dtype,
+                      d, h) for i in range(n_layers) for t, d in (("key", dk), ("value", dv))]
 
 
 def check_kinds(kinds: dict[str, str], residual_len: int) -> None:
@@ -82,35 +128,72 @@ def check_kinds(kinds: dict[str, str], residual_len: int) -> None:
 class CacheLowering:
     """Graph-wide pieces of the cached graph: cache inputs/outputs, the write indices, ctx and the mask."""
 
-    def __init__(self, lw: Lowering, mode: str, parts: list[CachePart], positions: str, seq_len: str,
-                 qblock: int, features: dict[str, int], kinds: dict[str, str], max_seq_len: int) -> None:
+    def __init__(self, lw: Lowering, mode: str, layout: str, parts: list[CachePart], attn: list[CachePart],
+                 positions: str, seq_len: str, qblock: int, heads: dict[str, tuple[int, int]],
+                 kinds: dict[str, str], max_seq_len: int, attention_mask: str | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"cache mode must be one of {MODES}, got {mode!r}")
-        self.lw, self.b, self.mode, self.qblock = lw, lw.b, mode, qblock
-        self.features, self.kinds = features, kinds
-        self.parts = {(p.layer, p.tensor, p.part): p for p in parts}
-        self.positions = positions
-        past_dim = "past_sequence_length" if mode == "concat" else max_seq_len
-        for p in parts:
-            self.b.add_input(p.input, p.dtype, ["batch_size", past_dim, p.width])
+        self.lw, self.b, self.mode, self.layout, self.qblock = lw, lw.b, mode, layout, qblock
+        self.heads, self.kinds, self.max_seq_len = heads, kinds, max_seq_len
+        self.features = {n: h * d for n, (h, d) in heads.items()}
+        self.parts = {(p.layer, p.tensor, p.part): p for p in parts + attn}
+        self.positions, self.seq_len = positions, seq_len
+        for p in parts + attn:
+            self.b.add_input(p.input, p.dtype, self.dims(p, "past"))
         b = self.b
         self.write_idx = b.op("Gather", [positions, b.const(0)], "write_idx", axis=1)  # (B,)
         if mode == "concat":
-            first = parts[0].input
-            past = b.op("Shape", [first], "past", start=1, end=2)
+            past = b.op("Shape", [parts[0].input], "past", start=parts[0].seq_axis, end=parts[0].seq_axis + 1)
             self.ctx = b.op("Add", [past, seq_len], "ctx")
-            self.scatter_idx = self._scatter_indices()
+            if layout == "caramba":
+                self.scatter_idx = self._scatter_indices()
         else:
             last = b.op("Gather", [positions, b.op("Sub", [seq_len, b.const([1])])], "last_pos", axis=1)  # (B, 1)
             self.ctx = b.op("Add", [b.op("ReduceMax", [last], "max_pos", keepdims=0), b.const(1)], "ctx")
             self.ctx = b.op("Reshape", [self.ctx, b.const([1])], "ctx")
             past = b.op("Sub", [self.ctx, seq_len], "past")
+            if mode == "contrib":
+                i32 = onnx_dtype(DType.i32)
+                self.seqlens_k = b.op("Cast", [b.op("Squeeze", [last, b.const([1])])], "seqlens_k", to=i32)
+                self.total = b.op("Cast", [b.op("Squeeze", [self.ctx, b.const([0])])], "total_len", to=i32)
         b.bind_dim("past", past)
-        keys = b.op("Range", [b.const(0), b.op("Squeeze", [self.ctx]), b.const(1)], "keys")  # (ctx,)
-        pos3 = b.op("Unsqueeze", [positions, b.const([2])], "pos3")  # (B, S, 1)
-        self.mask = b.op("Unsqueeze", [b.op("LessOrEqual", [keys, pos3], "visible"), b.const([1])], "mask")
+        if mode == "shadow":
+            first = attn[0].input
+            self.mask = self._position_mask(b.op("Squeeze", [b.op("Shape", [first], start=2, end=3)], "capacity"))
+        elif layout == "optimum":
+            self.mask = self._index_mask(past, attention_mask)
+        elif mode != "contrib":
+            self.mask = self._position_mask(b.op("Squeeze", [self.ctx]))
         self.present: dict[int, dict[str, tuple[str, str | None]]] = {}
+        self.new: dict[int, dict[str, str]] = {}  # layer -> tensor -> the step's tokens as read, (B, S, F)
         self.outputs: list[tuple[str, CachePart]] = []
+
+    def dims(self, p: CachePart, which: str) -> list:
+        if p.part == "attention":
+            seq = "cache_capacity"
+        elif self.mode == "concat":
+            seq = f"{which}_sequence_length"
+        else:
+            seq = self.max_seq_len
+        return ["batch_size", p.heads, seq, p.width] if p.heads else ["batch_size", seq, p.width]
+
+    def _position_mask(self, n_keys: str) -> str:
+        """(B, 1, S, n_keys) bool: key j visible to the query at position p iff j <= p."""
+        b = self.b
+        keys = b.op("Range", [b.const(0), n_keys, b.const(1)], "keys")
+        pos3 = b.op("Unsqueeze", [self.positions, b.const([2])], "pos3")  # (B, S, 1)
+        return b.op("Unsqueeze", [b.op("LessOrEqual", [keys, pos3], "visible"), b.const([1])], "mask")
+
+    def _index_mask(self, past: str, attention_mask: str) -> str:
+        """(B, 1, S, ctx) bool: key j visible to the step's token i iff j <= past + i and attention_mask[b, j]."""
+        b = self.b
+        ctx = b.op("Squeeze", [self.ctx])
+        keys = b.op("Range", [b.const(0), ctx, b.const(1)], "keys")  # (ctx,)
+        rows = b.op("Range", [b.op("Squeeze", [past]), ctx, b.const(1)], "query_index")  # (S,)
+        causal = b.op("LessOrEqual", [keys, b.op("Unsqueeze", [rows, b.const([1])])], "causal")  # (S, ctx)
+        keep = b.op("Cast", [attention_mask], "keep", to=onnx_dtype(DType.bool))
+        keep = b.op("Unsqueeze", [keep, b.const([1, 2])], "keep")  # (B, 1, 1, ctx)
+        return b.op("And", [causal, keep], "mask")
 
     def _scatter_indices(self) -> str:
         """(B, S, 2) int64: [b, positions[b, s]], where ScatterND puts each row's tokens."""
@@ -124,24 +207,62 @@ class CacheLowering:
     # -- write ----------------------------------------------------------------------------------------------------
     def append(self, n: Node) -> list[str]:
         """kv_append: quantize/cast the step's tokens and write them; remembers each tensor's present."""
-        layer = n.attrs["layer"]
-        self.present[layer] = {}
+        layer, dt = n.attrs["layer"], n.inputs[1].type.dtype
+        self.present[layer], self.new[layer] = {}, {}
         for name, x in zip(n.attrs["names"], n.inputs[1:]):
             codes, scales = self._encode(self.lw[x], x.type.dtype, name)
             stored = [(codes, "codes"), (scales, "scales")] if scales is not None else [(codes, "codes")]
             written = [self._write(value, self.parts[(layer, name, part)]) for value, part in stored]
             self.present[layer][name] = (written[0], written[1] if len(written) > 1 else None)
+            if self.mode in ("shadow", "contrib"):
+                self.new[layer][name] = self._decode(codes, scales, name, dt)
+        if self.mode == "shadow":
+            self._write_attention(layer)
         return [self.write_idx]  # the rows' lengths value orders nothing in ONNX: data edges go through present
 
     def _write(self, new: str, part: CachePart) -> str:
         b = self.b
-        if self.mode == "concat":
+        if self.mode == "concat" and part.heads:  # (B, S, H·d) -> (B, H, S, d), appended at the end
+            heads = b.op("Reshape", [new, b.const([0, 0, part.heads, part.width])], "new_heads")
+            new = b.op("Transpose", [heads], "new_bhsd", perm=[0, 2, 1, 3])
+            out, = b.op("Concat", [part.input, new], outputs=[b.claim(part.output)], axis=2)
+        elif self.mode == "concat" and self.layout == "optimum":
+            out, = b.op("Concat", [part.input, new], outputs=[b.claim(part.output)], axis=1)
+        elif self.mode == "concat":
             full = b.op("Concat", [part.input, new], "cat", axis=1)
             out, = b.op("ScatterND", [full, self.scatter_idx, new], outputs=[b.claim(part.output)])
         else:
-            out, = b.op("TensorScatter", [part.input, new, self.write_idx], outputs=[b.claim(part.output)], axis=1)
+            out, = b.op("TensorScatter", [part.input, new, self.write_idx], outputs=[b.claim(part.output)],
+                        axis=part.seq_axis)
         self.outputs.append((out, part))
         return out
+
+    def _write_attention(self, layer: int) -> None:
+        """shadow: the step's keys ([k_sem ‖ k_geo] per head) and values, as read, into the attention buffers."""
+        b = self.b
+        for t, new in (("key", self._new_heads(layer, self._key_names(layer), None)),
+                       ("value", self._new_heads(layer, ["v"], None))):
+            part = self.parts[(layer, f"attn_{t}", "attention")]
+            bhsd = b.op("Transpose", [new], f"new_{t}", perm=[0, 2, 1, 3])
+            out, = b.op("TensorScatter", [part.input, bhsd, self.write_idx], outputs=[b.claim(part.output)], axis=2)
+            self.outputs.append((out, part))
+            self.present[layer][f"attn_{t}"] = (out, None)
+
+    def _key_names(self, layer: int) -> list[str]:
+        return [n for n in self.new[layer] if n != "v"]
+
+    def _new_heads(self, layer: int, names: list[str], width: int | None) -> str:
+        """(B, S, H, d) of the step's tokens of `names` concatenated per head, zero-padded to `width`."""
+        b = self.b
+        per_head = [b.op("Reshape", [self.new[layer][n], b.const([0, 0, self.heads[n][0], -1])], "heads")
+                    for n in names]
+        x = per_head[0] if len(per_head) == 1 else b.op("Concat", per_head, "cat_heads", axis=-1)
+        return self._pad_last(x, sum(self.heads[n][1] for n in names), width)
+
+    def _pad_last(self, x: str, have: int, want: int | None) -> str:
+        if want is None or want == have:
+            return x
+        return self.b.op("Pad", [x, self.b.const([0, 0, 0, 0, 0, 0, 0, want - have])], "pad_head")
 
     def _encode(self, x: str, dtype: DType, name: str) -> tuple[str, str | None]:
         kind = parse_kind(self.kinds[name])
@@ -221,13 +342,21 @@ class CacheLowering:
 
     # -- read -----------------------------------------------------------------------------------------------------
     def read(self, layer: int, name: str, dtype: DType) -> str:
-        """(B, ctx, F) in dtype: the present decoded through its kind."""
+        """(B, ctx, F) in dtype (caramba layout) or (B, H, ctx, d) (a head-major part): the present, as read."""
         b = self.b
         codes, scales = self.present[layer][name]
+        part = self.parts[(layer, name, "codes")]
         if self.mode == "scatter":
             codes = b.op("Slice", [codes, b.const([0]), self.ctx, b.const([1])], "ctx_codes")
             if scales is not None:
                 scales = b.op("Slice", [scales, b.const([0]), self.ctx, b.const([1])], "ctx_scales")
+        if part.heads:
+            return self.lw.cast(codes, part.dtype, dtype)
+        return self._decode(codes, scales, name, dtype)
+
+    def _decode(self, codes: str, scales: str | None, name: str, dtype: DType) -> str:
+        """(B, T, F) in dtype from (B, T, W) codes and (B, T, nb) scales, exactly as quant.dequantize."""
+        b = self.b
         kind = parse_kind(self.kinds[name])
         if not kind.block_scaled:
             return self.lw.cast(codes, DType.from_torch(kind.code_dtype), dtype)
@@ -252,26 +381,66 @@ class CacheLowering:
             x = b.op("Clip", [x, b.const(-65504.0, DType.f32), b.const(65504.0, DType.f32)], "sat")
         return self.lw.cast(x, DType.f32, dtype)
 
+    def _bhsd(self, layer: int, name: str, dtype: DType, heads: int) -> str:
+        """(B, H, ctx, d): the present as read, head-major (a caramba-layout read is reshaped and transposed)."""
+        x = self.read(layer, name, dtype)
+        if self.parts[(layer, name, "codes")].heads:
+            return x
+        b = self.b
+        return b.op("Transpose", [b.op("Reshape", [x, b.const([0, 0, heads, -1])])], "bhsd", perm=[0, 2, 1, 3])
+
     # -- attention ------------------------------------------------------------------------------------------------
     def attention(self, n: Node) -> list[str]:
         lw, b = self.lw, self.b
         layer, heads, hkv = n.attrs["layer"], n.inputs[0].type.shape[1], n.attrs["kv_heads"]
         q_dt = n.inputs[0].type.dtype
         if n.op == "cached_attention":
-            q, scale = lw[n.inputs[0]], float(n.attrs["scale"])
-            k = self.read(layer, "k", q_dt)
+            q, scale, key_names = lw[n.inputs[0]], float(n.attrs["scale"]), ["k"]
         else:
             q = b.op("Concat", [self._scaled(lw[n.inputs[0]], n.attrs["scale_sem"], q_dt),
                                 self._scaled(lw[n.inputs[1]], n.attrs["scale_geo"], q_dt)], "q_cat", axis=-1)
-            scale = 1.0
+            scale, key_names = 1.0, ["k_sem", "k_geo"]
+        if self.mode == "contrib":
+            return [self._group_query_attention(layer, q, heads, hkv, scale, key_names, n.attrs["v_head_dim"])]
+        if self.mode == "shadow":
+            k, v = self.present[layer]["attn_key"][0], self.present[layer]["attn_value"][0]
+            return [b.op("Attention", [q, k, v, self.mask], "attention", scale=scale)]
+        if self.layout == "optimum":
+            keys = [self._bhsd(layer, t, q_dt, hkv) for t in key_names]
+            k = keys[0] if len(keys) == 1 else b.op("Concat", keys, "k_cat", axis=-1)
+            v = self._bhsd(layer, "v", q_dt, hkv)
+            return [b.op("Attention", [q, k, v, self.mask], "attention", scale=scale)]
+        if len(key_names) == 1:
+            k = self.read(layer, "k", q_dt)
+        else:
             per_head = [b.op("Reshape", [self.read(layer, t, q_dt), b.const([0, 0, hkv, -1])], "k_heads")
-                        for t in ("k_sem", "k_geo")]
+                        for t in key_names]
             k = b.op("Reshape", [b.op("Concat", per_head, "k_cat", axis=-1), b.const([0, 0, -1])], "k_cat")
         v = self.read(layer, "v", q_dt)
         q3 = b.op("Reshape", [b.op("Transpose", [q], perm=[0, 2, 1, 3]), b.const([0, 0, -1])], "q3")
         y = b.op("Attention", [q3, k, v, self.mask], "attention", scale=scale, q_num_heads=heads, kv_num_heads=hkv)
         y = b.op("Reshape", [y, b.const([0, 0, heads, n.attrs["v_head_dim"]])], "y4")
         return [b.op("Transpose", [y], "attn_out", perm=[0, 2, 1, 3])]
+
+    def _group_query_attention(self, layer: int, q: str, heads: int, hkv: int, scale: float, key_names: list[str],
+                               dv: int) -> str:
+        """com.microsoft GroupQueryAttention on the attention buffers (past and present share one buffer)."""
+        b = self.b
+        pk, pv = self.parts[(layer, "attn_key", "attention")], self.parts[(layer, "attn_value", "attention")]
+        d = pk.width
+        dq = sum(self.heads[t][1] for t in key_names)
+        flat = b.const([0, 0, -1])
+        q3 = b.op("Reshape", [b.op("Transpose", [self._pad_last(q, dq, d)], perm=[0, 2, 1, 3]), flat], "q3")
+        k3 = b.op("Reshape", [self._new_heads(layer, key_names, d), flat], "k_new")
+        v3 = b.op("Reshape", [self._new_heads(layer, ["v"], d), flat], "v_new")
+        y, k_out, v_out = b.op("GroupQueryAttention", [q3, k3, v3, pk.input, pv.input, self.seqlens_k, self.total],
+                               outputs=[b.fresh("gqa"), b.claim(pk.output), b.claim(pv.output)],
+                               domain="com.microsoft", num_heads=heads, kv_num_heads=hkv, scale=scale)
+        self.outputs += [(k_out, pk), (v_out, pv)]
+        y = b.op("Reshape", [y, b.const([0, 0, heads, d])], "y4")
+        if dv != d:
+            y = b.op("Slice", [y, b.const([0]), b.const([dv]), b.const([-1])], "unpad_v")
+        return b.op("Transpose", [y], "attn_out", perm=[0, 2, 1, 3])
 
     def _scaled(self, q: str, scale: float, dtype: DType) -> str:
         return self.b.op("Mul", [q, self.b.const(scale, dtype)], "q_scaled")
@@ -281,5 +450,3 @@ def register(cl: CacheLowering) -> dict:
     """The cache ops' lowerings bound to one graph's CacheLowering (merged over ops.OPS by the model builder)."""
     return {"kv_append": lambda lw, n: cl.append(n), "cached_attention": lambda lw, n: cl.attention(n),
             "cached_decoupled_attention": lambda lw, n: cl.attention(n)}
-
-

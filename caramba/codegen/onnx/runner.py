@@ -11,8 +11,21 @@ cache per step:
   swaps them every step (present becomes the next past), and copies only the step's new tokens into the KVCache
   buffers. When the cache changed behind its back (rollback, truncate_rows, reset, another executor), the compact
   copy is rebuilt from the KVCache once.
-- mode "auto" times one decode step of each on this machine at a cache length of min(max_seq_len - 1, 1024) and
-  keeps the faster (logged; `executor.mode` says which ran).
+- mode "shadow" (TensorScatter-24 into the KVCache in place, attention over runner-owned head-major buffers in
+  the compute dtype): the executor keeps per layer a key buffer (batch, kv_heads, capacity, dk) (DBA:
+  [k_sem ‖ k_geo] per head) and a value buffer, holding every cached token as read through its storage kind; the
+  model writes the step's tokens into both the KVCache and these buffers, so each step moves only its own tokens
+  and attention reads neither a concat nor a dequantized copy of the past. Capacity grows in steps of
+  cache.CAPACITY_STEP positions (Attention's cost follows the buffer, not the used length). Memory: one extra
+  compute-dtype copy of the cache (the concat mode keeps two compact copies of the stored bytes).
+- mode "contrib" (opt-in: ort_contrib=True): the same buffers, read and written by com.microsoft
+  GroupQueryAttention with past and present bound to one buffer (limits in cache.py; a multi-token step with a
+  past runs row by row, as the op requires batch 1 there).
+  For both, the buffers mirror the KVCache: when it changed behind the executor's back (rollback, truncate_rows,
+  reset, another executor) they are rebuilt from it once, through the reference dequantization.
+- mode "auto" times one decode step of concat, scatter and shadow on this machine at a cache length of
+  min(max_seq_len - 1, 1024) and keeps the fastest (logged; `executor.mode` says which ran). contrib is never
+  picked by auto: it leaves the standard ops.
 """
 from __future__ import annotations
 
@@ -24,6 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from caramba.codegen.onnx.cache import CAPACITY_STEP, KEY_TENSORS
 from caramba.codegen.onnx.model import OnnxModel, build_model
 from caramba.errors import InputError
 from caramba.runtime.executor import CachedProgram, Executor, vocab_size_of
@@ -33,7 +47,8 @@ if TYPE_CHECKING:
     from caramba.compiler import CompiledModel
 
 log = logging.getLogger("caramba")
-RUNNER_MODES = ("auto", "concat", "scatter")
+RUNNER_MODES = ("auto", "concat", "scatter", "shadow", "contrib")
+MEASURED_MODES = ("concat", "scatter", "shadow")
 
 
 def session_options(threads: int | None = None):
@@ -79,21 +94,40 @@ class _Compact:
     lengths: tuple = ()  # the cache's per-layer lengths when they were last in sync
 
 
+@dataclass
+class _Attention:
+    """The attention buffers of modes shadow/contrib: per layer (batch, kv_heads, capacity, d) key and value."""
+
+    key: list[torch.Tensor]
+    value: list[torch.Tensor]
+    owner: int = -1
+    lengths: tuple = ()
+
+    @property
+    def capacity(self) -> int:
+        return self.key[0].shape[2]
+
+
 class OnnxExecutor(Executor):
     """Runs a CachedProgram's prefill graph as one ONNX model (prefill and decode alike)."""
 
-    def __init__(self, program: CachedProgram, vocab_size: int, *, mode: str = "auto", threads: int | None = None,
-                 opset: int | None = None) -> None:
+    def __init__(self, program: CachedProgram, vocab_size: int, *, mode: str = "auto", ort_contrib: bool = False,
+                 threads: int | None = None, opset: int | None = None) -> None:
+        """mode: auto | concat | scatter | shadow | contrib (module doc); ort_contrib=True is mode "contrib"."""
         super().__init__(program, vocab_size, torch.device("cpu"))
         if mode not in RUNNER_MODES:
             raise ValueError(f"mode must be one of {', '.join(RUNNER_MODES)}, got {mode!r}")
+        if ort_contrib and mode not in ("auto", "contrib"):
+            raise ValueError(f"ort_contrib=True runs the com.microsoft GroupQueryAttention path (mode 'contrib'); "
+                             f"it cannot be combined with mode={mode!r}")
+        mode = "contrib" if ort_contrib else mode
         self.threads = threads
         self._opset = opset
         self._models: dict[str, tuple[OnnxModel, object]] = {}
+        self._compact: _Compact | None = None
+        self._attn: _Attention | None = None
         self.mode = self._measure() if mode == "auto" else mode
         self.model, self.session = self._build(self.mode)
-        self._compact: _Compact | None = None
-        self._bound: tuple[int, object] | None = None  # (id(cache), io binding with the cache bound), scatter
 
     def _build(self, mode: str):
         if mode not in self._models:
@@ -110,11 +144,17 @@ class OnnxExecutor(Executor):
             raise InputError(f"target 'onnx' runs on the CPU; this cache lives on {cache.spec.device}")
         ids = input_ids.to(torch.int64).contiguous()
         pos = positions.to(torch.int64).contiguous()
-        run = self._run_scatter if self.mode == "scatter" else self._run_concat
-        logits = run(ids, pos, cache)
+        if self.mode == "concat":
+            logits = self._run_concat(ids, pos, cache)
+        elif self.mode == "scatter":
+            logits = self._run_inplace(ids, pos, cache, None)
+        else:
+            logits = self._run_attention(ids, pos, cache)
         starts = pos[:, 0].tolist()
         for layer in cache.layers:  # ORT wrote the buffers; the cache records the append (no ring on this target)
             layer.note_append(starts, ids.shape[1])
+        if self._attn is not None and self.mode in ("shadow", "contrib"):
+            self._attn.lengths = _lengths(cache)
         return logits
 
     def _io(self, session, ids: torch.Tensor, pos: torch.Tensor):
@@ -124,14 +164,63 @@ class OnnxExecutor(Executor):
         io.bind_output("logits")
         return io
 
-    def _run_scatter(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def _run_inplace(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, attn: _Attention | None,
+                     rows: slice = slice(None)) -> torch.Tensor:
+        """One run with every cache buffer (rows `rows`) bound as both input and output: written in place."""
         io = self._io(self.session, ids, pos)
-        for part in self.model.parts:
-            ov = _ortvalue(_store_tensor(cache, part.layer, part.tensor, part.part))
+        buffers = [(p, _store_tensor(cache, p.layer, p.tensor, p.part)) for p in self.model.parts]
+        if attn is not None:
+            buffers += [(p, (attn.key if p.tensor == "attn_key" else attn.value)[p.layer])
+                        for p in self.model.attention_parts]
+        for part, buf in buffers:
+            ov = _ortvalue(buf[rows])
             io.bind_ortvalue_input(part.input, ov)
-            io.bind_ortvalue_output(part.output, ov)  # the same buffer: TensorScatter writes in place
+            io.bind_ortvalue_output(part.output, ov)  # the same buffer: TensorScatter / GQA write in place
         self.session.run_with_iobinding(io)
         return torch.from_numpy(io.get_outputs()[0].numpy())
+
+    def _run_attention(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        attn = self._sync_attention(cache, int(pos[:, -1].max()) + 1)
+        if self.mode == "contrib" and ids.shape[0] > 1 and ids.shape[1] > 1 and bool((pos[:, 0] > 0).any()):
+            # GroupQueryAttention takes a multi-token step over a past only for batch 1: one row at a time
+            return torch.cat([self._run_inplace(ids[b:b + 1], pos[b:b + 1], cache, attn, slice(b, b + 1))
+                              for b in range(ids.shape[0])])
+        return self._run_inplace(ids, pos, cache, attn)
+
+    def _sync_attention(self, cache: KVCache, needed: int) -> _Attention:
+        """The attention buffers for `cache`, holding at least `needed` positions, rebuilt when out of sync."""
+        a = self._attn
+        if a is None or a.owner != id(cache) or a.key[0].shape[0] != cache.spec.batch:
+            a = self._attn = self._new_attention(cache, _bucket(needed, self.max_seq_len), -1)
+        elif a.capacity < needed:
+            grown = self._new_attention(cache, _bucket(needed, self.max_seq_len), a.owner)
+            for old, new in zip(a.key + a.value, grown.key + grown.value):
+                new[:, :, : a.capacity] = old
+            grown.lengths = a.lengths
+            a = self._attn = grown
+        if a.owner != id(cache) or a.lengths != _lengths(cache):
+            self._rebuild(a, cache)
+            a.owner, a.lengths = id(cache), _lengths(cache)
+        return a
+
+    def _new_attention(self, cache: KVCache, capacity: int, owner: int) -> _Attention:
+        b, dtype = cache.spec.batch, self.layout.dtype.torch
+        key, value = self.model.attention_parts[0], self.model.attention_parts[1]
+        n = self.layout.n_layers
+        return _Attention([torch.zeros(b, key.heads, capacity, key.width, dtype=dtype) for _ in range(n)],
+                          [torch.zeros(b, value.heads, capacity, value.width, dtype=dtype) for _ in range(n)], owner)
+
+    def _rebuild(self, a: _Attention, cache: KVCache) -> None:
+        """Fill the buffers from the KVCache through the reference dequantization (caramba layout -> head-major)."""
+        dtype, keys = self.layout.dtype.torch, KEY_TENSORS[self.layout.family]
+        for i, layer in enumerate(cache.layers):
+            x = layer.read(dtype)  # name -> (B, n, F)
+            n = next(iter(x.values())).shape[1]
+            for buf, names in ((a.key[i], keys), (a.value[i], ("v",))):
+                heads = [x[t].view(x[t].shape[0], n, *self.layout.heads[t]) for t in names]
+                cat = torch.cat(heads, dim=-1).transpose(1, 2)  # (B, H, n, d)
+                buf.zero_()
+                buf[:, :, :n, : cat.shape[-1]] = cat
 
     def _run_concat(self, ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         c = self._sync(cache)
@@ -174,9 +263,9 @@ class OnnxExecutor(Executor):
         """Time one decode step of each mode at a cache filled to min(max_seq_len - 1, 1024) tokens (batch 1)."""
         times = {}
         length = min(self.max_seq_len - 1, 1024)
-        for mode in ("concat", "scatter"):
+        for mode in MEASURED_MODES:
             self.mode, (self.model, self.session) = mode, self._build(mode)
-            self._compact = None
+            self._compact = self._attn = None
             cache = self.new_cache(1)
             ids = torch.zeros(1, 1, dtype=torch.int64)
             pos = torch.full((1, 1), length, dtype=torch.int64)
@@ -184,16 +273,32 @@ class OnnxExecutor(Executor):
             for _ in range(4):
                 for layer in cache.layers:
                     layer.lengths = [length]
+                self._resync(cache, length + 1)  # a real decode step finds its buffers in sync: time only the step
                 start = time.perf_counter()
                 self._forward(ids, pos, cache)
                 best = min(best, time.perf_counter() - start)
             times[mode] = best
         chosen = min(times, key=times.get)
-        self._compact = None
-        log.info("onnx cache mode: %s (decode step at %d tokens: concat %.2f ms, scatter %.2f ms)", chosen, length,
-                 times["concat"] * 1e3, times["scatter"] * 1e3)
+        self._compact = self._attn = None
+        log.info("onnx cache mode: %s (decode step at %d tokens: %s)", chosen, length,
+                 ", ".join(f"{m} {t * 1e3:.2f} ms" for m, t in times.items()))
         self.timings = times
         return chosen
+
+
+    def _resync(self, cache: KVCache, needed: int) -> None:
+        if self.mode == "concat":
+            self._sync(cache)
+        elif self.mode in ("shadow", "contrib"):
+            self._sync_attention(cache, needed)
+
+
+def _lengths(cache: KVCache) -> tuple:
+    return tuple(tuple(layer.lengths) for layer in cache.layers)
+
+
+def _bucket(needed: int, max_seq_len: int) -> int:
+    return min(max_seq_len, -(-needed // CAPACITY_STEP) * CAPACITY_STEP)
 
 
 def onnx_executor(program: CachedProgram, cm: "CompiledModel") -> OnnxExecutor:
