@@ -34,6 +34,8 @@ def convert(ctx: ImportContext, node: torch.fx.Node) -> Any:
     val = node.meta.get("val")
     if isinstance(val, torch.SymInt):  # sym_size, operator.add on sizes, ...: fold into a symbolic dim
         return ctx.expr(val)
+    if isinstance(val, torch.SymBool):  # the condition of a deferred runtime assert, proven at capture
+        return None
     if node.target is operator.getitem:
         return _getitem(ctx, node)
     fn = TABLE.get(node.target)

@@ -66,7 +66,10 @@ def capture(model: torch.nn.Module, *, max_batch: int = DEFAULT_MAX_BATCH, max_s
     try:
         with torch.no_grad(), _eval_mode(model), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch-internal pytree deprecations, not the user's
-            ep = torch.export.export(adapter, (ids,), dynamic_shapes=dims, strict=False)
+            try:
+                ep = torch.export.export(adapter, (ids,), dynamic_shapes=dims, strict=False)
+            except Exception as e:
+                ep = _export_deferred(adapter, ids, dims, e)
             if _needs_functionalization(ep):
                 ep = ep.run_decompositions({})
     except CaptureError:
@@ -74,6 +77,50 @@ def capture(model: torch.nn.Module, *, max_batch: int = DEFAULT_MAX_BATCH, max_s
     except Exception as e:  # torch raises many types here; all mean "this module cannot be traced as written"
         raise CaptureError(_explain(model, e)) from e
     return Capture(ep, time.perf_counter() - start, max_batch, max_seq)
+
+
+def _export_deferred(adapter: torch.nn.Module, ids: torch.Tensor, dims: dict, first: Exception):
+    """Some torch versions (2.11) raise a constraint violation for guards that hold for every length, e.g.
+    Min(64·seq, 256·seq) == 64·seq from a contiguity check on a reshape of an expanded view (GQA's repeat_kv).
+    Export again with those guards deferred to runtime asserts, then prove each assert over the declared ranges
+    (sympy, with the sizes positive integers, checked at the ends and across the range); any assert that is not
+    always true re-raises the first error."""
+    if "constraint" not in str(first).lower():
+        raise first
+    try:
+        ep = torch.export.export(adapter, (ids,), dynamic_shapes=dims, strict=False,
+                                 prefer_deferred_runtime_asserts_over_guards=True)
+    except TypeError:  # a torch without the option
+        raise first from None
+    ranges = {sym: (int(r.lower), int(r.upper)) for sym, r in ep.range_constraints.items()}
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_scalar.default:
+            cond = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else node.args[0]
+            if not _always_true(getattr(getattr(cond, "node", None), "expr", cond), ranges):
+                raise first
+    return ep
+
+
+def _always_true(expr, ranges: dict) -> bool:
+    import sympy
+
+    if expr is True or expr is sympy.true:
+        return True
+    if not isinstance(expr, sympy.Basic):
+        return False
+    free = sorted(expr.free_symbols, key=str)
+    if any(s not in ranges for s in free):
+        return False
+    pos = {s: sympy.Symbol(s.name, integer=True, positive=True) for s in free}
+    if sympy.simplify(expr.xreplace(pos)) is sympy.true:
+        return True
+    import itertools
+
+    samples = []
+    for s in free:
+        lo, hi = ranges[s]
+        samples.append(sorted({lo, hi, (lo + hi) // 2, min(hi, lo + 1), min(hi, 7), min(hi, 64)}))
+    return all(bool(expr.xreplace(dict(zip(free, map(sympy.Integer, values))))) for values in itertools.product(*samples))
 
 
 def _needs_functionalization(ep: torch.export.ExportedProgram) -> bool:

@@ -198,3 +198,19 @@ def test_compile_restores_training_flag():
     model = _tiny("gqa").train()
     caramba.compile(model, target="eager")
     assert model.training and all(m.training for m in model.modules())
+
+
+def test_deferred_guards_are_kept_only_when_they_hold_for_every_length():
+    """torch 2.11 raises for guards like Min(64·seq, 256·seq) == 64·seq (GQA's repeat_kv); capture re-exports with
+    them deferred and accepts that only after proving each one over the declared range."""
+    import sympy
+
+    from caramba.frontend.capture import _always_true
+
+    s = sympy.Symbol("s70", integer=True, positive=True)
+    ranges = {s: (1, 4096)}
+    assert _always_true(sympy.Eq(sympy.Min(64 * s, 256 * s), 64 * s), ranges)
+    assert _always_true(sympy.Min(64 * s, 256 * s) < 2048 * s, ranges)
+    assert not _always_true(s < 100, ranges)  # a real specialisation: false at the top of the range
+    assert not _always_true(sympy.Eq(s % 2, 0), ranges)
+    assert not _always_true(sympy.Symbol("other") > 0, ranges)  # unknown symbol: not proven
