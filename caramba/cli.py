@@ -73,9 +73,15 @@ def _add_export_parser(sub) -> None:
     e.add_argument("--cache-kind", default="fp16", help="KV-cache storage: fp32, fp16, q8_0, q4_0, nf4, or one per "
                    "cached tensor, e.g. k_sem=q8_0,k_geo=q8_0,v=q4_0 (default fp16)")
     e.add_argument("--opset", type=int, default=None, choices=[23, 24], help="ONNX opset (default: 23 for the "
-                   "concat cache, 24 for --cache-mode scatter)")
-    e.add_argument("--cache-mode", default="concat", choices=["concat", "scatter"], help="concat: past -> present "
-                   "(Optimum style); scatter: preallocated max_seq_len buffers updated in place (TensorScatter-24)")
+                   "concat cache, 24 for the in-place ones)")
+    e.add_argument("--cache-mode", default="concat", choices=["concat", "scatter", "shadow"], help="concat: past "
+                   "-> present (Optimum style); scatter: preallocated max_seq_len buffers updated in place "
+                   "(TensorScatter-24); shadow: scatter plus head-major attention buffers (what the runner binds)")
+    e.add_argument("--cache-layout", default=None, choices=["optimum", "caramba"], help="optimum (default with "
+                   "concat): fp32/fp16 caches (batch, kv_heads, T, head_dim) and an attention_mask input; caramba: "
+                   "every cache (batch, T, kv_heads*head_dim), the runtime's layout")
+    e.add_argument("--ort-contrib", action="store_true", help="attention through com.microsoft "
+                   "GroupQueryAttention (ONNX Runtime only; in-place caramba-layout cache plus head-major buffers)")
     e.add_argument("--max-seq-len", type=int, default=None, help="longest sequence (default: the model's maximum)")
     e.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="compute dtype (default fp32)")
     e.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
@@ -86,7 +92,7 @@ def _add_export_parser(sub) -> None:
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
-    from caramba.codegen.onnx.export import export_onnx, stderr_progress
+    from caramba.codegen.onnx.export import export_mode, export_onnx, stderr_progress
     from caramba.models.sources import load_model
 
     cache_kind = parse_cache_kind(args.cache_kind)
@@ -95,8 +101,9 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
     for k in kinds:  # a typo costs no compile
         parse_kind(k)
-    if args.opset == 23 and args.cache_mode == "scatter":
-        raise ValueError("--cache-mode scatter needs TensorScatter, which is opset 24: use --opset 24")
+    mode, layout = export_mode(args.cache_mode, args.cache_layout, args.ort_contrib)
+    if args.opset == 23 and mode != "concat":
+        raise ValueError(f"--cache-mode {mode} needs TensorScatter, which is opset 24: use --opset 24")
     out = Path(args.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise ValueError(f"{out} exists and is not an empty directory; choose another -o or pass --force")
@@ -104,7 +111,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     stderr_progress(f"loading {args.model}")
     model = load_model(args.model, seed=args.seed, **overrides)
     result = export_onnx(model, out, cache_kind=cache_kind, opset=args.opset, max_seq_len=args.max_seq_len,
-                         dtype=args.dtype, cache_mode=args.cache_mode, external_data=args.external_data,
+                         dtype=args.dtype, cache_mode=mode, cache_layout=layout, external_data=args.external_data,
                          dump_dir=args.dump_dir, overwrite=args.force, progress=stderr_progress)
     print(result.directory)
     return 0

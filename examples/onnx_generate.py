@@ -3,11 +3,13 @@
     caramba export-onnx --model examples/tiny-dba -o /tmp/tiny-onnx --cache-kind q8_0
     python examples/onnx_generate.py /tmp/tiny-onnx --prompt 'def read_config(path):' --max-new-tokens 64
 
-The model takes input_ids and position_ids (batch, seq) and every cache tensor past_key_values.* (listed with its
-dtype and width in the session's inputs) and returns logits and present.*. Quantized caches are quantized and
-dequantized inside the model: this loop only hands each present back as the next past. caramba.json says whether
-the cache grows (mode "concat": past is (batch, past, width), starting at length 0) or is a preallocated buffer
-updated in place (mode "scatter": (batch, max_seq_len, width), bound to the same memory for input and output).
+The model takes input_ids and position_ids (batch, seq), attention_mask (batch, past + seq) when it has one (the
+default "optimum" layout), and every cache tensor past_key_values.* (and past_attention.* for the in-place
+"shadow"/"contrib" modes; each listed with its dtype and shape in the session's inputs) and returns logits and
+present.*. Quantized caches are quantized and dequantized inside the model: this loop only hands each present
+back as the next past. caramba.json says whether the cache grows (mode "concat": the past starts with a sequence
+length of 0) or is a set of preallocated buffers updated in place (the other modes: sequence dims of
+max_seq_len, each bound to the same memory for input and output).
 Text is UTF-8 bytes (the byte-level models, vocab 256); --ids feeds token ids instead and prints ids.
 """
 from __future__ import annotations
@@ -34,13 +36,17 @@ class OnnxDecoder:
         options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(directory / meta["model"]), options,
                                             providers=["CPUExecutionProvider"])
-        self.cache = {i.name: i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")}
+        inputs = self.session.get_inputs()
+        self.cache = {i.name: i for i in inputs if i.name.startswith(("past_key_values.", "past_attention."))}
+        self.has_mask = any(i.name == "attention_mask" for i in inputs)
         self.length = 0
         self.past = {name: self._empty(i) for name, i in self.cache.items()}
 
     def _empty(self, info) -> np.ndarray:
+        """batch 1; a symbolic sequence dim is 0 for a growing cache and max_seq_len for an in-place buffer."""
         length = 0 if self.mode == "concat" else self.max_seq_len
-        return np.zeros((1, length, info.shape[-1]), NUMPY[info.type])
+        shape = [d if isinstance(d, int) else 1 if d == "batch_size" else length for d in info.shape]
+        return np.zeros(shape, NUMPY[info.type])
 
     def step(self, ids: list[int]) -> np.ndarray:
         if self.length + len(ids) > self.max_seq_len:
@@ -48,10 +54,12 @@ class OnnxDecoder:
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", np.array([ids], np.int64))
         io.bind_cpu_input("position_ids", np.arange(self.length, self.length + len(ids), dtype=np.int64)[None])
+        if self.has_mask:  # one row, no padding: every key visible
+            io.bind_cpu_input("attention_mask", np.ones((1, self.length + len(ids)), np.int64))
         io.bind_output("logits")
         for name, buf in self.past.items():
-            present = "present." + name.removeprefix("past_key_values.")
-            if self.mode == "scatter":
+            present = _present(name)
+            if self.mode != "concat":
                 value = ort.OrtValue.ortvalue_from_numpy(buf)
                 io.bind_ortvalue_input(name, value)
                 io.bind_ortvalue_output(present, value)  # one buffer: the model writes the new tokens in place
@@ -61,10 +69,14 @@ class OnnxDecoder:
         self.session.run_with_iobinding(io)
         outputs = dict(zip([o.name for o in self.session.get_outputs()], io.get_outputs()))
         if self.mode == "concat":
-            self.past = {name: outputs["present." + name.removeprefix("past_key_values.")].numpy()
-                         for name in self.past}
+            self.past = {name: outputs[_present(name)].numpy() for name in self.past}
         self.length += len(ids)
         return outputs["logits"].numpy()[0, -1]
+
+
+def _present(past: str) -> str:
+    """past_key_values.0.key -> present.0.key; past_attention.0.key -> present_attention.0.key"""
+    return past.replace("past_key_values.", "present.", 1).replace("past_attention.", "present_attention.", 1)
 
 
 def generate(decoder: OnnxDecoder, prompt: list[int], max_new_tokens: int, eos: set[int]):

@@ -46,6 +46,42 @@ def test_export_writes_model_genai_config_and_metadata(tmp_path):
     assert genai["caramba"]["cache_names"]["k_geo"] == "past_key_values.%d.key_geo"
     info = json.loads((out / "caramba.json").read_text())
     assert info["cache"]["mode"] == "concat" and "past_key_values.1.value_scales" in info["inputs"]
+    assert info["cache"]["layout"] == "optimum" and "attention_mask" in info["inputs"]
+    assert dec["inputs"]["attention_mask"] == "attention_mask"
+
+
+def test_default_export_has_optimums_float_cache_shapes_and_attention_mask(tmp_path):
+    """The default export (concat, layout "optimum"): fp16 caches (batch, kv_heads, past, head_dim) in and
+    (batch, kv_heads, past + seq, head_dim) out, attention_mask (batch, past + seq), as generic tools expect."""
+    out = tmp_path / "gqa"
+    result = caramba.export_onnx(tiny("gqa"), out, cache_kind="fp16", max_seq_len=64)
+    assert (result.mode, result.layout) == ("concat", "optimum")
+    import onnx
+
+    graph = onnx.load(str(out / "model.onnx")).graph
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in list(graph.input) + list(graph.output)}
+    assert [i.name for i in graph.input][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert dims["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert dims["past_key_values.0.key"] == ["batch_size", 1, "past_sequence_length", 16]
+    assert dims["present.1.value"] == ["batch_size", 1, "present_sequence_length", 16]
+    meta = json.loads((out / "caramba.json").read_text())["cache"]
+    assert meta["tensors"][0]["shape"] == "batch, kv_heads, position, head_dim"
+
+
+def test_ort_contrib_export_runs_in_the_example(tmp_path):
+    """export_onnx(ort_contrib=True): GroupQueryAttention over in-place buffers; the example drives it and gives the
+    tokens the caramba layout's concat export gives."""
+    model = tiny("decoupled")
+    caramba.export_onnx(model, tmp_path / "contrib", cache_kind="q8_0", max_seq_len=48, ort_contrib=True)
+    caramba.export_onnx(model, tmp_path / "plain", cache_kind="q8_0", max_seq_len=48, cache_layout="caramba")
+    import onnx
+
+    proto = onnx.load(str(tmp_path / "contrib" / "model.onnx"))
+    assert "GroupQueryAttention" in {n.op_type for n in proto.graph.node}
+    assert json.loads((tmp_path / "contrib" / "caramba.json").read_text())["cache"]["mode"] == "contrib"
+    runs = [run_example(tmp_path / d, "3,1,4,1,5,9", 12) for d in ("contrib", "plain")]
+    assert runs[0] == runs[1] and len(runs[0]) == 12
 
 
 def test_external_data_and_the_scatter_cache(tmp_path):
@@ -91,25 +127,30 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
-def test_cli_export_then_standalone_generation_equals_caramba(tmp_path):
+def run_example(directory: Path, ids: str, n: int) -> list[int]:
+    """examples/onnx_generate.py with torch and caramba unimportable: onnxruntime and numpy only."""
+    guard = ("import sys, runpy; sys.modules['torch'] = None; sys.modules['caramba'] = None; "
+             f"sys.argv = ['onnx_generate.py', {str(directory)!r}, '--ids', {ids!r}, '--max-new-tokens', '{n}']; "
+             f"runpy.run_path({str(EXAMPLE)!r}, run_name='__main__')")
+    g = subprocess.run([sys.executable, "-c", guard], capture_output=True, text=True, timeout=300)
+    assert g.returncode == 0, g.stderr
+    return [int(t) for t in g.stdout.strip().split(",")]
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "fp16"])
+def test_cli_export_then_standalone_generation_equals_caramba(tmp_path, kind):
     out = tmp_path / "gqa"
-    r = run_cli("export-onnx", "--model", "tiny", "--attention", "gqa", "-o", str(out), "--cache-kind", "q4_0",
+    r = run_cli("export-onnx", "--model", "tiny", "--attention", "gqa", "-o", str(out), "--cache-kind", kind,
                 "--max-seq-len", "64")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(out)
     assert "[caramba] export: capturing" in r.stderr and "checking the model" in r.stderr
     prompt = [5, 17, 3, 88, 41]
-    # the example runs with torch and caramba unimportable: onnxruntime and numpy only
-    guard = ("import sys, runpy; sys.modules['torch'] = None; sys.modules['caramba'] = None; "
-             f"sys.argv = ['onnx_generate.py', {str(out)!r}, '--ids', '5,17,3,88,41', '--max-new-tokens', '16']; "
-             f"runpy.run_path({str(EXAMPLE)!r}, run_name='__main__')")
-    g = subprocess.run([sys.executable, "-c", guard], capture_output=True, text=True, timeout=300)
-    assert g.returncode == 0, g.stderr
-    got = [int(t) for t in g.stdout.strip().split(",")]
+    got = run_example(out, "5,17,3,88,41", 16)
     from caramba.models.sources import load_model
 
     cm = caramba.compile(load_model("tiny", seed=0, attention="gqa"), target="eager", max_seq_len=64)
-    config = caramba.GenerateConfig(max_new_tokens=16, cache_kind="q4_0", temperature=0, max_seq_len=64)
+    config = caramba.GenerateConfig(max_new_tokens=16, cache_kind=kind, temperature=0, max_seq_len=64)
     want = caramba.Generator(cm, config).generate([prompt])[0, len(prompt):].tolist()
     assert got == want
 
@@ -117,6 +158,8 @@ def test_cli_export_then_standalone_generation_equals_caramba(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--cache-kind", "q8"], "unknown KV-cache kind 'q8'"),
     (["--cache-mode", "scatter", "--opset", "23"], "opset 24"),
+    (["--cache-mode", "scatter", "--cache-layout", "optimum"], "needs cache_layout 'caramba'"),
+    (["--cache-mode", "scatter", "--ort-contrib"], "cannot be combined with cache_mode='scatter'"),
     (["--max-seq-len", "1"], "--max-seq-len must be at least 2"),
     (["--opset", "22"], "invalid choice: 22"),
     (["--model", "nope"], "nope"),

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import onnx
 import torch
 
-from caramba.codegen.onnx.cache import ONNX_NAMES
+from caramba.codegen.onnx.cache import LAYOUTS, ONNX_NAMES
 from caramba.codegen.onnx.model import OnnxModel, build_model, check, resolve_opset
 from caramba.fsutil import fsync_dir
 
@@ -39,19 +39,24 @@ class ExportResult:
     cache: str  # the cache kinds' label
     mode: str
     opset: int
+    layout: str = "optimum"
 
 
 def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, cache_kind: Any = "fp16",
                 opset: int | None = None, max_seq_len: int | None = None, dtype: Any = "fp32",
-                cache_mode: str = "concat", qblock: int = 32, external_data: bool | None = None,
-                dump_dir: str | os.PathLike | None = None, overwrite: bool = False,
-                progress: Callable[[str], None] | None = None) -> ExportResult:
+                cache_mode: str = "concat", cache_layout: str | None = None, ort_contrib: bool = False,
+                qblock: int = 32, external_data: bool | None = None, dump_dir: str | os.PathLike | None = None,
+                overwrite: bool = False, progress: Callable[[str], None] | None = None) -> ExportResult:
     """Compile `model` for target "onnx" and write it to the directory `out_dir`.
 
     cache_kind: one kind (fp32, fp16, q8_0, q4_0, nf4) or one per cached tensor ({"k_sem": "q8_0", ...}).
-    cache_mode: "concat" (opset 23, past -> present, Optimum style) or "scatter" (opset 24, preallocated buffers
-    of max_seq_len updated in place by TensorScatter). external_data: None = only when the weights pass 1 GiB.
-    progress: called with one line per phase (the CLI prints them to stderr).
+    cache_mode: "concat" (opset 23, past -> present), "scatter" (opset 24, preallocated buffers of max_seq_len
+    updated in place by TensorScatter) or "shadow" (scatter plus head-major attention buffers, as the runner).
+    cache_layout: "optimum" (the default with concat: fp32/fp16 caches (batch, kv_heads, T, head_dim) and an
+    attention_mask input, for generic tools) or "caramba" (every cache in caramba's (batch, T, width) layout,
+    what the runner binds; the only layout of the in-place modes). ort_contrib=True: mode "contrib", attention
+    through com.microsoft GroupQueryAttention (ONNX Runtime only; limits in caramba/codegen/onnx/cache.py).
+    external_data: None = only when the weights pass 1 GiB. progress: called with one line per phase.
     """
     import caramba
     from caramba.runtime.executor import CacheConfig, lower
@@ -60,6 +65,7 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, cache_kin
     start = time.perf_counter()
     out = Path(out_dir)
     _check_target(out, overwrite)
+    cache_mode, cache_layout = export_mode(cache_mode, cache_layout, ort_contrib)
     opset = resolve_opset(cache_mode, opset)
     if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
                                     or max_seq_len < 2):
@@ -70,7 +76,7 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, cache_kin
     say(f"lowering the {config.label} KV cache ({len(cm.graph.nodes)} nodes, max_seq_len {config.max_seq_len})")
     program = lower(cm, config)
     om = build_model(program.prefill, program.layout, config.kind_map, max_seq_len=config.max_seq_len,
-                     qblock=qblock, mode=cache_mode, opset=opset)
+                     qblock=qblock, mode=cache_mode, opset=opset, cache_layout=cache_layout)
     weight_bytes = sum(t.numel() * t.element_size() for t in program.prefill.weights.values())
     external = weight_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
     say(f"writing {len(om.proto.graph.node)} ONNX nodes, {weight_bytes / 2**20:.1f} MiB of weights"
@@ -90,7 +96,27 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, cache_kin
     size = sum((out / f).stat().st_size for f in files)
     seconds = time.perf_counter() - start
     say(f"wrote {out} ({', '.join(files)}; {size / 2**20:.1f} MiB) in {seconds:.1f}s")
-    return ExportResult(out, tuple(files), size, seconds, config.label, cache_mode, opset)
+    return ExportResult(out, tuple(files), size, seconds, config.label, cache_mode, opset, cache_layout)
+
+
+def export_mode(mode: str, layout: str | None, ort_contrib: bool) -> tuple[str, str]:
+    """(cache mode, cache layout) of an export, checked before anything is compiled."""
+    modes = ("concat", "scatter", "shadow")
+    if mode not in modes + ("contrib",):
+        raise ValueError(f"cache_mode must be one of {', '.join(modes)}, got {mode!r}")
+    if ort_contrib:
+        if mode not in ("concat", "contrib"):
+            raise ValueError(f"ort_contrib=True writes the GroupQueryAttention model (its own in-place cache); it "
+                             f"cannot be combined with cache_mode={mode!r}")
+        mode = "contrib"
+    if layout is None:
+        layout = "optimum" if mode == "concat" else "caramba"
+    if layout not in LAYOUTS:
+        raise ValueError(f"cache_layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "optimum" and mode != "concat":
+        raise ValueError(f"the optimum cache layout grows past -> present (cache_mode 'concat'); cache_mode "
+                         f"{mode!r} needs cache_layout 'caramba'")
+    return mode, layout
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
@@ -151,10 +177,13 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def genai_config(om: OnnxModel, model: torch.nn.Module, program, config) -> dict[str, Any]:
-    """onnxruntime-genai's genai_config.json fields, plus a `caramba` block describing the cache layout.
+    """onnxruntime-genai's genai_config.json fields, plus a `caramba` block describing the cache.
 
-    The cache layout is caramba's (batch, position, kv_heads·head_dim), not genai's (batch, kv_heads, position,
-    head_dim), and DBA caches three tensors; `caramba.cache` says so, so a reader can tell before binding."""
+    With the "optimum" layout the float caches are (batch, kv_heads, position, head_dim) and the model takes
+    attention_mask, as genai expects; quantized kinds keep caramba's codes + scales tensors (named in
+    caramba.cache.tensors), which genai cannot bind. With the "caramba" layout every cache is (batch, position,
+    kv_heads·head_dim). DBA caches three tensors (key_sem, key_geo, value): `past_key_names` names key_sem, and
+    `caramba.cache_names` lists all of them."""
     layout = program.layout
     attn = next(n for n in program.prefill.nodes if n.op in ("cached_attention", "cached_decoupled_attention"))
     heads = attn.inputs[0].type.shape[1]
@@ -163,6 +192,9 @@ def genai_config(om: OnnxModel, model: torch.nn.Module, program, config) -> dict
     kv_name = "key" if layout.family == "standard" else "key_sem"
     head_size = layout.heads["k" if layout.family == "standard" else "v"][1]
     ids = {k: getattr(model_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    inputs = {"input_ids": "input_ids", "position_ids": "position_ids"}
+    if om.layout == "optimum":
+        inputs["attention_mask"] = "attention_mask"
     return {
         "model": {
             "type": "caramba-dba" if layout.family == "decoupled" else "caramba",
@@ -171,8 +203,7 @@ def genai_config(om: OnnxModel, model: torch.nn.Module, program, config) -> dict
                 "filename": MODEL_FILE, "head_size": head_size, "hidden_size": hidden.outputs[0].type.shape[-1],
                 "num_attention_heads": heads, "num_hidden_layers": layout.n_layers,
                 "num_key_value_heads": next(iter(layout.heads.values()))[0],
-                "inputs": {"input_ids": "input_ids", "position_ids": "position_ids",
-                           "past_key_names": f"past_key_values.%d.{kv_name}",
+                "inputs": {**inputs, "past_key_names": f"past_key_values.%d.{kv_name}",
                            "past_value_names": "past_key_values.%d.value"},
                 "outputs": {"logits": "logits", "present_key_names": f"present.%d.{kv_name}",
                             "present_value_names": "present.%d.value"},
