@@ -73,3 +73,25 @@ def test_generation_equals_eager_token_for_token(models):
     config = GenerateConfig(temperature=0, cache_kind="fp32", max_seq_len=MAX, max_new_tokens=8)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
     assert torch.equal(Generator(cuda, config).generate(prompts), Generator(eager, config).generate(prompts))
+
+
+def test_values_the_cache_cannot_hold_raise_and_leave_the_cache_as_it_was(models):
+    """The kv_append kernel cannot raise: its error bits are read after the step, the step is undone and the
+    reference's error is raised (NaN reaches k through a poisoned embedding row)."""
+    cuda, eager = models
+    config = CacheConfig.of(eager.cache_layout, "q8_0", max_seq_len=MAX)
+    ex = cuda.executor(config)
+    cache = ex.new_cache(1)
+    ex.forward(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], cache)
+    name = next(n for n in ex._prefill.graph.params if "embed" in n)
+    table = ex._prefill._params[[n for n in ex._prefill.graph.params].index(name)][1]
+    saved = table[7].clone()
+    table[7] = float("nan")
+    try:
+        with pytest.raises(Exception, match="(?i)nan|finite"):
+            ex.forward(torch.tensor([[7]]), torch.tensor([[3]]), cache)
+    finally:
+        table[7] = saved
+    assert cache.lengths(0) == (3,)
+    ex.forward(torch.tensor([[4]]), torch.tensor([[3]]), cache)  # the cache goes on from where it was
+    assert cache.lengths(0) == (4,)

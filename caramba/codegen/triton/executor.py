@@ -73,6 +73,10 @@ class CudaExecutor(Executor):
             _check_static(program.decode)
         self._graphs: dict[int, _DecodeGraph] = {}
         self._capturing = False
+        # kv_append's error bits (NaN/inf, overflow, bad position), read after every step: a cache never keeps
+        # garbage silently. check_values=False skips the read (one small device->host copy per step).
+        self.check_values = True
+        self._error = kernels.error_flag(self.device)
         self.stats = {"eager_steps": 0, "graph_replays": 0, "captures": 0}
 
     # -- the executor interface ----------------------------------------------------------------------------------
@@ -85,11 +89,19 @@ class CudaExecutor(Executor):
             raise InputError(f"{positions.shape[1]} new tokens after {past} would exceed max_seq_len "
                              f"{self.max_seq_len}")
         if input_ids.shape[1] == 1 and self.cuda_graphs:
-            return self._graph_step(input_ids, positions, starts, cache)
-        self.stats["eager_steps"] += 1
-        run = self._decode if input_ids.shape[1] == 1 else self._prefill
-        return run.run(_dense(input_ids, self.device), _dense(positions, self.device), state=cache,
-                       symbols={"past": past})[0]
+            logits = self._graph_step(input_ids, positions, starts, cache)
+        else:
+            self.stats["eager_steps"] += 1
+            run = self._decode if input_ids.shape[1] == 1 else self._prefill
+            logits = run.run(_dense(input_ids, self.device), _dense(positions, self.device), state=cache,
+                             symbols={"past": past})[0]
+        if self.check_values:
+            try:
+                self.kernels.raise_if_error(self._error)
+            except Exception:
+                _undo(cache, starts, positions.shape[1])
+                raise
+        return logits
 
     def new_cache(self, batch: int, ring_slack: int = 0) -> KVCache:
         return super().new_cache(batch, ring_slack)
@@ -128,7 +140,7 @@ class CudaExecutor(Executor):
                 self.window(cache)[layer].copy_(torch.tensor(window, dtype=torch.int32))
             starts = positions[:, 0].to(torch.int32).clone(memory_format=torch.contiguous_format)
             for name, x in zip(names, xs):
-                self.kernels.append(lc.stores[name], x, starts)
+                self.kernels.append(lc.stores[name], x, starts, self._error)
             return positions[:, -1] + 1
         return append
 
@@ -199,6 +211,15 @@ class _DecodeGraph:
         self.cache, self.batch = cache, batch
         self.graph: torch.cuda.CUDAGraph | None = None
         self.ids = self.pos = self.logits = None
+
+
+def _undo(cache: KVCache, starts: list[int], n_new: int) -> None:
+    """Forget a step whose values the kernels refused: lengths back to the starts, and no ring slot the step wrote
+    counted as exact (their old positions were overwritten)."""
+    cache.truncate_rows(starts)
+    capacity = cache.spec.ring_capacity
+    for lc in cache.layers:
+        lc.ring_start = [min(max(r, s + n_new - capacity), s) for r, s in zip(lc.ring_start, starts)]
 
 
 def _dense(x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -40,16 +40,28 @@ def launcher_for(node: Node) -> Callable | None:
     return getattr(mod, found[1], None) if mod is not None else None
 
 
-def append(store: Any, x: torch.Tensor, starts: torch.Tensor) -> None:
-    """Quantize x (B, T, F) into one cached tensor's buffers at per-row starts (B,) int32 on the device."""
+def append(store: Any, x: torch.Tensor, starts: torch.Tensor, error: torch.Tensor | None = None) -> None:
+    """Quantize x (B, T, F) into one cached tensor's buffers at per-row starts (B,) int32 on the device; what the
+    reference would refuse (NaN/inf, overflow, a bad position) sets bits in `error` (kv_append.error_flag)."""
     mod = _module("kv_append")
     if mod is not None and hasattr(mod, "kv_append"):
-        mod.kv_append(store, x, starts)
+        mod.kv_append(store, x, starts, error=error)
         return
     # reference path (torch ops on the device) until the kernel is there
     rows = torch.arange(x.shape[0], device=x.device)[:, None]
     pos = starts.long()[:, None] + torch.arange(x.shape[1], device=x.device)
     store.write(rows, pos, store.encode(x))
+
+
+def error_flag(device: torch.device) -> torch.Tensor | None:
+    mod = _module("kv_append")
+    return mod.error_flag(device) if mod is not None and hasattr(mod, "error_flag") else None
+
+
+def raise_if_error(flag: torch.Tensor | None) -> None:
+    """Reads the flag (one device sync), clears it, and raises what LayerCache.append would have raised."""
+    if flag is not None:
+        _module("kv_append").raise_if_error(flag)
 
 
 def _views(lc: Any, names: Sequence[str]):
