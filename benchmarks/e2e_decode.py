@@ -28,6 +28,9 @@ from caramba.models import Transformer, preset  # noqa: E402
 from caramba.models.transformer import apply_rope, merge_heads, split_heads  # noqa: E402
 
 
+PROFILE = False
+
+
 class StaticCacheDecoder(torch.nn.Module):
     """One decode step of `model` against preallocated fp16 caches (the peers' implementation)."""
 
@@ -152,7 +155,17 @@ def bench_caramba(model, batch, context, steps, kind: str) -> tuple[float, int]:
     def step(i):
         length = cache.lengths(0)[0]
         return ex.forward(ids, torch.full((batch, 1), length, dtype=torch.long), cache)
-    return timed_steps(step, steps, warmup=3), cache.spec.bytes_per_token
+    seconds = timed_steps(step, steps, warmup=3)
+    if PROFILE:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(8):
+                step(i)
+            torch.cuda.synchronize()
+        print(f"--- caramba {kind} B={batch}: 8 decode steps, by device time ---")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    return seconds, cache.spec.bytes_per_token
 
 
 def main() -> None:
@@ -163,7 +176,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--kinds", default="fp16,q8_0")
     ap.add_argument("--skip", default="", help="comma list of columns to skip: eager, compiled, caramba")
+    ap.add_argument("--profile", action="store_true", help="print where caramba's decode step spends device time")
     args = ap.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     skip = set(filter(None, args.skip.split(",")))
     bw = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {bw / 1e12:.2f} TB/s; context {args.context}")
