@@ -63,11 +63,12 @@ class Case:
     per row. dims: k / v (MHA/GQA) or k_sem / k_geo / v (DBA)."""
 
     def __init__(self, kinds: dict[str, str], dims: dict[str, int], heads: int, kv_heads: int, prefix: list[int],
-                 step: int, residual_len: int = 0, ring_slack: int = 0, shorten: list[list[int]] = ()) -> None:
+                 step: int, residual_len: int = 0, ring_slack: int = 0, shorten: list[list[int]] = (),
+                 qblock: int = 32) -> None:
         self.names, self.dims, self.heads, self.kv_heads = list(kinds), dims, heads, kv_heads
-        self.residual_len = residual_len
+        self.residual_len, self.qblock = residual_len, qblock
         spec = CacheSpec.build(1, len(prefix), MAX_SEQ, {n: (kv_heads * dims[n], kinds[n]) for n in kinds},
-                               residual_len=residual_len, ring_slack=ring_slack, device=DEVICE)
+                               qblock=qblock, residual_len=residual_len, ring_slack=ring_slack, device=DEVICE)
         self.cache = KVCache(spec)
         longest = max(max(prefix), *(max(s) for s in shorten)) if shorten else max(prefix)
         if longest:
@@ -104,7 +105,7 @@ class Case:
         decoupled = len(q) == 2
         op = get_op("cached_decoupled_attention" if decoupled else "cached_attention")
         scale_attrs = {"scale_sem": scales[0], "scale_geo": scales[1]} if decoupled else {"scale": scales[0]}
-        attrs = op.full_attrs({**scale_attrs, "layer": 0, "names": self.names, "qblock": 32,
+        attrs = op.full_attrs({**scale_attrs, "layer": 0, "names": self.names, "qblock": self.qblock,
                                "kinds": [str(self.cache.spec.kinds[n]) for n in self.names],
                                "residual_len": self.residual_len, "kv_heads": self.kv_heads,
                                "v_head_dim": self.dims["v"]})
@@ -216,6 +217,46 @@ def test_decode_decoupled_mixed_kinds():
     case = Case({"k_sem": "q8_0", "k_geo": "nf4", "v": "q4_0"}, DBA_DIMS, heads=3, kv_heads=1,
                 prefix=[36, 5, 0], step=1)
     run_decode(case, partitions=1)
+
+
+# Heads of whole qblocks take the blocked path: contiguous code vectors, one scale per (key, block), the dot per
+# block (4-bit: even and odd features apart); heads that straddle blocks (above) take the per-element loader.
+ALIGNED_DIMS = {"k": 64, "v": 32}
+
+
+@pytest.mark.parametrize("kind", KIND_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_blocked_heads_every_kind(kind, dtype):
+    """Head dims of 2 and 1 blocks, GQA 4 on 2 kv heads (kv head 1 starts at block 2 / 1), ragged rows, 3
+    partitions, tiles of 16 keys."""
+    case = Case({"k": kind, "v": kind}, ALIGNED_DIMS, heads=4, kv_heads=2, prefix=[36, 0, 129], step=1)
+    run_decode(case, dtype, partitions=3, block_n=16)
+
+
+@pytest.mark.parametrize("qblock", [16, 64])
+@pytest.mark.parametrize("kinds", [{"k": "q8_0", "v": "q4_0"}, {"k": "nf4", "v": "q8_0"}])
+def test_decode_blocked_heads_other_qblocks(qblock, kinds):
+    """qblock 16: q8_0 blocked (dots of 16 features), 4-bit kinds per element (8 bytes a block is below tl.dot's
+    16); qblock 64: one block per head for k, v (32 features) straddles nothing but is half a block: per element."""
+    case = Case(kinds, ALIGNED_DIMS, heads=2, kv_heads=2, prefix=[40, 7], step=1, qblock=qblock)
+    run_decode(case, torch.float16, partitions=2, block_n=16)
+
+
+def test_decode_blocked_decoupled():
+    """DBA with blocked heads of three kinds and one query group of 2 heads per kv head."""
+    case = Case({"k_sem": "q4_0", "k_geo": "q8_0", "v": "nf4"}, {"k_sem": 32, "k_geo": 64, "v": 64}, heads=4,
+                kv_heads=2, prefix=[70, 3], step=1)
+    run_decode(case, torch.float16, partitions=2, block_n=32)
+
+
+@pytest.mark.parametrize("kinds", [{"k": "q4_0", "v": "q8_0"}, {"k": "nf4", "v": "q4_0"}])
+@pytest.mark.parametrize("partitions", [1, 4])
+def test_decode_blocked_residual_ring(kinds, partitions):
+    """R = 20 over tiles of 16: the band of ring reads starts mid-partition, after tiles read only through the
+    kind; row 1 is short (its window start binds), row 0's ring started late."""
+    case = Case(kinds, ALIGNED_DIMS, heads=2, kv_heads=2, prefix=[70, 9, 100], step=1, residual_len=20,
+                ring_slack=3, shorten=[[80, 12, 100]])
+    run_decode(case, torch.float16, partitions=partitions, block_n=16)
 
 
 @pytest.mark.parametrize("partitions", [1, 3, 8])

@@ -161,6 +161,29 @@ def dot(a, b):
 
 
 @triton.jit
+def dot_acc(a, b, acc):
+    $DOTACC
+
+
+@triton.jit
+def i8_cdt(c):
+    # int8 code -> compute dtype, exact
+    $I8
+
+
+@triton.jit
+def lo_cdt(c):
+    # uint8 code's low nibble (even feature) - 8 -> compute dtype, exact
+    $LO
+
+
+@triton.jit
+def hi_cdt(c):
+    # uint8 code's high nibble (odd feature) - 8 -> compute dtype, exact
+    $HI
+
+
+@triton.jit
 def load_exact(ptr, sb, sj, b, slots, feats, mask):
     # fp16 values kept exact (the ring, or LayerCache.read_exact's tensor) -> compute dtype
     return tl.load(ptr + b * sb + slots * sj + feats, mask=mask, other=0.0).to($CDT)
@@ -214,14 +237,31 @@ def _loader(t: _Tensor, cdt: str) -> str:
     return source.render(_LOADER, T=t.prefix, PARAMS=", ".join(_params(t, exact=False)), BODY=body, CDT=cdt)
 
 
+# Code -> compute dtype conversions of the blocked decode path. fp16: through the bits, no conversion unit (fp16
+# 0x6400 | n is 1024 + n for n < 1024), one integer op and one fp16 op per code
+_CONVERT = {
+    "fp16": dict(
+        I8="return (c.to(tl.int16) + 0x6480).to(tl.int16).to(tl.float16, bitcast=True) - 1152.0",
+        LO="return ((c.to(tl.int16) & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0",
+        HI="return ((c.to(tl.int16) & 240) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) * 0.0625 - 72.0"),
+    "other": dict(
+        I8="return c.to(tl.float32).to($CDT)",
+        LO="return ((c & 15).to(tl.float32) - 8.0).to($CDT)",
+        HI="return ((c >> 4).to(tl.float32) - 8.0).to($CDT)"),  # (unused: the path writes fp32 expressions)
+}
+
+
 def _header(spec: _Spec, what: str) -> str:
     if spec.dtype == "tl.float32":
-        dot = 'return tl.dot(a, b, input_precision="ieee")'
+        dot, dot_acc = 'return tl.dot(a, b, input_precision="ieee")', 'return tl.dot(a, b, acc, input_precision="ieee")'
     elif spec.dtype == "tl.bfloat16" and spec.interpret:
         dot = 'return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")'
+        dot_acc = 'return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")'
     else:
-        dot = "return tl.dot(a, b)"
-    return source.render(_HEADER, WHAT=what, DOT=dot, CDT=spec.dtype) + "".join(
+        dot, dot_acc = "return tl.dot(a, b)", "return tl.dot(a, b, acc)"
+    return source.render(_HEADER, WHAT=what, DOT=dot, DOTACC=dot_acc, CDT=spec.dtype,
+                         **{k: v.replace("$CDT", spec.dtype) for k, v in
+                            _CONVERT["fp16" if spec.dtype == "tl.float16" else "other"].items()}) + "".join(
         _loader(t, spec.dtype) for t in spec.tensors)
 
 
@@ -275,33 +315,6 @@ _DECODE_PROLOGUE = '''    b = tl.program_id(0).to(tl.int64)
     heads = kvh * $G + g
 '''
 
-_DECODE_LOOP = '''    m_i = tl.full([$BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([$BLOCK_G], tl.float32)
-    acc = tl.zeros([$BLOCK_G, $BLOCK_DV], tl.float32)
-    for n0 in range(start, end, $BLOCK_N):
-        keys = n0 + tl.arange(0, $BLOCK_N)
-        valid = keys < end
-$MASKS        s = tl.zeros([$BLOCK_G, $BLOCK_N], tl.float32)
-$SCORES        s = tl.where(valid[None, :], s, float("-inf"))
-        # every tile holds key n0 < end, so m_new is finite
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-$VALUES        acc = acc * alpha[:, None] + dot(p.to($CDT), vt)
-        m_i = m_new
-'''
-
-_DECODE_SPLIT = '''    rows = b * ws_sb + heads * ws_sh + part * ws_sp
-    tl.store(ws + rows[:, None] + dv[None, :], acc, mask=gm[:, None] & dvm[None, :])
-    tl.store(ws + rows + $DV, m_i, mask=gm)
-    tl.store(ws + rows + $DV + 1, l_i, mask=gm)
-'''
-
-_DECODE_DIRECT = '''    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out + b * o_sb + heads[:, None] * o_sh + dv[None, :], o.to($CDT), mask=gm[:, None] & dvm[None, :])
-'''
-
 _COMBINE = '''
 
 @triton.jit
@@ -325,23 +338,237 @@ def decode_combine(ws, ws_sb, ws_sh, ws_sp, out, o_sb, o_sh):
 '''
 
 
-def _decode_masks(spec: _Spec) -> str:
-    if not spec.ringed:
-        return ""
-    return ("        exact = valid & (keys >= lo_exact)\n"
-            "        stored = valid & (keys < lo_exact)\n")
+_DECODE_INIT = '''    m_i = tl.full([$BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([$BLOCK_G], tl.float32)
+'''
+
+# One key tile of the online softmax; $SCORES adds each term's scores (log2 units) to s, $VALUES folds p · v into
+# the accumulators (each already rescaled by alpha)
+_DECODE_LOOP = '''$PRE    for n0 in range($LO, $HI, $BLOCK_N):
+        keys = n0 + tl.arange(0, $BLOCK_N)
+        valid = keys < end
+$NEXT$MASKS        s = tl.zeros([$BLOCK_G, $BLOCK_N], tl.float32)
+$SCORES        s = tl.where(valid[None, :], s, float("-inf"))
+        # every tile holds key n0 < end, so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+$VALUES        m_i = m_new
+$ROTATE'''
+
+# With rings: tiles before `band` hold no key that any row reads exact, so they skip the ring reads
+_DECODE_BAND = '''    lo_exact = tl.maximum(tl.load(window + b), n_keys - $R)
+    band = tl.minimum(tl.maximum(lo_exact // $BLOCK_N * $BLOCK_N, start), end)
+'''
 
 
-def _decode_tile(t: _Tensor, spec: _Spec, keys: str, feats: str, fmask: str, kdim: str) -> str:
-    """Lines that put tensor t's tile (keys along kdim of a 2-D tile) into `x`, the ring's keys taken exact."""
-    key_ax = "[None, :]" if kdim == "cols" else "[:, None]"
-    feat_ax = "[:, None]" if kdim == "cols" else "[None, :]"
-    read = "stored" if t.ringed else "valid"
-    line = (f"        x = {_load_call(t, keys + key_ax, feats + feat_ax, f'{read}{key_ax} & {fmask}{feat_ax}')}\n")
-    if t.ringed:
-        exact = _exact_call(t, f"{keys}{key_ax} % {spec.capacity}", feats + feat_ax, f"exact{key_ax} & {fmask}{feat_ax}")
-        line += f"        x = tl.where(exact{key_ax}, {exact}, x)\n"
-    return line
+@dataclass(frozen=True)
+class _VPart:
+    """One accumulator of the value product: a set of v's features within the head (cols, width w; mask cm or
+    None when every column is real)."""
+
+    acc: str
+    width: str
+    cols: str
+    cm: str | None
+
+
+# Source choices of the blocked decode path (measured in benchmarks/attention_variants.py; _kernels is cached by
+# spec, so a change needs _kernels.cache_clear()): interleave_v puts a 4-bit v's even and odd features back in
+# order (one dot of qblock features per block) instead of two dots of qblock / 2 features; prefetch carries the
+# scales one tile ahead in registers.
+_KNOBS = {"interleave_v": True, "prefetch": True}
+
+
+def _blocked(t: _Tensor) -> bool:
+    """Block-scaled and its heads are whole blocks of a power-of-two qblock that tl.dot takes as its inner dim
+    (qblock codes, or qblock / 2 bytes split into even and odd features): one scale per (key, block) and
+    contiguous code vectors. Other heads (straddling blocks) take the per-element loader."""
+    kind = parse_kind(t.kind)
+    inner = t.qblock // 2 if kind.code_bits == 4 else t.qblock
+    return kind.block_scaled and t.dim % t.qblock == 0 and t.qblock & (t.qblock - 1) == 0 and inner >= 16
+
+
+def _codes(t: _Tensor, keys_ax: str, cols: str, cols_ax: str, mask: str) -> str:
+    """Load of a (blocked) tensor's codes: byte columns `cols` of this kv head for the tile's keys."""
+    width = t.dim // 2 if parse_kind(t.kind).code_bits == 4 else t.dim
+    # the tile's scalar base plus offsets that do not change from tile to tile (hoisted out of the loop)
+    return (f"tl.load({t.prefix}_codes + (b * {t.prefix}_c_sb + n0 * {t.prefix}_c_sj) + (tl.arange(0, $BLOCK_N)"
+            f"{keys_ax} * {t.prefix}_c_sj + (kvh * {width} + {cols}){cols_ax}), mask={mask}, other=0)")
+
+
+def _block_scales(t: _Tensor, j: int, mask: str, first: str = "n0") -> str:
+    """The (BLOCK_N,) fp16 scales of block j of this kv head for the tile of keys first .. first + BLOCK_N - 1."""
+    return (f"tl.load({t.prefix}_scales + (b * {t.prefix}_s_sb + {first} * {t.prefix}_s_sj + kvh * "
+            f"{t.dim // t.qblock} + {j}) + tl.arange(0, $BLOCK_N) * {t.prefix}_s_sj, mask={mask}, other=0.0)")
+
+
+def _scales_var(t: _Tensor, j: int, mask: str, with_exact: bool) -> str:
+    """The scales of block j for the tile: outside the ring band the registers loaded one tile ahead (2-byte loads
+    take no async copy, so the pipeliner leaves them in the loop, each tile waiting on its own), in the band a
+    load masked to the stored keys."""
+    return _block_scales(t, j, mask) if with_exact or not _KNOBS["prefetch"] else f"sc_{t.prefix}_{j}"
+
+
+def _prefetch(spec: _Spec, with_exact: bool) -> tuple[str, str, str]:
+    """(before the loop, top of the body, end of the body) lines carrying every blocked tensor's scales one tile
+    ahead; nothing in the band."""
+    blocked = [t for t in spec.tensors if _blocked(t)]
+    if with_exact or not blocked or not _KNOBS["prefetch"]:
+        return "", "", ""
+    pre = f"    ahead = $LO + tl.arange(0, $BLOCK_N)\n"
+    top = f"        ahead = keys + $BLOCK_N\n"
+    end = ""
+    for t in blocked:
+        for j in range(t.dim // t.qblock):
+            pre += f"    sc_{t.prefix}_{j} = {_block_scales(t, j, 'ahead < end', '$LO')}\n"
+            top += f"        nsc_{t.prefix}_{j} = {_block_scales(t, j, 'ahead < end', '(n0 + $BLOCK_N)')}\n"
+            end += f"        sc_{t.prefix}_{j} = nsc_{t.prefix}_{j}\n"
+    return pre, top, end
+
+
+def _nibbles(t: _Tensor, cast: str, fp16: bool) -> tuple[str, str]:
+    """Expressions of the even (low nibble) and odd (high nibble) features of code tile c, unscaled: q4_0's code - 8
+    (fp16: through the bits, in fp16; else fp32), nf4's level (fp32); then `cast`."""
+    if t.kind == "nf4":
+        return (f"tl.load(levels + (c & 15).to(tl.int32)){cast}", f"tl.load(levels + (c >> 4).to(tl.int32)){cast}")
+    if fp16:
+        return "lo_cdt(c)", "hi_cdt(c)"
+    return f"((c & 15).to(tl.float32) - 8.0){cast}", f"((c >> 4).to(tl.float32) - 8.0){cast}"
+
+
+def _decode_scores(spec: _Spec, i: int, t: _Tensor, with_exact: bool) -> str:
+    """Lines adding term i's scores of the tile to s. Blocked tensors: per block, the dot over its codes times
+    the (key, block) scale; others through the per-element loader; in the band, keys read exact take the dot with
+    the ring's values."""
+    read = "stored" if with_exact and t.ringed else "valid"
+    lines = []
+    if _blocked(t):
+        qb, nb = t.qblock, t.dim // t.qblock
+        for j in range(nb):
+            eq = "=" if j == 0 else "+="
+            sc = f"{_scales_var(t, j, read, with_exact)}.to(tl.float32)[None, :]"
+            if parse_kind(t.kind).code_bits == 4:
+                h = qb // 2
+                lines.append(f"        c = {_codes(t, '[None, :]', f'{j * h} + tl.arange(0, {h})', '[:, None]', f'{read}[None, :]')}")
+                lo, hi = _nibbles(t, f".to({spec.dtype})", spec.dtype == "tl.float16")
+                lines.append(f"        s{i} {eq} dot_acc(q{i}_{j}o, {hi}, dot(q{i}_{j}e, {lo})) * {sc}")
+            else:
+                lines.append(f"        c = {_codes(t, '[None, :]', f'{j * qb} + tl.arange(0, {qb})', '[:, None]', f'{read}[None, :]')}")
+                lines.append(f"        s{i} {eq} dot(q{i}_{j}, i8_cdt(c)) * {sc}")
+    else:
+        x = _load_call(t, "keys[None, :]", f"f{i}[:, None]", f"{read}[None, :] & dm{i}[:, None]")
+        lines.append(f"        s{i} = dot(q{i}t, {x})")
+    if with_exact and t.ringed:
+        ring = _exact_call(t, f"(keys % {spec.capacity})[None, :]", f"f{i}[:, None]", f"exact[None, :] & dm{i}[:, None]")
+        lines.append(f"        s{i} = tl.where(exact[None, :], dot(q{i}t, {ring}), s{i})")
+    lines.append(f"        s += s{i} * {spec.scales[i] * _LOG2E!r}")
+    return "\n".join(lines) + "\n"
+
+
+def _v_parts(spec: _Spec) -> list[_VPart]:
+    v = spec.v
+    if not _blocked(v):
+        return [_VPart("acc", str(v.block), "dv", "dvm")]
+    qb = v.qblock
+    if parse_kind(v.kind).code_bits == 4 and not _KNOBS["interleave_v"]:
+        h = qb // 2
+        return [_VPart(f"acc{j}{eo}", str(h), f"({j * qb + k} + 2 * tl.arange(0, {h}))", None)
+                for j in range(v.dim // qb) for k, eo in ((0, "e"), (1, "o"))]
+    return [_VPart(f"acc{j}", str(qb), f"({j * qb} + tl.arange(0, {qb}))", None) for j in range(v.dim // qb)]
+
+
+def _saturate(x: str, spec: _Spec) -> str:
+    # dequantize(..., fp16) saturates at fp16's range (a block extreme can decode just past it); so does the kernel
+    return f"tl.minimum(tl.maximum({x}, -65504.0), 65504.0)" if spec.dtype == "tl.float16" else x
+
+
+def _dequant_v(t: _Tensor, spec: _Spec, codes: str, sc: str) -> str:
+    """Codes (BLOCK_N, w) of a blocked v times their keys' block scales sc (BLOCK_N,) fp16, in the compute dtype,
+    rounded as the reference rounds code * scale (fp16: one correctly rounded fp16 product)."""
+    if spec.dtype == "tl.float16" and t.kind != "nf4":
+        return _saturate(f"{codes} * {sc}[:, None]", spec)
+    return _saturate(f"{codes} * {sc}.to(tl.float32)[:, None]", spec) + f".to({spec.dtype})"
+
+
+def _decode_values(spec: _Spec, with_exact: bool) -> str:
+    """Lines folding p · v into each accumulator; in the band, ring keys take their values exact."""
+    v = spec.v
+    ringed = with_exact and v.ringed
+    read = "stored" if ringed else "valid"
+    if ringed:
+        lines = [f"        ps = tl.where(exact[None, :], 0.0, p).to({spec.dtype})",
+                 f"        pe = tl.where(exact[None, :], p, 0.0).to({spec.dtype})"]
+    else:
+        lines = [f"        ps = p.to({spec.dtype})"]
+    parts = _v_parts(spec)
+    if not _blocked(v):
+        x = _load_call(v, "keys[:, None]", "fv[None, :]", f"{read}[:, None] & dvm[None, :]")
+        lines.append(f"        acc = dot_acc(ps, {x}, acc * alpha[:, None])")
+    else:
+        qb, four = v.qblock, parse_kind(v.kind).code_bits == 4
+        for j in range(v.dim // qb):
+            lines.append(f"        sc = {_scales_var(v, j, read, with_exact)}")
+            if four:
+                h = qb // 2
+                lines.append(f"        c = {_codes(v, '[:, None]', f'{j * h} + tl.arange(0, {h})', '[None, :]', f'{read}[:, None]')}")
+                lo, hi = _nibbles(v, "", spec.dtype == "tl.float16")
+                if _KNOBS["interleave_v"]:  # even and odd features back in order in registers: one dot per block
+                    x = f"tl.interleave({_dequant_v(v, spec, lo, 'sc')}, {_dequant_v(v, spec, hi, 'sc')})"
+                    lines.append(f"        acc{j} = dot_acc(ps, {x}, acc{j} * alpha[:, None])")
+                    continue
+                for x, acc in ((lo, f"acc{j}e"), (hi, f"acc{j}o")):
+                    lines.append(f"        {acc} = dot_acc(ps, {_dequant_v(v, spec, x, 'sc')}, {acc} * alpha[:, None])")
+            else:
+                lines.append(f"        c = {_codes(v, '[:, None]', f'{j * qb} + tl.arange(0, {qb})', '[None, :]', f'{read}[:, None]')}")
+                x = "i8_cdt(c)" if spec.dtype == "tl.float16" else "c"
+                lines.append(f"        acc{j} = dot_acc(ps, {_dequant_v(v, spec, x, 'sc')}, acc{j} * alpha[:, None])")
+    if ringed:
+        for part in parts:
+            cm = f" & {part.cm}[None, :]" if part.cm else ""
+            ring = _exact_call(v, f"(keys % {spec.capacity})[:, None]", f"(kvh * {v.dim} + {part.cols})[None, :]",
+                               f"exact[:, None]{cm}")
+            lines.append(f"        {part.acc} = dot_acc(pe, {ring}, {part.acc})")
+    return "\n".join(lines) + "\n"
+
+
+def _decode_epilogue(spec: _Spec) -> str:
+    parts = _v_parts(spec)
+    if spec.partitions > 1:
+        lines = ["    rows = b * ws_sb + heads * ws_sh + part * ws_sp"]
+        for a in parts:
+            cm = f" & {a.cm}[None, :]" if a.cm else ""
+            lines.append(f"    tl.store(ws + rows[:, None] + {a.cols}[None, :], {a.acc}, mask=gm[:, None]{cm})")
+        lines += [f"    tl.store(ws + rows + {spec.v.dim}, m_i, mask=gm)",
+                  f"    tl.store(ws + rows + {spec.v.dim + 1}, l_i, mask=gm)"]
+    else:
+        lines = ["    den = tl.where(l_i > 0, l_i, 1.0)[:, None]"]
+        for a in parts:
+            cm = f" & {a.cm}[None, :]" if a.cm else ""
+            lines.append(f"    tl.store(out + b * o_sb + heads[:, None] * o_sh + {a.cols}[None, :], "
+                         f"({a.acc} / den).to({spec.dtype}), mask=gm[:, None]{cm})")
+    return "\n".join(lines) + "\n"
+
+
+def _decode_queries(spec: _Spec) -> str:
+    """q terms: the whole head (general loader, ring dots) and, for blocked tensors, one slice per block (even and
+    odd features apart for 4-bit kinds)."""
+    text = _query_loads(spec, "heads[:, None] * q{i}_sh", "gm")
+    for i, t in enumerate(spec.keys):
+        if not _blocked(t):
+            continue
+        qb = t.qblock
+        for j in range(t.dim // qb):
+            if parse_kind(t.kind).code_bits == 4:
+                cols = [(f"q{i}_{j}e", f"{j * qb} + 2 * tl.arange(0, {qb // 2})"),
+                        (f"q{i}_{j}o", f"{j * qb + 1} + 2 * tl.arange(0, {qb // 2})")]
+            else:
+                cols = [(f"q{i}_{j}", f"{j * qb} + tl.arange(0, {qb})")]
+            for name, c in cols:
+                text += (f"    {name} = tl.load(q{i} + b * q{i}_sb + heads[:, None] * q{i}_sh + ({c})[None, :], "
+                         f"mask=gm[:, None], other=0.0).to({spec.dtype})\n")
+    return text
 
 
 def _decode_source(spec: _Spec) -> tuple[str, list[str]]:
@@ -349,19 +576,26 @@ def _decode_source(spec: _Spec) -> tuple[str, list[str]]:
     tail = ["lengths", *(["window"] if spec.ringed else []), "out", "o_sb", "o_sh", "ws", "ws_sb", "ws_sh", "ws_sp"]
     params = _signature(spec, queries, tail)
     subs = dict(BLOCK_N=spec.block_n, P=spec.partitions, BLOCK_G=_pow2(spec.group), G=spec.group,
-                BLOCK_DV=spec.v.block, DV=spec.v.dim, CDT=spec.dtype, BLOCK_P=_pow2(spec.partitions, least=2))
+                BLOCK_DV=spec.v.block, DV=spec.v.dim, CDT=spec.dtype, BLOCK_P=_pow2(spec.partitions, least=2),
+                R=spec.residual_len)
     body = source.render(_DECODE_PROLOGUE, **subs)
+    body += _decode_queries(spec) + _v_offsets(spec) + source.render(_DECODE_INIT, **subs)
+    body += "".join(f"    {a.acc} = tl.zeros([{_pow2(spec.group)}, {a.width}], tl.float32)\n" for a in _v_parts(spec))
     if spec.ringed:
-        body += f"    lo_exact = tl.maximum(tl.load(window + b), n_keys - {spec.residual_len})\n"
-    body += _query_loads(spec, "heads[:, None] * q{i}_sh", "gm")
-    body += _v_offsets(spec)
-    scores = ""
-    for i, t in enumerate(spec.keys):
-        scores += _decode_tile(t, spec, "keys", f"f{i}", f"dm{i}", "cols")
-        scores += f"        s += dot(q{i}t, x) * {spec.scales[i] * _LOG2E!r}\n"
-    values = _decode_tile(spec.v, spec, "keys", "fv", "dvm", "rows").replace("x = ", "vt = ").replace(", x)", ", vt)")
-    body += source.render(_DECODE_LOOP, MASKS=_decode_masks(spec), SCORES=scores, VALUES=values, **subs)
-    body += source.render(_DECODE_SPLIT if spec.partitions > 1 else _DECODE_DIRECT, **subs)
+        body += source.render(_DECODE_BAND, **subs)
+    ranges = [("start", "band", False), ("band", "end", True)] if spec.ringed else [("start", "end", False)]
+    for lo, hi, with_exact in ranges:
+        masks = ("        exact = valid & (keys >= lo_exact)\n        stored = valid & (keys < lo_exact)\n"
+                 if with_exact else "")
+        scores = "".join(_decode_scores(spec, i, t, with_exact) for i, t in enumerate(spec.keys))
+        pre, top, end = _prefetch(spec, with_exact)
+        loop = _DECODE_LOOP.replace("$PRE", pre).replace("$NEXT", top).replace("$ROTATE", end)
+        values = _decode_values(spec, with_exact)
+        # two passes: the score and value lines hold $BLOCK_N and $LO themselves
+        first = source.render(loop, **{**subs, "BLOCK_N": "$BLOCK_N"}, LO="$LO", HI=hi, MASKS=masks, SCORES=scores,
+                              VALUES=values)
+        body += source.render(first, LO=lo, **subs)
+    body += _decode_epilogue(spec)
     text = _header(spec, "decode") + _def("decode_partial", params) + body
     if spec.partitions > 1:
         text += source.render(_COMBINE, **subs)
@@ -593,6 +827,29 @@ def _launch_options(spec: _Spec) -> dict[str, int]:
     return {"num_warps": 4, "num_stages": 2 if any(t.kind == "nf4" for t in spec.tensors) else 3}
 
 
+# Decode tiles and launch per class of the heaviest cached tensor (see _decode_class): block_n, num_warps,
+# num_stages. Measured on an H200 (benchmarks/attention_variants.py; the notes are in the commit messages).
+_DECODE_TUNING: dict[str, tuple[int, int, int]] = {
+    "float": (64, 4, 3),
+    "8bit": (64, 4, 3),
+    "4bit": (64, 4, 3),
+    "nf4": (64, 4, 2),
+    "general": (64, 4, 3),
+}
+_DECODE_OPTIONS_OVERRIDE: dict[str, int] | None = None  # benchmarks/attention_variants.py sets launch options
+
+
+def _decode_class(tensors: Sequence[_Tensor]) -> str:
+    kinds = [parse_kind(t.kind) for t in tensors]
+    if any(k.block_scaled and not _blocked(t) for k, t in zip(kinds, tensors)):
+        return "general"
+    if any(t.kind == "nf4" for t in tensors):
+        return "nf4"
+    if any(k.code_bits == 4 for k in kinds):
+        return "4bit"
+    return "8bit" if any(k.block_scaled for k in kinds) else "float"
+
+
 def decode_workspace(batch: int, heads: int, partitions: int, v_head_dim: int,
                      device: torch.device | str) -> torch.Tensor:
     """fp32 (B, H, P, d_v + 2): per partition [partial out | running max (log2 units) | denominator]."""
@@ -602,13 +859,15 @@ def decode_workspace(batch: int, heads: int, partitions: int, v_head_dim: int,
 def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: CacheView, lengths: torch.Tensor, *,
                      scales: Sequence[float], kv_heads: int, window: torch.Tensor | None = None,
                      residual_len: int = 0, partitions: int = 1, out: torch.Tensor | None = None,
-                     workspace: torch.Tensor | None = None, block_n: int = 64) -> torch.Tensor:
+                     workspace: torch.Tensor | None = None, block_n: int | None = None) -> torch.Tensor:
     """One query per row over the cache, flash-decoding split-K; see the module docstring. Returns (B, H, d_v)."""
     q = _check_queries(q, 3, len(k))
     keys, vt, group = _check_common(q, k, v, scales, kv_heads, residual_len)
     batch, heads, device = q[0].shape[0], q[0].shape[1], q[0].device
     _check_rows("lengths", lengths, batch, device)
     _check_window(window, (*keys, vt), batch, device)
+    tuned_n, warps, stages = _DECODE_TUNING[_decode_class((*keys, vt))]
+    block_n = tuned_n if block_n is None else block_n
     _check_block("block_n", block_n)
     if not isinstance(partitions, int) or partitions < 1:
         raise AttentionLaunchError(f"partitions must be an int >= 1, got {partitions!r}")
@@ -633,7 +892,8 @@ def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cache
         args.update({f"q{i}": x, f"q{i}_sb": x.stride(0), f"q{i}_sh": x.stride(1)})
     for t, view in zip((*keys, vt), views):
         args.update(_buffer_args(t, view, view.ring))
-    mod.decode_partial[(batch, kv_heads, partitions)](*(args[n] for n in params), **_launch_options(spec))
+    options = _DECODE_OPTIONS_OVERRIDE or {"num_warps": warps, "num_stages": stages}
+    mod.decode_partial[(batch, kv_heads, partitions)](*(args[n] for n in params), **options)
     if partitions > 1:
         mod.decode_combine[(batch, heads)](ws, ws.stride(0), ws.stride(1), ws.stride(2), out, out.stride(0),
                                            out.stride(1), num_warps=1)

@@ -1,0 +1,185 @@
+"""Decode attention variants on the GPU: correctness against float64 and CUDA-graph timings of source and launch
+choices of caramba/codegen/triton/attention.py, in one run (device time is scarce: one call, one table).
+
+    python benchmarks/attention_variants.py [--before PATH] [--quick]
+
+--before: a copy of an earlier attention.py (e.g. `git show REV:caramba/codegen/triton/attention.py > F`) timed
+beside the current one as "before". Configurations: DBA (B=1, 32 heads, dims 32/64/64, as
+benchmarks/decode_attention.py) and GQA (B=8, H=32, H_kv=8, d=128); kinds fp16, q8_0, q4_0, nf4; partitions from
+the cuda plan's cost model. Each variant is checked (rel. L2 error vs float64 of the same cache at T=4099) before
+it is timed. Prints one line per measurement and a markdown table last: ms, GB/s of bytes the kernel must read,
+% of copy bandwidth, and speedup over the best fp16 peer (eager / sdpa_cat, as launched) where measured.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from caramba.codegen.triton import attention as A  # noqa: E402
+from caramba.codegen.triton.chunking import ChunkKey, device_plan  # noqa: E402
+from caramba.runtime.kv_cache import CacheSpec, KVCache  # noqa: E402
+from caramba.runtime.quant import dequantize  # noqa: E402
+
+import decode_attention as DA  # noqa: E402  (peers, copy bandwidth, graph capture)
+
+
+def load_before(path: str):
+    spec = importlib.util.spec_from_file_location("attention_before", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_cache(b, t, dims, heads, kv_heads, kind, filled=True):
+    names = ["k_sem", "k_geo", "v"] if len(dims) == 3 else ["k", "v"]
+    spec = CacheSpec.build(1, b, t, {n: (kv_heads * d, kind) for n, d in zip(names, dims)}, device="cuda")
+    cache = KVCache(spec)
+    for store in cache.layers[0].stores.values():
+        if store.codes.dtype.is_floating_point:
+            store.codes.normal_()
+        elif store.codes.dtype == torch.int8:
+            store.codes.copy_(torch.randint_like(store.codes, -127, 128))
+        else:
+            store.codes.copy_(torch.randint_like(store.codes, 0, 256))
+        if store.scales is not None:
+            store.scales.uniform_(0.005, 0.02)
+    cache.layers[0].lengths = [t] * b
+    cache.layers[0].ring_start = [t] * b
+    return cache, names
+
+
+def reference(cache, names, q, scales, kv_heads):
+    """float64 attention of every row's whole cache (lengths = capacity)."""
+    layer = cache.layers[0]
+    vals = {n: dequantize(layer.stored(n), torch.float64) for n in names}
+    b, h = q[0].shape[:2]
+    g = h // kv_heads
+    scores = 0
+    for x, n, s in zip(q, names[:-1], scales):
+        k = vals[n].reshape(b, -1, kv_heads, x.shape[-1]).transpose(1, 2).repeat_interleave(g, 1)
+        scores = scores + s * torch.einsum("bhd,bhnd->bhn", x.double(), k)
+    v = vals[names[-1]]
+    v = v.reshape(b, v.shape[1], kv_heads, -1).transpose(1, 2).repeat_interleave(g, 1)
+    return torch.einsum("bhn,bhnd->bhd", scores.softmax(-1), v)
+
+
+def call(mod, cache, names, q, scales, kv_heads, partitions, block_n):
+    layer = cache.layers[0]
+    views = [mod.CacheView.of(layer, n) for n in names]
+    b, h = q[0].shape[:2]
+    dv = views[-1].features // kv_heads
+    lengths = torch.tensor(layer.lengths, dtype=torch.int32, device="cuda")
+    out = torch.empty(b, h, dv, dtype=q[0].dtype, device="cuda")
+    ws = mod.decode_workspace(b, h, partitions, dv, "cuda") if partitions > 1 else None
+    kw = {} if block_n is None else {"block_n": block_n}
+
+    def run():
+        return mod.decode_attention(q, views[:-1], views[-1], lengths, scales=scales, kv_heads=kv_heads,
+                                    partitions=partitions, out=out, workspace=ws, **kw)
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--before", default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--kinds", default="fp16,q8_0,q4_0,nf4")
+    ap.add_argument("--variants", default="64/4/3,128/4/3,128/8/3,64/4/4,128/4/2,64/8/3",
+                    help="block_n/num_warps/num_stages of the current module")
+    ap.add_argument("--knobs", default="", help="extra source variants, e.g. interleave_v=0;prefetch=0")
+    ap.add_argument("--configs", default="dba32k,gqa32k,dba128k")
+    args = ap.parse_args()
+    from triton.testing import do_bench
+
+    before = load_before(args.before) if args.before else None
+    bw = DA.copy_bandwidth()
+    print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    configs = {"dba4k": (1, 4096, (32, 64, 64), 32, 32), "dba32k": (1, 32768, (32, 64, 64), 32, 32),
+               "dba128k": (1, 131072, (32, 64, 64), 32, 32), "gqa32k": (8, 32768, (128, 128), 32, 8),
+               "gqa4k": (8, 4096, (128, 128), 32, 8)}
+    variants = [tuple(int(x) for x in v.split("/")) for v in args.variants.split(",") if v]
+    knob_sets = [{}] + [dict((kv.split("=")[0], bool(int(kv.split("=")[1]))) for kv in ks.split(";"))
+                        for ks in args.knobs.split(",") if ks]
+    default_tuning = dict(A._DECODE_TUNING) if hasattr(A, "_DECODE_TUNING") else None
+    rows = []
+    torch.manual_seed(0)
+    for cname in args.configs.split(","):
+        b, t, dims, heads, kv_heads = configs[cname]
+        scales = [d ** -0.5 for d in dims[:-1]]
+        q = [torch.randn(b, heads, d, device="cuda", dtype=torch.float16) for d in dims[:-1]]
+        best_peer = None
+        if len(dims) == 3:
+            qs, qg = q[0][:, :, None], q[1][:, :, None]
+            ks = torch.randn(b, heads, t, dims[0], device="cuda", dtype=torch.float16)
+            kg = torch.randn(b, heads, t, dims[1], device="cuda", dtype=torch.float16)
+            vv = torch.randn(b, heads, t, dims[2], device="cuda", dtype=torch.float16)
+            peers = {"eager": lambda: DA.eager(qs, qg, ks, kg, vv, *scales),
+                     "sdpa_cat": lambda: DA.sdpa_cat(qs, qg, ks, kg, vv, *scales)}
+            peer_ms = {n: do_bench(f, warmup=25, rep=100, return_mode="median") for n, f in peers.items()}
+            best_peer = min(peer_ms.values())
+            print(f"{cname}: peers " + ", ".join(f"{n} {ms:.4f} ms" for n, ms in peer_ms.items()), flush=True)
+            del ks, kg, vv
+            torch.cuda.empty_cache()
+        for kind in args.kinds.split(","):
+            cache, names = make_cache(b, t, dims, heads, kv_heads, kind)
+            key = ChunkKey.of(b, t, dims if len(dims) == 3 else (dims[0], dims[1]), [kind] * len(names), kv_heads,
+                              heads)
+            parts = device_plan("cuda").choose(key).partitions
+            nbytes = cache.spec.bytes_per_token_per_layer * b * t
+            # correctness of each variant on a short cache of the same kind (fresh random data)
+            small, _ = make_cache(2, 4099, dims, heads, kv_heads, kind)
+            qsm = [torch.randn(2, heads, d, device="cuda", dtype=torch.float16) for d in dims[:-1]]
+            want = reference(small, names, qsm, scales, kv_heads)
+            cands = []
+            if before is not None:
+                cands.append(("before", before, None, None, {}))
+            for knobs in knob_sets:
+                for bn, nw, ns in variants:
+                    label = f"bn{bn}/w{nw}/s{ns}" + "".join(f" {k}={int(v)}" for k, v in knobs.items())
+                    cands.append((label, A, bn, (nw, ns), knobs))
+            cands.append(("default", A, None, None, {}))
+            for label, mod, bn, opts, knobs in cands:
+                saved = dict(A._KNOBS)
+                A._KNOBS.update(knobs)
+                A._kernels.cache_clear()
+                if opts is not None:
+                    A._DECODE_OPTIONS_OVERRIDE = {"num_warps": opts[0], "num_stages": opts[1]}
+                try:
+                    t0 = time.time()
+                    got = call(mod, small, names, qsm, scales, kv_heads, 3, bn)()
+                    err = float((got.double() - want).norm() / want.norm())
+                    run = DA.graphed(call(mod, cache, names, q, scales, kv_heads, parts, bn))
+                    ms = do_bench(run, warmup=25, rep=200, return_mode="median")
+                    ms2 = do_bench(run, warmup=10, rep=200, return_mode="median")
+                    ok = err < 2e-3
+                    line = (f"{cname} {kind:5s} P={parts:2d} {label:28s} err {err:.1e}{'' if ok else ' FAIL'} "
+                            f"{ms:.4f}/{ms2:.4f} ms {nbytes / ms / 1e6:7.0f} GB/s {nbytes / ms * 1e3 / bw:5.0%} copy"
+                            + (f" {best_peer / ms:5.2f}x peer" if best_peer else "") + f" ({time.time() - t0:.1f}s)")
+                    print(line, flush=True)
+                    rows.append((cname, kind, label, err, ms, nbytes / ms / 1e6, best_peer))
+                except Exception as e:  # noqa: BLE001 - report and go on: one failing variant must not end the run
+                    print(f"{cname} {kind} {label}: ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
+                finally:
+                    A._KNOBS.clear()
+                    A._KNOBS.update(saved)
+                    A._DECODE_OPTIONS_OVERRIDE = None
+            del cache, small
+            torch.cuda.empty_cache()
+    print("\n| config | kind | variant | err | ms | GB/s | x best fp16 peer |\n|---|---|---|---|---|---|---|")
+    for cname, kind, label, err, ms, gbs, peer in rows:
+        print(f"| {cname} | {kind} | {label} | {err:.0e} | {ms:.4f} | {gbs:.0f} | "
+              f"{'' if not peer else f'{peer / ms:.2f}'} |")
+
+
+if __name__ == "__main__":
+    main()
