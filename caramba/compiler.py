@@ -55,6 +55,7 @@ class CompiledModel:
         self.debug_options = debug_options or DebugOptions()
         self._executor = Interpreter(graph)
         self._cached: dict = {}
+        self.target_options: dict[str, Any] = {}  # compile(..., target_options=): the executor's settings
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._executor.run(input_ids)[0]
@@ -144,7 +145,7 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
             max_seq_len: int | None = None, dump_dir: str | os.PathLike | None = None,
             print_after: str | Sequence[str] | None = None, disable_passes: str | Sequence[str] | None = None,
             verify_each: bool | None = None, check_numerics: bool | None = None,
-            pass_limit: int | None = None) -> CompiledModel:
+            pass_limit: int | None = None, target_options: dict[str, Any] | None = None) -> CompiledModel:
     """Capture `model` once (batch and sequence length stay symbolic), run the target's pass pipeline, build it.
 
     dtype: fp32 / fp16 / bf16 (a torch.dtype or a name); the model is captured in that dtype without touching the
@@ -155,11 +156,13 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
     list) prints the IR to stderr after those passes when they changed it; disable_passes skips passes by name;
     verify_each runs the verifier after every pass (default: on under pytest and in debug runs); check_numerics
     compares every pass's output with eager PyTorch on a fixed input (see summary max_err); pass_limit runs only
-    the first N passes.
+    the first N passes. target_options: settings of the target's executor, checked here: onnx ort_contrib
+    (com.microsoft GroupQueryAttention), mode (auto/concat/scatter/shadow/contrib), threads; cuda cuda_graphs.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"caramba.compile expects a torch.nn.Module, got {type(model).__name__}")
     chosen = resolve_target(target)
+    options_for_target = check_target_options(chosen, target_options)
     want = resolve_dtype(dtype, model)
     options = DebugOptions.resolve(dump_dir=dump_dir, print_after=print_after, disable_passes=disable_passes,
                                    pass_limit=pass_limit, verify_each=verify_each, check_numerics=check_numerics)
@@ -184,7 +187,29 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
         verify(graph)  # once at the end is cheap insurance; verify_each already checked every step
     stats = CompileStats(cap.seconds, import_seconds, graph.op_counts(), result.seconds, result.records)
     log.info("pipeline %s: %d -> %d nodes in %.3fs", chosen, len(imported.nodes), len(graph.nodes), result.seconds)
-    return CompiledModel(graph, chosen, want, stats, cap, imported, options)
+    cm = CompiledModel(graph, chosen, want, stats, cap, imported, options)
+    cm.target_options = options_for_target
+    return cm
+
+
+# What each target's executor accepts as target_options (passed to its factory in runtime/executor.py).
+TARGET_OPTIONS: dict[str, dict[str, type]] = {
+    "onnx": {"ort_contrib": bool, "mode": str, "threads": int},
+    "cuda": {"cuda_graphs": bool},
+    "eager": {}, "metal": {},
+}
+
+
+def check_target_options(target: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    options = dict(options or {})
+    known = TARGET_OPTIONS.get(target, {})
+    for name, value in options.items():
+        if name not in known:
+            raise ValueError(f"target {target!r} takes no option {name!r}; its options: "
+                             f"{', '.join(known) or 'none'}")
+        if not isinstance(value, known[name]) or (known[name] is int and isinstance(value, bool)):
+            raise ValueError(f"target option {name!r} must be {known[name].__name__}, got {value!r}")
+    return options
 
 
 def cast_model(model: torch.nn.Module, dtype: DType) -> torch.nn.Module:

@@ -303,4 +303,4 @@ def _bucket(needed: int, max_seq_len: int) -> int:
 
 def onnx_executor(program: CachedProgram, cm: "CompiledModel") -> OnnxExecutor:
     """EXECUTORS["onnx"]: the executor a Generator gets for target="onnx" (cache mode chosen by measurement)."""
-    return OnnxExecutor(program, vocab_size_of(cm.graph))
+    return OnnxExecutor(program, vocab_size_of(cm.graph), **getattr(cm, "target_options", {}))

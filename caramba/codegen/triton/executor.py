@@ -52,7 +52,7 @@ def cuda_executor(program: CachedProgram, cm: Any) -> "CudaExecutor":
         device = torch.device("cpu")  # TRITON_INTERPRET=1: the same kernels, run by Triton's interpreter
     else:
         raise CarambaError("target 'cuda' needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernels on the CPU)")
-    return CudaExecutor(program, vocab_size_of(cm.graph), device)
+    return CudaExecutor(program, vocab_size_of(cm.graph), device, **getattr(cm, "target_options", {}))
 
 
 class CudaExecutor(Executor):
