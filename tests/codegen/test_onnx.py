@@ -295,3 +295,172 @@ def test_auto_picks_onnx_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert resolve_target("auto") == "onnx"
+
+
+# -- rope -> RotaryEmbedding ---------------------------------------------------------------------------------------
+def _rope_count(graph) -> int:
+    return sum(n.op == "rope" for n in graph.nodes)
+
+
+@pytest.mark.parametrize("layout", ["caramba", "optimum"])
+@pytest.mark.parametrize("attention", MODES)
+def test_every_attention_family_exports_standard_rotary_embedding(attention, layout):
+    """Each rope of the cached graph is one RotaryEmbedding (opset 23, half-width caches, position_ids), none is
+    spelled out (no Neg), the full-width tables are gone, and the model passes the full checker."""
+    cm = compiled(attention)
+    program = lower(cm, CacheConfig.of(cm.cache_layout, "fp16", max_seq_len=48))
+    for mode in RUNNER_MODES if layout == "caramba" else ("concat",):
+        om = build_model(program.prefill, program.layout, program.config.kind_map, max_seq_len=48, mode=mode,
+                         cache_layout=layout)
+        check(om.proto)
+        nodes = om.proto.graph.node
+        rotary = [n for n in nodes if n.op_type == "RotaryEmbedding"]
+        assert len(rotary) == _rope_count(program.prefill) == 2 * program.layout.n_layers
+        assert not any(n.op_type == "Neg" for n in nodes)
+        assert all(n.domain == "" and list(n.input)[3] == "position_ids" for n in rotary)
+        assert om.proto.opset_import[0].version >= 23
+        shapes = {i.name: tuple(i.dims) for i in om.proto.graph.initializer}
+        r = {a.name: a.i for a in rotary[0].attribute}["rotary_embedding_dim"]
+        assert shapes[rotary[0].input[1]] == shapes[rotary[0].input[2]] == (cm.max_positions, r // 2)
+        assert (cm.max_positions, r) not in shapes.values()  # the full-width tables were pruned
+
+
+@pytest.mark.parametrize("family, overrides", HF, ids=[f for f, _ in HF])
+def test_transformers_models_export_standard_rotary_embedding(family, overrides):
+    cm = caramba.compile(hf_model(family, **overrides), target="onnx", dtype="fp32")
+    program = lower(cm, CacheConfig.of(cm.cache_layout, "fp32", max_seq_len=48))
+    om = build_model(program.prefill, program.layout, program.config.kind_map, max_seq_len=48,
+                     cache_layout="optimum")
+    check(om.proto)
+    ops = [n.op_type for n in om.proto.graph.node]
+    assert ops.count("RotaryEmbedding") == _rope_count(program.prefill) == 4 and "Neg" not in ops
+
+
+def _rope_graph(x_dtype: str, angles: torch.Tensor, d: int, r: int, interleaved: bool,
+                table_dtype: torch.dtype = torch.float32, table_input: bool = False):
+    """position_ids -> cos/sin rows of (N, r) tables -> rope(x (batch, 3, seq, d)), as insert_kv_cache builds it
+    (embedding of the reshaped constant, reshape, unsqueeze). The tables are computed in fp32 and rounded to
+    table_dtype, as fold_tables stores them; table_input: they are graph inputs instead of constants."""
+    from caramba.ir import symbolic
+    from caramba.ir.graph import Graph
+    from caramba.ir.registry import get_op
+    from caramba.ir.types import DType, TensorType
+
+    g = Graph("rope")
+    g.add_symbol("batch", 1, 8)
+    g.add_symbol("seq", 1, 64)
+    bsz, seq, n_pos = symbolic.symbol("batch"), symbolic.symbol("seq"), angles.shape[0]
+    x = g.add_input("x", TensorType((bsz, 3, seq, d), DType(x_dtype)))
+    pos = g.add_input("position_ids", TensorType((bsz, seq), DType.i64))
+
+    def node(op, inputs, **attrs):
+        attrs = get_op(op).full_attrs(attrs)
+        return g.add_node(op, inputs, get_op(op).infer([v.type for v in inputs], attrs), attrs).outputs[0]
+
+    tabs = []
+    for i, t in enumerate((angles.cos(), angles.sin())):
+        t = t.to(table_dtype)[None]
+        ttype = TensorType((1, n_pos, r), DType.from_torch(table_dtype))
+        src = g.add_input(f"table{i}", ttype) if table_input else g.add_param(f"const.{i}", ttype, t)
+        flat = node("reshape", [src], shape=(n_pos, r))
+        rows = node("reshape", [node("embedding", [flat, pos])], shape=(bsz, seq, r))
+        tabs.append(node("unsqueeze", [rows], dim=1))
+    g.outputs = [node("rope", [x, *tabs], rotary_dim=r, interleaved=interleaved)]
+    return g
+
+
+def _run_rope_graph(g, feeds: dict):
+    """Lower g's nodes as build_model does and run the model in ONNX Runtime; returns (output, op types)."""
+    import onnxruntime as ort
+
+    from caramba.codegen.onnx.emit import Builder
+    from caramba.codegen.onnx.ops import OPS, Lowering
+    from caramba.ir.graph import Node
+    from caramba.ir.registry import get_op
+
+    b = Builder(23)
+    lw = Lowering(b, lambda v: None, g)
+    for v in g.inputs:
+        lw.names[v] = b.add_input(v.name, v.type.dtype, [str(d) for d in v.type.shape])
+    b.bind_dim("batch", b.op("Shape", ["position_ids"], start=0, end=1))
+    b.bind_dim("seq", b.op("Shape", ["position_ids"], start=1, end=2))
+    for name, v in g.params.items():
+        lw.names[v] = b.initializer(name, g.weights[name])
+    for n in g.nodes:
+        n = Node(n.op, n.inputs, n.outputs, get_op(n.op).full_attrs(n.attrs), n.loc)
+        for v, out in zip(n.outputs, OPS[n.op](lw, n)):
+            lw.names[v] = out
+    y = g.outputs[0]
+    b.add_output(lw[y], "y", y.type.dtype, [str(d) for d in y.type.shape])
+    model = b.model("rope")
+    check(model)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = {i.name for i in sess.get_inputs()}
+    out = sess.run(None, {k: v.numpy() for k, v in feeds.items() if k in names})[0]
+    return torch.from_numpy(out), [n.op_type for n in model.graph.node]
+
+
+def _angles(n_pos: int, r: int, interleaved: bool, distinct: bool = False) -> torch.Tensor:
+    """(n_pos, r) fp32 angles as RoPE tables repeat them (halves, or each angle twice); distinct: no repetition."""
+    inv = 1.0 / (10000 ** (torch.arange(0, r, 2, dtype=torch.float32) / r))
+    f = torch.arange(n_pos, dtype=torch.float32)[:, None] * inv
+    if distinct:
+        return torch.cat((f, f * 1.5), dim=-1)
+    return torch.repeat_interleave(f, 2, dim=-1) if interleaved else torch.cat((f, f), dim=-1)
+
+
+ROPE_CASES = [  # x dtype, table dtype, head dim, rotary dim, interleaved
+    ("f32", torch.float32, 16, 16, False), ("f32", torch.float32, 16, 16, True),
+    ("f32", torch.float32, 24, 16, False), ("f32", torch.float32, 24, 8, True),
+    ("f16", torch.float16, 16, 16, False), ("f16", torch.float16, 12, 8, True),
+    ("f16", torch.float32, 16, 16, False),  # promoted: computed in fp32 from fp16 x and fp32 tables
+]
+
+
+def _run_and_interpret(g, x_dtype: str, d: int, table_feeds: bool = False):
+    from caramba.ir.interpreter import interpret
+    from caramba.ir.types import DType
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, d, generator=gen).to(DType(x_dtype).torch)
+    pos = torch.tensor([[0, 1, 2, 3, 4], [17, 18, 19, 20, 39]])  # ragged rows, up to the last table row
+    feeds = {"x": x, "position_ids": pos}
+    extra = []
+    if table_feeds:
+        extra = [g.inputs[2].name, g.inputs[3].name]
+        feeds.update({n: torch.randn(1, 40, g.inputs[2].type.shape[-1], generator=gen) for n in extra})
+    got, ops = _run_rope_graph(g, feeds)
+    want = interpret(g, *[feeds[v.name] for v in g.inputs])[0]
+    assert got.dtype == want.dtype
+    return got, want, ops
+
+
+@pytest.mark.parametrize("x_dtype, table_dtype, d, r, interleaved", ROPE_CASES)
+def test_rope_lowers_to_rotary_embedding_for_every_form_it_can_express(x_dtype, table_dtype, d, r, interleaved):
+    """Rotate-half and interleaved, full and partial rotation, fp32 and fp16 (tables rounded as the reference
+    rounds them), ragged positions: one RotaryEmbedding, within one ulp of the reference (ops_fused.rope; the op
+    rounds once where the reference rounds each product and the sum)."""
+    g = _rope_graph(x_dtype, _angles(40, r, interleaved), d, r, interleaved, table_dtype)
+    got, want, ops = _run_and_interpret(g, x_dtype, d)
+    assert ops.count("RotaryEmbedding") == 1 and "Neg" not in ops and "Gather" not in ops
+    ulp = torch.finfo(want.dtype).eps * want.abs().float().clamp_min(1.0)
+    assert ((got.float() - want.float()).abs() <= ulp).all()
+    if want.dtype == torch.float32:
+        assert rel_err(got, want) <= 1e-6
+
+
+FALLBACKS = {  # what RotaryEmbedding cannot express exactly keeps the basic-op spelling
+    "halves differ": {"distinct": True},
+    "tables are inputs": {"table_input": True},
+}
+
+
+@pytest.mark.parametrize("case", FALLBACKS)
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_the_op_cannot_express_keeps_the_basic_op_spelling(case, interleaved):
+    kw = FALLBACKS[case]
+    g = _rope_graph("f32", _angles(40, 8, interleaved, kw.get("distinct", False)), 12, 8, interleaved,
+                    table_input=kw.get("table_input", False))
+    got, want, ops = _run_and_interpret(g, "f32", 12, table_feeds=kw.get("table_input", False))
+    assert "RotaryEmbedding" not in ops and "Neg" in ops
+    assert rel_err(got, want) <= 1e-6

@@ -69,6 +69,22 @@ def test_default_export_has_optimums_float_cache_shapes_and_attention_mask(tmp_p
     assert meta["tensors"][0]["shape"] == "batch, kv_heads, position, head_dim"
 
 
+@pytest.mark.parametrize("attention", ["decoupled", "standard", "gqa"])
+def test_exported_rotary_embeddings_are_the_standard_op(tmp_path, attention):
+    """The written model.onnx of every attention family applies RoPE with RotaryEmbedding (opset 23, domain ""),
+    one per rotated tensor per layer (decoupled: q_geo and k_geo; otherwise q and k), and passes the full check."""
+    import onnx
+
+    out = tmp_path / attention
+    caramba.export_onnx(tiny(attention), out, cache_kind="fp16", max_seq_len=48)
+    model = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    rotary = [n for n in model.graph.node if n.op_type == "RotaryEmbedding"]
+    assert len(rotary) == 4 and all(n.domain == "" for n in rotary)
+    assert model.opset_import[0].domain == "" and model.opset_import[0].version == 23
+    assert not any(n.op_type == "Neg" for n in model.graph.node)
+
+
 def test_ort_contrib_export_runs_in_the_example(tmp_path):
     """export_onnx(ort_contrib=True): GroupQueryAttention over in-place buffers; the example drives it and gives the
     tokens the caramba layout's concat export gives."""

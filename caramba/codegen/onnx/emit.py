@@ -163,7 +163,22 @@ class Builder:
         return self.op("Concat", [self.dim(d) for d in dims], "shape", axis=0)
 
     # -- model ------------------------------------------------------------------------------------------------
+    def prune(self) -> int:
+        """Drop nodes no graph output depends on, then initializers nothing reads (e.g. the full-width RoPE table
+        gathers a RotaryEmbedding replaced); returns how many nodes went."""
+        live = {o.name for o in self.outputs}
+        kept = []
+        for node in reversed(self.nodes):
+            if any(o in live for o in node.output):
+                kept.append(node)
+                live.update(i for i in node.input if i)
+        dropped = len(self.nodes) - len(kept)
+        self.nodes = kept[::-1]
+        self.initializers = [t for t in self.initializers if t.name in live]
+        return dropped
+
     def model(self, name: str, metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+        self.prune()
         graph = helper.make_graph(self.nodes, name, self.inputs, self.outputs, initializer=self.initializers)
         opsets = [helper.make_opsetid("", self.opset)]
         if self._ms_domain:

@@ -74,7 +74,7 @@ def build_model(graph: Graph, layout: CacheLayout, kinds: dict[str, str], *, max
         raise UnsupportedOpError(f"expected a cached entry graph with inputs (input_ids, position_ids), got "
                                  f"{[v.name for v in graph.inputs]}; lower the model for a cache first")
     b = Builder(opset)
-    lw = Lowering(b, lambda v: _transposed(b, graph, v))
+    lw = Lowering(b, lambda v: _transposed(b, graph, v), graph)
     ids = b.add_input("input_ids", DType.i64, ["batch_size", "sequence_length"])
     mask = None
     if cache_layout == "optimum":

@@ -3,14 +3,38 @@
 Each function receives the Lowering (builder + value names) and the IR node, and returns the ONNX names of the
 node's outputs. Numerics follow the IR's reference implementations: statistics of the fused norms in fp32, casts
 where the reference casts, torch promotion made explicit with Cast.
+
+`rope` (ops_fused: y = x·cos + rotate(x)·sin on the first rotary_dim features) becomes one standard
+RotaryEmbedding (opset 23) when the op can express it exactly, which is every rope of the presets and of the
+transformers Llama / Mistral / Qwen2 models:
+- x is 4-D (batch, heads, seq, head_dim), the computation dtype (x, cos and sin promoted) is fp32 or fp16, and
+  the opset is >= 23;
+- cos and sin are rows of constant tables gathered at one int64 (batch, seq) index (what insert_kv_cache makes of
+  RoPE's tables: embedding(reshape(const), position_ids), then reshapes / unsqueezes to (batch, 1, seq, r)), so
+  the index becomes the op's position_ids input;
+- each table row is two equal halves (rotate-half) or repeats each angle twice (interleaved), bit for bit: the
+  op's half-width cos_cache / sin_cache (max_positions, r/2) are then initializers sliced from the stored
+  tables, i.e. from the fp32 tables rounded to the model dtype as the reference rounds them (widened exactly to
+  the computation dtype where that is wider).
+Attributes: interleaved, rotary_embedding_dim = rotary_dim (x[..., r:] passes through); num_heads is not needed
+for a 4-D x. Rounding: ONNX Runtime's CPU kernel computes x1·cos − x2·sin in fp32 (fused multiply-adds) and
+rounds once, where the reference rounds each product and the sum in the computation dtype: results differ by at
+most one ulp of max(|y|, 1) in fp32 and in fp16 (tests/codegen/test_onnx.py checks both; the op's is the more
+accurate).
+Everything else (tables computed at run time or gathered otherwise, halves that differ, x of another rank, f64)
+keeps the basic-op spelling: Slice / Neg / Concat (rotate-half) or Reshape / Slice / Neg / Concat (interleaved
+pairs), then Mul and Add exactly as the reference writes them.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
+
 from caramba.codegen.onnx.emit import Builder, onnx_dtype
 from caramba.errors import UnsupportedOpError
-from caramba.ir.graph import Node, Value
+from caramba.ir import symbolic
+from caramba.ir.graph import Graph, Node, Value
 from caramba.ir.types import DType
 
 INT_MAX = 2**63 - 1
@@ -19,10 +43,14 @@ INT_MAX = 2**63 - 1
 class Lowering:
     """The state one IR graph's translation shares: the builder and the ONNX name of every IR value."""
 
-    def __init__(self, builder: Builder, transposed: Callable[[Value], str]) -> None:
+    def __init__(self, builder: Builder, transposed: Callable[[Value], str], graph: Graph | None = None) -> None:
         self.b = builder
         self.names: dict[Value, str] = {}
         self.transposed = transposed  # a 2-D param's transpose as an initializer (linear weights)
+        # what pattern-matching lowerings (rope -> RotaryEmbedding) look through: producers and constant params
+        self.producers: dict[Value, Node] = graph.producers() if graph is not None else {}
+        params = graph.params.items() if graph is not None else ()
+        self.constants: dict[Value, torch.Tensor] = {v: graph.weights[k] for k, v in params if k in graph.weights}
 
     def __getitem__(self, v: Value) -> str:
         return self.names[v]
@@ -357,6 +385,72 @@ def _add_layer_norm(lw: Lowering, n: Node) -> list[str]:
 
 @op("rope")
 def _rope(lw: Lowering, n: Node) -> list[str]:
+    """One RotaryEmbedding where it computes exactly this rope (module doc), else the basic-op spelling."""
+    std = _rotary_embedding(lw, n)
+    return [std] if std is not None else [_rope_basic(lw, n)]
+
+
+_ROTARY_DTYPES = {DType.f32: torch.float32, DType.f16: torch.float16}  # RotaryEmbedding's T (ORT: no bf16 here)
+
+
+def _rotary_embedding(lw: Lowering, n: Node) -> str | None:
+    """RotaryEmbedding-23 on x (B, H, S, d) with half-width constant caches and the gather index as position_ids;
+    None where the op cannot express the rope exactly."""
+    x, r, interleaved = n.inputs[0], n.attrs["rotary_dim"], bool(n.attrs["interleaved"])
+    dt = _out(n)
+    if lw.b.opset < 23 or dt not in _ROTARY_DTYPES or x.type.rank != 4 or not isinstance(x.type.shape[-1], int):
+        return None
+    rows = [_gathered_rows(lw, t, x, r) for t in n.inputs[1:3]]
+    if any(row is None for row in rows) or rows[0][1] is not rows[1][1]:
+        return None
+    caches = [_half_table(table, r, interleaved) for table, _ in rows]
+    if any(c is None for c in caches):
+        return None
+    # the stored tables are in the dtype of cos / sin, never wider than the computation dtype: an exact widening
+    cos, sin = (lw.b.const(c.to(_ROTARY_DTYPES[dt]).numpy(), dt, f"rope_{w}_cache")
+                for c, w in zip(caches, ("cos", "sin")))
+    return lw.b.op("RotaryEmbedding", [lw.input_as(n, 0, dt), cos, sin, lw[rows[0][1]]], "rope",
+                   interleaved=int(interleaved), rotary_embedding_dim=r)
+
+
+def _gathered_rows(lw: Lowering, v: Value, x: Value, r: int) -> tuple[torch.Tensor, Value] | None:
+    """(table (N, r) as a tensor, index (B, S) i64) when v (B, 1, S, r) is table[index] viewed by reshapes /
+    unsqueezes and the table is a constant (reshaped); B and S those of x (B, H, S, d)."""
+    b, s = x.type.shape[0], x.type.shape[2]
+    if len(v.type.shape) != 4 or not all(symbolic.equal(g, w) for g, w in zip(v.type.shape, (b, 1, s, r))):
+        return None
+    node = lw.producers.get(v)
+    while node is not None and node.op in ("reshape", "unsqueeze"):
+        node = lw.producers.get(node.inputs[0])
+    if node is None or node.op != "embedding":
+        return None
+    table, index = node.inputs
+    if index.type.dtype != DType.i64 or index.type.rank != 2 or table.type.rank != 2:
+        return None
+    if not (symbolic.equal(index.type.shape[0], b) and symbolic.equal(index.type.shape[1], s)):
+        return None
+    if table.type.shape[1] != r or not isinstance(table.type.shape[0], int):
+        return None
+    src = table
+    while src not in lw.constants and src in lw.producers and lw.producers[src].op == "reshape":
+        src = lw.producers[src].inputs[0]
+    if src not in lw.constants or DType.from_torch(lw.constants[src].dtype) != v.type.dtype:
+        return None
+    return lw.constants[src].detach().cpu().reshape(table.type.shape[0], r), index
+
+
+def _half_table(table: torch.Tensor, r: int, interleaved: bool) -> torch.Tensor | None:
+    """The (N, r/2) cache of a full-width table: its first half (rotate-half) or its even columns (interleaved),
+    when the other half / the odd columns are bitwise the same; else None."""
+    a, b = (table[:, 0::2], table[:, 1::2]) if interleaved else (table[:, :r // 2], table[:, r // 2:])
+    bits = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+            torch.float64: torch.int64}.get(table.dtype)
+    if bits is None or not torch.equal(a.contiguous().view(bits), b.contiguous().view(bits)):
+        return None
+    return a.contiguous()
+
+
+def _rope_basic(lw: Lowering, n: Node) -> str:
     """x·cos + rotate(x)·sin on the first rotary_dim features (ops_fused.rope), in the promoted dtype."""
     b, x, r = lw.b, n.inputs[0], n.attrs["rotary_dim"]
     dt = _out(n)
@@ -377,9 +471,9 @@ def _rope(lw: Lowering, n: Node) -> list[str]:
         rot = b.op("Concat", [b.op("Neg", [x2]), x1], "rope_rot", axis=-1)
     y = b.op("Add", [b.op("Mul", [xr, cos]), b.op("Mul", [rot, sin])], "rope")
     if r == d:
-        return [y]
+        return y
     rest = b.op("Slice", [xs, b.const([r]), b.const([d]), last], "rope_pass")
-    return [b.op("Concat", [y, rest], "rope", axis=-1)]
+    return b.op("Concat", [y, rest], "rope", axis=-1)
 
 
 @op("swiglu")
