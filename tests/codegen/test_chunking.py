@@ -81,3 +81,21 @@ def test_choose_chunking_gives_the_cuda_decode_entry_the_plan_and_prefill_one_pa
                                   node.inputs[0].type.shape[1]), 4).partitions
     assert want > 1 and all(n.attrs["partitions"] == want for n in decode)
     assert all(n.attrs.get("partitions", 1) == 1 for n in prefill)
+
+
+def test_the_executor_takes_the_decision_for_its_batch_unless_partitions_were_forced(monkeypatch, tmp_path):
+    import torch
+
+    from caramba.codegen.triton import kernels
+    from caramba.runtime.kv_cache import CacheSpec, KVCache
+
+    monkeypatch.setenv("CARAMBA_CACHE_DIR", str(tmp_path))
+    lc = KVCache(CacheSpec.standard(1, 16, 4096, 2 * 32, "q8_0")).layers[0]
+    q = [torch.zeros(16, 4, 32)]
+    attrs = {"v_head_dim": 32, "kinds": ["q8_0", "q8_0"], "kv_heads": 2}
+    one = cost_model(ChunkKey.of(1, 4096, (32, 32), ("q8_0",) * 2, 2, 4), 4)
+    sixteen = cost_model(ChunkKey.of(16, 4096, (32, 32), ("q8_0",) * 2, 2, 4), 4)
+    assert one.partitions != sixteen.partitions  # the test can tell them apart
+    assert kernels.decode_chunking(lc, q, {**attrs, "partitions": one.partitions}) == sixteen
+    forced = kernels.decode_chunking(lc, q, {**attrs, "partitions": 7})
+    assert forced.partitions == 7

@@ -17,6 +17,7 @@ every other entry. A corrupt file is moved aside to <name>.corrupt-<timestamp>, 
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -141,11 +142,22 @@ def default_path() -> Path:
 
 
 def device_plan(device) -> ChunkingPlan:
-    """The plan of a torch device: its name and SM count (CPU under TRITON_INTERPRET: 'cpu', 4 'SMs')."""
+    """The plan of a torch device: its name and SM count (CPU under TRITON_INTERPRET: 'cpu', 4 'SMs'); one per
+    device and plan file in a process, so decisions are read from the file once."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _device_plan(str(device), str(default_path()))
+
+
+@functools.lru_cache(maxsize=None)
+def _device_plan(device: str, path: str) -> ChunkingPlan:
     import torch
 
     device = torch.device(device)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return ChunkingPlan(f"cuda {props.name} sm_{props.major}{props.minor}", props.multi_processor_count)
-    return ChunkingPlan("cpu (triton interpreter)", 4)
+        return ChunkingPlan(f"cuda {props.name} sm_{props.major}{props.minor}", props.multi_processor_count, path)
+    return ChunkingPlan("cpu (triton interpreter)", 4, path)

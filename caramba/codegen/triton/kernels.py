@@ -78,10 +78,29 @@ def decode_attention(lc: Any, terms: list[tuple[torch.Tensor, str, float]], read
     q = [t[0][:, :, 0] for t in terms]
     k = _views(lc, [t[1] for t in terms])
     v, = _views(lc, ["v"])
+    choice = decode_chunking(lc, q, attrs)
     out = attention.decode_attention(q, k, v, ready, scales=[t[2] for t in terms], kv_heads=attrs["kv_heads"],
                                      window=window if attrs["residual_len"] else None,
-                                     residual_len=attrs["residual_len"], partitions=attrs["partitions"])
+                                     residual_len=attrs["residual_len"], partitions=choice.partitions,
+                                     block_n=choice.block_n)
     return out[:, :, None]
+
+
+def decode_chunking(lc: Any, q: Sequence[torch.Tensor], attrs: dict):
+    """Partitions and key block for this batch at the cache's longest length (its max_seq_len bucket: the decode
+    graph is captured once and each partition takes its share of the current length): the device's measured
+    decision or the cost model (chunking.py). choose_chunking wrote the batch-1 decision into the op; a
+    partitions attribute that differs from it was forced (ctx.options["partitions"]) and is kept."""
+    from caramba.codegen.triton.chunking import ChunkKey, Chunking, device_plan
+
+    dims = [x.shape[-1] for x in q] + [attrs["v_head_dim"]]
+    plan = device_plan(q[0].device)
+    shape = dict(length=lc.spec.max_seq_len, head_dims=dims, kinds=attrs["kinds"], kv_heads=attrs["kv_heads"],
+                 heads=q[0].shape[1])
+    choice = plan.choose(ChunkKey.of(q[0].shape[0], **shape))
+    if attrs["partitions"] != plan.choose(ChunkKey.of(1, **shape)).partitions:
+        return Chunking(attrs["partitions"], choice.block_n)
+    return choice
 
 
 def prefill_attention(lc: Any, terms: list[tuple[torch.Tensor, str, float]], positions: torch.Tensor,
