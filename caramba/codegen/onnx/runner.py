@@ -63,11 +63,28 @@ def session_options(threads: int | None = None):
     return so
 
 
+# protobuf cannot serialise a message of 2 GiB or more: larger models go through a file with external data
+_INLINE_LIMIT = 1 << 30
+
+
 def make_session(model: OnnxModel, threads: int | None = None):
     import onnxruntime as ort
 
-    return ort.InferenceSession(model.proto.SerializeToString(), session_options(threads),
-                                providers=["CPUExecutionProvider"])
+    weights = sum(len(t.raw_data) for t in model.proto.graph.initializer)
+    if weights < _INLINE_LIMIT:
+        return ort.InferenceSession(model.proto.SerializeToString(), session_options(threads),
+                                    providers=["CPUExecutionProvider"])
+    import copy
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="caramba-onnx-") as tmp:
+        path = f"{tmp}/model.onnx"
+        # save_model moves tensors to external data in the proto it is given: save a copy, keep the model intact
+        onnx.save_model(copy.deepcopy(model.proto), path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        return ort.InferenceSession(path, session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def _store_tensor(cache: KVCache, layer: int, tensor: str, part: str) -> torch.Tensor:
