@@ -267,7 +267,9 @@ class Generator:
         t1 = time.perf_counter()
         try:
             for step in range(c.max_new_tokens):
-                tok = sample_next(last, c, self._rng).cpu()
+                # sampling draws from the CPU generator (the same seed gives the same tokens on every target);
+                # greedy picks on the logits' own device
+                tok = sample_next(last if c.greedy else last.cpu(), c, self._rng).cpu()
                 tok = torch.where(done, torch.full_like(tok, pad), tok)
                 for b in range(batch):
                     if not done[b]:

@@ -239,8 +239,8 @@ class SpeculativeGenerator:
                     logits = self.draft_executor.forward(drafts[-1][:, None], pos, self.draft_cache)[:, 0]
                 if c.greedy:
                     x = greedy(logits)
-                else:
-                    qs.append(probs_after_filters(logits, c.temperature, c.top_k, c.top_p))
+                else:  # sampling draws from the CPU generator: the same seed gives the same tokens on every target
+                    qs.append(probs_after_filters(logits.cpu(), c.temperature, c.top_k, c.top_p))
                     x = sample_from(qs[-1], self._rng)
                 drafts.append(x.cpu())
         x = torch.stack(drafts, dim=1) if drafts else torch.zeros(batch, 0, dtype=torch.int64)
@@ -249,7 +249,7 @@ class SpeculativeGenerator:
         if c.greedy:
             result = greedy_round(x.to(logits.device), logits)
         else:
-            p = probs_after_filters(logits, c.temperature, c.top_k, c.top_p)
+            p = probs_after_filters(logits.cpu(), c.temperature, c.top_k, c.top_p)
             q = torch.stack(qs, dim=1) if qs else p.new_zeros(batch, 0, p.shape[-1])
             result = speculative_round(x.to(p.device), q, p, self._rng)
         result = RoundResult(result.n_accepted.cpu(), result.tokens.cpu())

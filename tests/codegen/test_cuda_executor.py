@@ -95,3 +95,11 @@ def test_values_the_cache_cannot_hold_raise_and_leave_the_cache_as_it_was(models
     assert cache.lengths(0) == (3,)
     ex.forward(torch.tensor([[4]]), torch.tensor([[3]]), cache)  # the cache goes on from where it was
     assert cache.lengths(0) == (4,)
+
+
+def test_sampling_with_a_seed_gives_eagers_tokens(models):
+    """Sampling draws from the CPU generator whatever device the logits are on: same seed, same tokens."""
+    cuda, eager = models
+    config = GenerateConfig(temperature=0.8, top_k=20, seed=3, cache_kind="fp32", max_seq_len=MAX, max_new_tokens=6)
+    prompts = [[1, 2, 3], [4, 5]]
+    assert torch.equal(Generator(cuda, config).generate(prompts), Generator(eager, config).generate(prompts))
