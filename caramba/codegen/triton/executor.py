@@ -103,9 +103,6 @@ class CudaExecutor(Executor):
                 raise
         return logits
 
-    def new_cache(self, batch: int, ring_slack: int = 0) -> KVCache:
-        return super().new_cache(batch, ring_slack)
-
     # -- kernels per node -----------------------------------------------------------------------------------------
     def _impl_for(self, entry: str) -> Callable[[Node], Callable | None]:
         def impl(node: Node) -> Callable | None:
