@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import caramba  # noqa: E402
+from decode_attention import copy_bandwidth  # noqa: E402  (this folder is on sys.path when run)
 from caramba.models import Transformer, preset  # noqa: E402
 from caramba.models.transformer import apply_rope, merge_heads, split_heads  # noqa: E402
 
@@ -92,22 +93,6 @@ class StaticCacheDecoder(torch.nn.Module):
         v = split_heads(attn.v(h), attn.n_kv_heads)
         q_s, q_g = attn.scale_queries(h, q_s, q_g)
         return q_s, k_s, q_g, k_g, v
-
-
-def copy_bandwidth() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(20):
-        start.record()
-        dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return 2 * src.numel() / (sorted(times)[len(times) // 2] * 1e-3)
 
 
 def timed_steps(step, steps: int, warmup: int) -> float:

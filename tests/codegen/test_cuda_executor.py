@@ -20,17 +20,6 @@ from caramba.runtime.executor import CacheConfig  # noqa: E402
 MAX = 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-    old = os.environ.get("CARAMBA_CACHE_DIR")
-    os.environ["CARAMBA_CACHE_DIR"] = str(tmp_path_factory.mktemp("kernels"))
-    yield
-    if old is None:
-        os.environ.pop("CARAMBA_CACHE_DIR")
-    else:
-        os.environ["CARAMBA_CACHE_DIR"] = old
-
-
 @pytest.fixture(scope="module", params=["standard", "gqa", "decoupled"])
 def models(request):
     torch.manual_seed(0)

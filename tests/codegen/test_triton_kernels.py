@@ -36,17 +36,6 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 ROW_SHAPES = [(1, 24), (3, 7, 100), (300, 24), (2, 200)]  # one row, odd widths, many rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-    old = os.environ.get("CARAMBA_CACHE_DIR")
-    os.environ["CARAMBA_CACHE_DIR"] = str(tmp_path_factory.mktemp("kernels"))
-    yield
-    if old is None:
-        os.environ.pop("CARAMBA_CACHE_DIR")
-    else:
-        os.environ["CARAMBA_CACHE_DIR"] = old
-
-
 def randn(*shape, dtype=F32, scale=1.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)

@@ -134,7 +134,8 @@ class CudaExecutor(Executor):
                     exact = {n: x.to(torch.float16) for n, x in zip(names, xs) if lc.stores[n].ring is not None}
                     pre = {n: lc.stores[n].ring.clone() for n in exact}
                 window = lc.note_append(positions[:, 0].tolist(), n_new, exact=exact, pre_ring=pre)
-                self.window(cache)[layer].copy_(torch.tensor(window, dtype=torch.int32))
+                if cache.spec.residual_len:  # only ring windows are read from this buffer
+                    self.window(cache)[layer].copy_(torch.tensor(window, dtype=torch.int32))
             starts = positions[:, 0].to(torch.int32).clone(memory_format=torch.contiguous_format)
             for name, x in zip(names, xs):
                 self.kernels.append(lc.stores[name], x, starts, self._error)
