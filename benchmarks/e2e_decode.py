@@ -15,6 +15,7 @@ the loop; warm-up steps first). Roofline: (weight bytes + cache bytes read per s
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -121,14 +122,19 @@ def bench_peer(model, batch, context, steps, compiled: bool) -> float:
     return timed_steps(step, steps, warmup=3 if compiled else 2)
 
 
-def bench_caramba(model, batch, context, steps, kind: str) -> tuple[float, int]:
+# caramba variants (--variants): what each leaves out, to measure what each part brings
+VARIANTS = {"full": ({}, ()), "nogemv": ({"gemv": False}, ()), "base": ({"gemv": False}, ("fuse_linears",))}
+
+
+def bench_caramba(model, batch, context, steps, kind: str, variant: str = "full") -> tuple[float, int]:
     from caramba.runtime.executor import CacheConfig
 
     # torch 2.11's export of an fp16 SDPA call guards on the length unless the math backend is selected
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    options, disabled = VARIANTS[variant]
     with sdpa_kernel([SDPBackend.MATH]):
-        cm = caramba.compile(model, target="cuda")
+        cm = caramba.compile(model, target="cuda", target_options=options, disable_passes=list(disabled))
     ex = cm.executor(CacheConfig.of(cm.cache_layout, kind, max_seq_len=context + steps + 16))
     cache = ex.new_cache(batch)
     prompt = torch.randint(0, model.config.vocab_size, (batch, context))
@@ -148,7 +154,7 @@ def bench_caramba(model, batch, context, steps, kind: str) -> tuple[float, int]:
             for i in range(8):
                 step(i)
             torch.cuda.synchronize()
-        print(f"--- caramba {kind} B={batch}: 8 decode steps, by device time ---")
+        print(f"--- caramba {kind} {variant} B={batch}: 8 decode steps, by device time ---")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
     return seconds, cache.spec.bytes_per_token
 
@@ -160,6 +166,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--kinds", default="fp16,q8_0")
+    ap.add_argument("--variants", default="full", help=f"comma list of caramba variants: {', '.join(VARIANTS)}")
     ap.add_argument("--skip", default="", help="comma list of columns to skip: eager, compiled, caramba")
     ap.add_argument("--profile", action="store_true", help="print where caramba's decode step spends device time")
     args = ap.parse_args()
@@ -182,10 +189,11 @@ def main() -> None:
                 res["compiled"] = bench_peer(model, batch, args.context, args.steps, compiled=True)
             cache_bytes = StaticCacheDecoder(model, 1, 1).cache_bytes(1) * batch * args.context
             if "caramba" not in skip:
-                for kind in args.kinds.split(","):
-                    s, per_token = bench_caramba(model, batch, args.context, args.steps, kind)
-                    res[f"caramba {kind}"] = s
-                    res[f"bytes {kind}"] = weight_bytes + per_token * batch * args.context
+                for kind, variant in itertools.product(args.kinds.split(","), args.variants.split(",")):
+                    s, per_token = bench_caramba(model, batch, args.context, args.steps, kind, variant)
+                    label = kind if variant == "full" else f"{kind} {variant}"
+                    res[f"caramba {label}"] = s
+                    res[f"bytes {label}"] = weight_bytes + per_token * batch * args.context
             rows.append((name, batch, res, weight_bytes + cache_bytes))
             print(f"{name} B={batch}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in res.items()
                                                    if not k.startswith("bytes")) + f" ({time.time() - t0:.0f}s)",
@@ -195,7 +203,8 @@ def main() -> None:
     for name, batch, res, fp16_bytes in rows:
         eager_tps = batch / res["eager"] if "eager" in res else float("nan")
         comp_tps = batch / res["compiled"] if "compiled" in res else float("nan")
-        for kind in args.kinds.split(","):
+        for kind, variant in itertools.product(args.kinds.split(","), args.variants.split(",")):
+            kind = kind if variant == "full" else f"{kind} {variant}"
             key = f"caramba {kind}"
             if key not in res:
                 continue

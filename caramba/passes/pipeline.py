@@ -18,6 +18,7 @@ from caramba.passes.fuse_attention import fuse_attention
 from caramba.passes.fuse_cached_attention import fuse_cached_attention
 from caramba.passes.fuse_decoupled_attention import fuse_decoupled_attention
 from caramba.passes.fuse_layer_norm import fuse_layer_norm
+from caramba.passes.fuse_linears import fuse_linears
 from caramba.passes.fuse_rms_norm import fuse_rms_norm
 from caramba.passes.fuse_rope import fuse_rope
 from caramba.passes.fuse_swiglu import fuse_swiglu
@@ -39,6 +40,7 @@ FUSE_ROPE = Pass("fuse_rope", fuse_rope)
 FUSE_ATTENTION = Pass("fuse_attention", fuse_attention)
 FUSE_DECOUPLED_ATTENTION = Pass("fuse_decoupled_attention", fuse_decoupled_attention)
 FUSE_SWIGLU = Pass("fuse_swiglu", fuse_swiglu)
+FUSE_LINEARS = Pass("fuse_linears", fuse_linears)
 INSERT_KV_CACHE = Pass("insert_kv_cache", insert_kv_cache)
 INSERT_KV_DEQUANT = Pass("insert_kv_dequant", insert_kv_dequant)
 FUSE_CACHED_ATTENTION = Pass("fuse_cached_attention", fuse_cached_attention)
@@ -76,6 +78,10 @@ def pipeline_for(target: str) -> list[Pass]:
         FUSE_DECOUPLED_ATTENTION,
         # The MLP's gate, independent of the others.
         FUSE_SWIGLU,
+        # Linears over one input (q/k/v projections, gate/up) become one product and column slices: at decode each
+        # is a weight-bound matrix-vector product, and one launch over the concatenated weights replaces several
+        # small ones. cuda only: its kernels read the slices in place; other targets keep separate products.
+        *([FUSE_LINEARS] if target == "cuda" else []),
         # The KV cache comes after this list, once a cache kind is chosen: see cache_pipeline_for.
         # Phase 3: cleanup after fusion. Fusions leave dead tables and duplicated views behind; CSE is safe now
         # that nothing pattern-matches across layers, and canonicalize + DCE tidy what CSE exposes.

@@ -237,6 +237,21 @@ def test_swiglu(dtypes):
         check(out, ref, g * torch.sigmoid(g) * up.double(), rounded_to=g_dtype)  # silu(gate) is rounded to gate's dtype
 
 
+def test_swiglu_reads_column_slices_of_one_tensor_in_place():
+    """gate and up as the two halves of a fused gate/up product (fuse_linears): read through their row stride,
+    the same values as from contiguous copies; a transposed (non-row) layout is copied first and still right."""
+    both = randn(3, 2, 2 * 37, dtype=F16, scale=4, seed=5)
+    gate, up = both[..., :37], both[..., 37:]
+    assert not gate.is_contiguous()
+    ref = reference("swiglu", gate.contiguous(), up.contiguous())
+    out = poisoned((3, 2, 37), ref.dtype)
+    assert swiglu(gate, up, out=out) is out
+    assert torch.equal(out, ref)
+    t = randn(37, 6, dtype=F16, seed=6).t()  # last-dim stride 37: copied
+    u = randn(6, 37, dtype=F16, seed=7)
+    assert torch.equal(swiglu(t, u), reference("swiglu", t.contiguous(), u))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # kv_append: the kernel's writes equal LayerCache.append's, byte for byte
 # ---------------------------------------------------------------------------------------------------------------

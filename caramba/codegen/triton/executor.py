@@ -1,5 +1,6 @@
-"""Target "cuda": the post-pass entry graphs run with Triton kernels for the fused ops, cuBLAS (through torch) for
-the matrix products, and the decode step replayed as a CUDA graph.
+"""Target "cuda": the post-pass entry graphs run with Triton kernels for the fused ops and for matrix products of a
+few rows (decode: gemv.py), cuBLAS (through torch) for the larger products, and the decode step replayed as a
+CUDA graph.
 
     ex = cm.executor(CacheConfig.of(cm.cache_layout, "q8_0", max_seq_len=4096))   # cm compiled for "cuda"
     cache = ex.new_cache(batch)                 # KVCache whose buffers live on the GPU
@@ -8,7 +9,7 @@ the matrix products, and the decode step replayed as a CUDA graph.
 Codegen: each entry graph is planned once (ir.Interpreter with `impl_for`): a node whose op has a kernel gets a
 launcher specialised for that node (dims, dtypes, cache kinds, chunking; the kernel source rendered and loaded
 through source.py's disk cache on first use), every other node keeps its torch implementation on the device
-(matrix products go to cuBLAS). Kernels: kv_append (quantize-on-write into the cache buffers), cached_attention /
+(a linear goes to gemv.linear, which takes up to 16 rows and hands larger products to cuBLAS). Kernels: kv_append (quantize-on-write into the cache buffers), cached_attention /
 cached_decoupled_attention (decode: split-K flash-decoding dequantising in registers; prefill: flash attention
 through the cache kind), rms_norm / add_rms_norm / layer_norm / add_layer_norm, rope, swiglu.
 
@@ -59,11 +60,12 @@ class CudaExecutor(Executor):
     """Runs a CachedProgram with Triton kernels; see the module doc."""
 
     def __init__(self, program: CachedProgram, vocab_size: int, device: torch.device, *,
-                 cuda_graphs: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, gemv: bool = True) -> None:
         super().__init__(program, vocab_size, device)
         from caramba.codegen.triton import kernels
 
         self.kernels = kernels
+        self.gemv = gemv  # before the entries are planned: _impl_for reads it
         weights = _to_device({**program.prefill.weights, **program.decode.weights}, self.device)
         self._windows: dict[int, torch.Tensor] = {}  # id(cache) -> (n_layers, batch) int32 window starts
         self._prefill = Interpreter(program.prefill, weights, impl_for=self._impl_for("prefill"))
@@ -110,6 +112,8 @@ class CudaExecutor(Executor):
                 return self._append_impl(node, entry)
             if node.op in ("cached_attention", "cached_decoupled_attention"):
                 return self._attention_impl(node, entry)
+            if node.op == "linear" and not self.gemv:
+                return None  # cuBLAS for every linear (target option gemv=False)
             return self.kernels.launcher_for(node)
         return impl
 

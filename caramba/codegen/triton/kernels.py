@@ -2,7 +2,8 @@
 
 Each function here takes what the interpreter hands a node (its input tensors, its attrs, the KVCache as `state`)
 and calls a launch function of attention.py, norms.py, rope.py, swiglu.py or kv_append.py. `launcher_for(node)`
-answers None for ops without a kernel: they keep their torch implementation (matrix products: cuBLAS).
+answers None for ops without a kernel: they keep their torch implementation. Linears with a few rows (decode) go
+to the GEMV kernel, larger ones to cuBLAS (gemv.linear decides per call).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ _ELEMENTWISE = {
     "add_layer_norm": ("norms", "add_layer_norm"),
     "rope": ("rope", "rope"),
     "swiglu": ("swiglu", "swiglu"),
+    "linear": ("gemv", "linear"),  # a few rows (decode): the GEMV kernel; more rows: F.linear (cuBLAS)
 }
 
 

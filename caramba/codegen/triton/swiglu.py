@@ -2,8 +2,9 @@
 
 As the reference (F.silu(gate) * up) rounds: silu in fp32 rounded to gate's dtype, then the product in the
 promoted dtype of gate and up. silu is g / (1 + exp(-g)), torch's formula; exp's last bit may differ from torch's.
-Inputs are read as flat contiguous arrays (other layouts are copied first); `out=` takes a preallocated contiguous
-output of the promoted dtype.
+Inputs are read as rows of the last dim with a row stride each, so column slices of one wider tensor (gate and up
+as two halves of a fused gate/up product, fuse_linears) are read in place; layouts that are not rows of unit stride
+are copied first. `out=` takes a preallocated contiguous output of the promoted dtype.
 """
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ import triton.language as tl
 $HELPERS
 
 @triton.jit
-def kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
+def kernel(g_ptr, u_ptr, y_ptr, n, width, g_rs, u_rs, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
+    row = offs // width
+    col = offs - row * width
     g = $LOAD_G
     u = $LOAD_U
     act = $ROUND_ACT
@@ -36,8 +39,8 @@ def kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
 def _kernel(g_dtype: torch.dtype, u_dtype: torch.dtype, out_dtype: torch.dtype):
     text = source.render(
         _TEMPLATE, G_DTYPE=g_dtype, U_DTYPE=u_dtype, OUT_DTYPE=out_dtype, HELPERS=HELPERS,
-        LOAD_G=to_f32("tl.load(g_ptr + offs, mask=mask, other=0.0)", g_dtype),
-        LOAD_U=to_f32("tl.load(u_ptr + offs, mask=mask, other=0.0)", u_dtype),
+        LOAD_G=to_f32("tl.load(g_ptr + row * g_rs + col, mask=mask, other=0.0)", g_dtype),
+        LOAD_U=to_f32("tl.load(u_ptr + row * u_rs + col, mask=mask, other=0.0)", u_dtype),
         ROUND_ACT=round_f32("g / (1.0 + tl.exp(-g))", g_dtype),
         STORE_Y=from_f32("act * u", out_dtype))
     return source.load(text, "swiglu").kernel
@@ -58,6 +61,18 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = N
                          f"{out.dtype} {tuple(out.shape)}")
     n = gate.numel()
     if n:
-        _kernel(gate.dtype, up.dtype, out_dtype)[(-(-n // BLOCK),)](gate.contiguous(), up.contiguous(), out, n,
+        width = gate.shape[-1] if gate.dim() else 1
+        g, u = _rows(gate, width), _rows(up, width)
+        _kernel(gate.dtype, up.dtype, out_dtype)[(-(-n // BLOCK),)](g, u, out, n, width, g.stride(0), u.stride(0),
                                                                    BLOCK=BLOCK, num_warps=8)
     return out
+
+
+def _rows(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x as (rows, width) with unit column stride, a view when its layout allows, else a contiguous copy."""
+    if x.dim() and x.stride(-1) == 1:
+        try:
+            return x.view(-1, width)
+        except RuntimeError:
+            pass
+    return x.contiguous().view(-1, width)
