@@ -5,10 +5,11 @@ choices of caramba/codegen/triton/attention.py, in one run (device time is scarc
 
 --before: a copy of an earlier attention.py (e.g. `git show REV:caramba/codegen/triton/attention.py > F`) timed
 beside the current one as "before". Configurations: DBA (B=1, 32 heads, dims 32/64/64, as
-benchmarks/decode_attention.py) and GQA (B=8, H=32, H_kv=8, d=128); kinds fp16, q8_0, q4_0, nf4; partitions from
-the cuda plan's cost model. Each variant is checked (rel. L2 error vs float64 of the same cache at T=4099) before
-it is timed. Prints one line per measurement and a markdown table last: ms, GB/s of bytes the kernel must read,
-% of copy bandwidth, and speedup over the best fp16 peer (eager / sdpa_cat, as launched) where measured.
+benchmarks/decode_attention.py; dba8x32k: B=8; dbas*: dims 16/32/64) and GQA (B=8, H=32, H_kv=8, d=128); kinds
+fp16, q8_0, q4_0, nf4; partitions from the chunking cost model under each variant's knobs (--parts: multiples of
+it). Each variant is checked (rel. L2 error vs float64 of the same cache at T=4099) before it is timed. Prints
+one line per measurement and a markdown table last: ms, GB/s of bytes the kernel must read, % of copy bandwidth,
+and speedup over the best fp16 peer (eager / sdpa_cat, as launched) where measured.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from caramba.codegen.triton import attention as A  # noqa: E402
-from caramba.codegen.triton.chunking import ChunkKey, device_plan  # noqa: E402
+from caramba.codegen.triton.chunking import ChunkKey, cost_model  # noqa: E402
 from caramba.runtime.kv_cache import CacheSpec, KVCache  # noqa: E402
 from caramba.runtime.quant import dequantize  # noqa: E402
 
@@ -96,7 +97,12 @@ def main() -> None:
     ap.add_argument("--kinds", default="fp16,q8_0,q4_0,nf4")
     ap.add_argument("--variants", default="64/4/3,128/4/3,128/8/3,64/4/4,128/4/2,64/8/3",
                     help="block_n/num_warps/num_stages of the current module")
-    ap.add_argument("--knobs", default="", help="extra source variants, e.g. interleave_v=0;prefetch=0")
+    ap.add_argument("--knobs", default="", help="extra source variants, e.g. interleave_v=0;prefetch=0 (A._KNOBS) or "
+                    "wide=0, magic=0;prefetch=1, heads=4;bytes=256 (A._WIDE_KNOBS, the wide path); pseudo-knobs "
+                    "P=2 (partitions x2), w=8 (warps), s=2 (stages), bn=128 (block_n)")
+    ap.add_argument("--rep", type=int, default=200, help="do_bench's rep (ms) per timing (two timings each)")
+    ap.add_argument("--no-default", action="store_true", help="skip the 'default' candidate (tuned launch)")
+    ap.add_argument("--parts", default="1", help="partition counts as multiples of the cost model's, e.g. 0.5,1,2")
     ap.add_argument("--configs", default="dba32k,gqa32k,dba128k")
     args = ap.parse_args()
     from triton.testing import do_bench
@@ -105,13 +111,17 @@ def main() -> None:
     bw = DA.copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     configs = {"dba4k": (1, 4096, (32, 64, 64), 32, 32), "dba32k": (1, 32768, (32, 64, 64), 32, 32),
+               "dba8x32k": (8, 32768, (32, 64, 64), 32, 32), "dbas32k": (1, 32768, (16, 32, 64), 32, 32),
+               "dbas8x32k": (8, 32768, (16, 32, 64), 32, 32), "dbas128k": (1, 131072, (16, 32, 64), 32, 32),
                "dba128k": (1, 131072, (32, 64, 64), 32, 32), "gqa32k": (8, 32768, (128, 128), 32, 8),
                "gqa4k": (8, 4096, (128, 128), 32, 8)}
     variants = [tuple(int(x) for x in v.split("/")) for v in args.variants.split(",") if v]
-    knob_sets = [{}] + [dict((kv.split("=")[0], bool(int(kv.split("=")[1]))) for kv in ks.split(";"))
+    knob_sets = [{}] + [dict((kv.split("=")[0], float(kv.split("=")[1])) for kv in ks.split(";"))
                         for ks in args.knobs.split(",") if ks]
+    part_mults = [float(x) for x in args.parts.split(",")]
     default_tuning = dict(A._DECODE_TUNING) if hasattr(A, "_DECODE_TUNING") else None
     rows = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     torch.manual_seed(0)
     for cname in args.configs.split(","):
         b, t, dims, heads, kv_heads = configs[cname]
@@ -134,7 +144,6 @@ def main() -> None:
             cache, names = make_cache(b, t, dims, heads, kv_heads, kind)
             key = ChunkKey.of(b, t, dims if len(dims) == 3 else (dims[0], dims[1]), [kind] * len(names), kv_heads,
                               heads)
-            parts = device_plan("cuda").choose(key).partitions
             nbytes = cache.spec.bytes_per_token_per_layer * b * t
             # correctness of each variant on a short cache of the same kind (fresh random data)
             small, _ = make_cache(2, 4099, dims, heads, kv_heads, kind)
@@ -142,36 +151,50 @@ def main() -> None:
             want = reference(small, names, qsm, scales, kv_heads)
             cands = []
             if before is not None:
-                cands.append(("before", before, None, None, {}))
+                cands.append(("before", before, None, None, {}, 1.0))
             for knobs in knob_sets:
                 for bn, nw, ns in variants:
-                    label = f"bn{bn}/w{nw}/s{ns}" + "".join(f" {k}={int(v)}" for k, v in knobs.items())
-                    cands.append((label, A, bn, (nw, ns), knobs))
-            cands.append(("default", A, None, None, {}))
-            for label, mod, bn, opts, knobs in cands:
-                saved = dict(A._KNOBS)
-                A._KNOBS.update(knobs)
+                    for pm in part_mults:
+                        # pseudo-knobs: P (partitions times the model's), w (warps), s (stages), bn (block_n)
+                        kbn, knw, kns = int(knobs.get("bn", bn)), int(knobs.get("w", nw)), int(knobs.get("s", ns))
+                        pm = pm * knobs.get("P", 1.0)
+                        label = (f"bn{kbn}/w{knw}/s{kns}" + "".join(f" {k}={v:g}" for k, v in knobs.items()
+                                                                 if k not in ("P", "w", "s", "bn"))
+                                 + ("" if pm == 1 else f" P*{pm:g}"))
+                        cands.append((label, A, kbn, (knw, kns), knobs, pm))
+            if not args.no_default:
+                cands.append(("default", A, None, None, {}, 1.0))
+            for label, mod, bn, opts, knobs, pm in cands:
+                saved, saved_wide = dict(A._KNOBS), dict(getattr(A, "_WIDE_KNOBS", {}))
+                A._KNOBS.update({k: bool(v) for k, v in knobs.items() if k in A._KNOBS})
+                if hasattr(A, "_WIDE_KNOBS"):
+                    A._WIDE_KNOBS.update({k: int(v) for k, v in knobs.items() if k in A._WIDE_KNOBS})
                 A._kernels.cache_clear()
                 if opts is not None:
                     A._DECODE_OPTIONS_OVERRIDE = {"num_warps": opts[0], "num_stages": opts[1]}
                 try:
+                    # the cost model's partitions under these knobs (the wide path counts HP heads a program)
+                    n_parts = max(1, round(cost_model(key, sms).partitions * pm))
                     t0 = time.time()
                     got = call(mod, small, names, qsm, scales, kv_heads, 3, bn)()
                     err = float((got.double() - want).norm() / want.norm())
-                    run = DA.graphed(call(mod, cache, names, q, scales, kv_heads, parts, bn))
-                    ms = do_bench(run, warmup=25, rep=200, return_mode="median")
-                    ms2 = do_bench(run, warmup=10, rep=200, return_mode="median")
+                    run = DA.graphed(call(mod, cache, names, q, scales, kv_heads, n_parts, bn))
+                    ms = do_bench(run, warmup=25, rep=args.rep, return_mode="median")
+                    ms2 = do_bench(run, warmup=10, rep=args.rep, return_mode="median")
                     ok = err < 2e-3
-                    line = (f"{cname} {kind:5s} P={parts:2d} {label:28s} err {err:.1e}{'' if ok else ' FAIL'} "
+                    line = (f"{cname} {kind:5s} P={n_parts:3d} {label:28s} err {err:.1e}{'' if ok else ' FAIL'} "
                             f"{ms:.4f}/{ms2:.4f} ms {nbytes / ms / 1e6:7.0f} GB/s {nbytes / ms * 1e3 / bw:5.0%} copy"
                             + (f" {best_peer / ms:5.2f}x peer" if best_peer else "") + f" ({time.time() - t0:.1f}s)")
                     print(line, flush=True)
-                    rows.append((cname, kind, label, err, ms, nbytes / ms / 1e6, best_peer))
+                    rows.append((cname, kind, f"P={n_parts} {label}", err, ms, nbytes / ms / 1e6, best_peer))
                 except Exception as e:  # noqa: BLE001 - report and go on: one failing variant must not end the run
                     print(f"{cname} {kind} {label}: ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
                 finally:
                     A._KNOBS.clear()
                     A._KNOBS.update(saved)
+                    if hasattr(A, "_WIDE_KNOBS"):
+                        A._WIDE_KNOBS.clear()
+                        A._WIDE_KNOBS.update(saved_wide)
                     A._DECODE_OPTIONS_OVERRIDE = None
             del cache, small
             torch.cuda.empty_cache()

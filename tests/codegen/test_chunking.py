@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from caramba.codegen.triton.chunking import ChunkKey, Chunking, ChunkingPlan, bucket, cost_model
+from caramba.codegen.triton.chunking import ChunkKey, Chunking, ChunkingPlan, bucket, cost_model, heads_per_program
 
 H100_SMS = 132
 
@@ -21,9 +21,14 @@ def test_length_buckets_are_powers_of_two():
 
 
 def test_the_cost_model_fills_the_gpu_and_never_cuts_partitions_too_short():
-    one = cost_model(key(batch=1, length=131072), H100_SMS)
+    one = cost_model(key(batch=1, length=131072, kinds=("nf4",) * 3), H100_SMS)
     assert one.partitions * 32 >= 2 * H100_SMS  # B·H_kv·P programs: at least two waves
-    assert cost_model(key(batch=32, length=131072), H100_SMS).partitions == 1  # 1024 programs already
+    assert cost_model(key(batch=32, length=131072, kinds=("nf4",) * 3), H100_SMS).partitions == 1  # 1024 programs
+    # the wide path (H == H_kv, q8_0 / q4_0 / float kinds) covers HP kv heads a program: B·H_kv/HP·P programs
+    hp = heads_per_program(key(kinds=("q4_0",) * 3))
+    assert hp > 1 and heads_per_program(key(kinds=("nf4",) * 3)) == 1
+    wide = cost_model(key(batch=32, length=131072, kinds=("q4_0",) * 3), H100_SMS)
+    assert wide.partitions * 32 * 32 // hp >= 2 * H100_SMS
     short = cost_model(key(batch=1, length=512), H100_SMS)
     assert short.partitions == 2  # 512 keys: no partition under 256
     assert cost_model(key(length=1), H100_SMS).partitions == 1

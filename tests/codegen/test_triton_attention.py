@@ -259,6 +259,68 @@ def test_decode_blocked_residual_ring(kinds, partitions):
     run_decode(case, torch.float16, partitions=partitions, block_n=16)
 
 
+# One query head per kv head with power-of-two heads of whole qblocks (q8_0, q4_0, float kinds) and no ring take the
+# wide path: HP kv heads per program, L streams x R keys per tile, no tl.dot, codes decoded through the bits (magic)
+# or by conversion, optionally the next tile's loads issued first (prefetch).
+WIDE_DBA = {"k_sem": 32, "k_geo": 64, "v": 64}
+WIDE_KINDS = [{"k_sem": "q8_0", "k_geo": "q8_0", "v": "q8_0"}, {"k_sem": "q4_0", "k_geo": "q4_0", "v": "q4_0"},
+              {"k_sem": "fp16", "k_geo": "q4_0", "v": "q8_0"}, {"k_sem": "q8_0", "k_geo": "bf16", "v": "q4_0"},
+              {"k_sem": "q4_0", "k_geo": "fp32", "v": "fp16"}]
+
+
+def wide_plan(case: Case, dtype: torch.dtype, block_n: int):
+    keys = tuple(A._Tensor(f"k{i}", str(case.cache.spec.kinds[n]), case.dims[n], case.qblock, False)
+                 for i, n in enumerate(case.key_names))
+    v = A._Tensor("v", str(case.cache.spec.kinds["v"]), case.dims["v"], case.qblock, False)
+    return A._wide_plan((*keys, v), case.heads // case.kv_heads, case.kv_heads, 4, block_n)
+
+
+@pytest.mark.parametrize("kinds", WIDE_KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_wide_every_kind(kinds, dtype):
+    """DBA dims 32/64/64, 4 heads = 4 kv heads (one program covers all four), ragged rows of 37, 1 and 130 keys,
+    3 partitions."""
+    case = Case(kinds, WIDE_DBA, heads=4, kv_heads=4, prefix=[36, 0, 129], step=1)
+    plan = wide_plan(case, dtype, 64)
+    assert plan is not None and plan.heads == 4
+    run_decode(case, dtype, partitions=3, block_n=64)
+
+
+@pytest.mark.parametrize("knobs", [{"magic": False}, {"prefetch": True}, {"magic": False, "prefetch": True},
+                                   {"heads": 2, "bytes": 512}, {"heads": 1, "bytes": 16}])
+@pytest.mark.parametrize("kinds", WIDE_KINDS[:3])
+def test_decode_wide_variants(knobs, kinds, monkeypatch):
+    """The wide path's source and tile choices compute the same function: conversion instead of the bits, the
+    next tile's loads first, 2 or 1 heads per program, larger and smaller tiles; 1 and 4 partitions."""
+    monkeypatch.setattr(A, "_WIDE_KNOBS", {**A._WIDE_KNOBS, **knobs})
+    case = Case(kinds, {"k_sem": 16, "k_geo": 32, "v": 64}, heads=4, kv_heads=4, prefix=[70, 3, 20], step=1)
+    assert wide_plan(case, torch.float16, 32).heads == knobs.get("heads", 4)
+    for partitions in (1, 4):
+        run_decode(case, torch.float16, partitions=partitions, block_n=32)
+
+
+@pytest.mark.parametrize("kv_heads,qblock", [(3, 32), (6, 16), (2, 64)])
+def test_decode_wide_odd_heads_and_qblocks(kv_heads, qblock):
+    """3 kv heads: one head per program; 6: two; qblock 16 (4-bit blocks of 8 bytes) and 64 (one block a head)."""
+    case = Case({"k_sem": "q4_0", "k_geo": "q8_0", "v": "q4_0"}, {"k_sem": 64, "k_geo": 64, "v": 128},
+                heads=kv_heads, kv_heads=kv_heads, prefix=[40, 7], step=1, qblock=qblock)
+    assert wide_plan(case, torch.float16, 32).heads == {3: 1, 6: 2, 2: 2}[kv_heads]
+    run_decode(case, torch.float16, partitions=2, block_n=32)
+
+
+def test_decode_wide_is_not_taken_with_groups_rings_or_nf4():
+    gqa = Case({"k": "q8_0", "v": "q8_0"}, {"k": 32, "v": 32}, heads=4, kv_heads=2, prefix=[3], step=1)
+    assert wide_plan(gqa, torch.float16, 32) is None
+    nf4 = Case({"k": "nf4", "v": "q8_0"}, {"k": 32, "v": 32}, heads=2, kv_heads=2, prefix=[3], step=1)
+    assert wide_plan(nf4, torch.float16, 32) is None
+    straddling = Case({"k": "q8_0", "v": "q8_0"}, {"k": 24, "v": 32}, heads=2, kv_heads=2, prefix=[3], step=1)
+    assert wide_plan(straddling, torch.float16, 32) is None
+    ringed = A._Tensor("k0", "q8_0", 32, 32, True)
+    assert A._wide_plan((ringed, ringed), 1, 2, 4, 32) is None
+    assert A.decode_heads_per_program((32, 64, 64), ("q8_0",) * 3, 32, 32) == 8
+    assert A.decode_heads_per_program((32, 64, 64), ("nf4",) * 3, 32, 32) == 1
+
+
 @pytest.mark.parametrize("partitions", [1, 3, 8])
 def test_decode_partitions_are_exact(partitions):
     """8 partitions over rows of 1..3 key tiles: most are empty and must drop out of the combine."""

@@ -142,6 +142,7 @@ class _Spec:
     block_m: int
     block_n: int
     interpret: bool
+    wide: _Wide | None = None  # the wide decode path's tile, None for the general path
 
     @property
     def tensors(self) -> tuple[_Tensor, ...]:
@@ -629,6 +630,290 @@ def _decode_source(spec: _Spec) -> tuple[str, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Decode, wide: one query head per kv head (H == H_kv, the DBA presets), no ring, every cached tensor a float kind
+# or q8_0 / q4_0 with power-of-two heads of whole power-of-two qblocks. grid (B, H_kv / HP, P): one program = HP
+# adjacent kv heads (a contiguous run of each token row: 16-byte loads, no sector waste) over one partition. A tile
+# is R x L keys (key n0 + r·L + l); each of the L streams keeps its own online softmax per head, so the max, the
+# denominator and the value sums reduce over the R keys a thread holds in registers, and the streams merge once at
+# the end. No tl.dot (one query row would pad 15 of 16 rows of a tensor-core tile): scores are products summed per
+# qblock, times the block's scale once; v's scale folds into the probability (w = p · scale per (key, block)), so
+# codes are multiplied directly. Codes become fp32 through the bits: int8 c as float 0x40400000 + (c << 15) =
+# 3 + c/128, a nibble n as 0x40000000 | n << 19 = 2 + n/8; the affine offset comes out per block (scores: q·x
+# summed minus a per-block constant of q; values: sum of w·x and sum of w, combined at the end), all in fp32.
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Wide:
+    """Tile of the wide decode path: HP kv heads per program, L streams x R keys per tile; magic: codes to fp32
+    through the bits (else conversion instructions); prefetch: the next tile's loads issued before this tile's math."""
+
+    heads: int
+    streams: int
+    rows: int
+    magic: bool
+    prefetch: bool
+
+
+# Source and tile choices of the wide path (benchmarks/attention_variants.py times them): wide = take it when the
+# shapes allow; heads = most kv heads per program; bytes = code bytes per thread per tile (R from it)
+_WIDE_KNOBS: dict[str, Any] = {"wide": True, "heads": 8, "bytes": 128, "magic": True, "prefetch": False}
+
+
+def _wide_kind(t: _Tensor) -> bool:
+    """Power-of-two head dim; block-scaled kinds q8_0 / q4_0 with a power-of-two qblock (a block is whole heads or
+    a head is whole blocks)."""
+    if t.dim < 2 or t.dim & (t.dim - 1):
+        return False
+    if t.kind in ("fp16", "bf16", "fp32"):
+        return True
+    return t.kind in ("q8_0", "q4_0") and t.qblock >= 2 and t.qblock & (t.qblock - 1) == 0
+
+
+def _head_bytes(t: _Tensor) -> int:
+    """Bytes of one head of one token in the codes."""
+    return {"fp32": 4 * t.dim, "fp16": 2 * t.dim, "bf16": 2 * t.dim, "q8_0": t.dim, "q4_0": t.dim // 2}[t.kind]
+
+
+def _wide_plan(tensors: Sequence[_Tensor], group: int, kv_heads: int, num_warps: int, block_n: int) -> _Wide | None:
+    """The wide path's tile for these tensors, or None when the decode takes the general path."""
+    if not _WIDE_KNOBS["wide"] or group != 1 or any(t.ringed or not _wide_kind(t) for t in tensors):
+        return None
+    hp = 1
+    while hp * 2 <= _WIDE_KNOBS["heads"] and kv_heads % (hp * 2) == 0:
+        hp *= 2
+    threads = 32 * num_warps
+    widest = max(hp * _head_bytes(t) for t in tensors)
+    # enough streams that the widest row (16 bytes a thread) covers every thread once: R stays in registers
+    streams = min(block_n, _floor2(max(1, threads * 16 // widest)))
+    row = sum(hp * _head_bytes(t) for t in tensors)
+    rows = min(max(1, block_n // streams), _floor2(max(1, _WIDE_KNOBS["bytes"] * threads // (streams * row))))
+    return _Wide(hp, streams, rows, bool(_WIDE_KNOBS["magic"]), bool(_WIDE_KNOBS["prefetch"]))
+
+
+def decode_heads_per_program(head_dims: Sequence[int], kinds: Sequence[str], kv_heads: int, heads: int,
+                             qblock: int = 32) -> int:
+    """kv heads one decode program covers (the chunking cost model counts programs with it): HP on the wide path,
+    else 1."""
+    tensors = [_Tensor(f"t{i}", str(k), d, qblock, False) for i, (d, k) in enumerate(zip(head_dims, kinds))]
+    if len(tensors) < 2 or kv_heads < 1 or heads % kv_heads:
+        return 1
+    plan = _wide_plan(tensors, heads // kv_heads, kv_heads, 4, 64)
+    return plan.heads if plan else 1
+
+
+def _floor2(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def _wide_geometry(t: _Tensor) -> tuple[int, int, int]:
+    """(nsh, seg, bb): a head's segments (the parts of it within one qblock: min(dim, qblock) features; float kinds:
+    the whole head), the features of a segment and its code elements (q4_0: bytes, two features each)."""
+    seg = t.dim if t.kind not in ("q8_0", "q4_0") else min(t.dim, t.qblock)
+    return t.dim // seg, seg, seg // 2 if t.kind == "q4_0" else seg
+
+
+def _wide_setup(spec: _Spec, w: _Wide) -> str:
+    """Offsets of each tensor's codes (and scales) within a token row; the q terms as (NB, bb) fp32 tiles, times
+    scale · log2(e) and the decoding's factor, with their per-block offsets."""
+    lines = []
+    for i, t in enumerate(spec.tensors):
+        p = t.prefix
+        nb, seg, bb = _wide_geometry(t)
+        n_blk = w.heads * nb
+        lines += [f"    blk_{p} = tl.arange(0, {n_blk})",
+                  f"    e_{p} = tl.arange(0, {bb})",
+                  f"    co_{p} = (hg * {n_blk} + blk_{p})[:, None] * {bb} + e_{p}[None, :]"]
+        if t.kind in ("q8_0", "q4_0"):  # each segment's qblock (heads below a qblock share one)
+            lines.append(f"    so_{p} = (hg * {n_blk} + blk_{p}) * {seg} // {t.qblock}")
+        if t is spec.v:
+            continue
+        c = spec.scales[i] * _LOG2E
+        qrow = f"q{i} + b * q{i}_sb + (hg * {w.heads} + blk_{p} // {nb})[:, None] * q{i}_sh"
+        if t.kind == "q4_0":
+            col = f"((blk_{p} % {nb}) * {seg})[:, None] + 2 * e_{p}[None, :]"
+            lines += [f"    qe{i} = tl.load({qrow} + {col}).to(tl.float32)",
+                      f"    qo{i} = tl.load({qrow} + {col} + 1).to(tl.float32)"]
+            k, off = (8.0, 24.0) if w.magic else (1.0, 8.0)
+            lines += [f"    qs{i} = (tl.sum(qe{i}, 1) + tl.sum(qo{i}, 1)) * {off * c!r}",
+                      f"    qe{i} = qe{i} * {k * c!r}",
+                      f"    qo{i} = qo{i} * {k * c!r}"]
+        else:
+            col = f"((blk_{p} % {nb}) * {bb})[:, None] + e_{p}[None, :]"
+            lines.append(f"    qv{i} = tl.load({qrow} + {col}).to(tl.float32)")
+            if t.kind == "q8_0" and w.magic:
+                lines += [f"    qs{i} = tl.sum(qv{i}, 1) * {384.0 * c!r}", f"    qv{i} = qv{i} * {128.0 * c!r}"]
+            else:
+                lines.append(f"    qv{i} = qv{i} * {c!r}")
+    return "\n".join(lines) + "\n"
+
+
+def _wide_loads(spec: _Spec, base: str, mask: str, sfx: str, indent: str) -> str:
+    """Loads of every tensor's codes (R, L, NB, bb) and scales (R, L, NB) for the tile of keys base + kt."""
+    lines = []
+    for t in spec.tensors:
+        p = t.prefix
+        other = "0" if t.kind in ("q8_0", "q4_0") else "0.0"
+        lines.append(f"{indent}c_{p}{sfx} = tl.load({p}_codes + (b * {p}_c_sb + {base} * {p}_c_sj) + "
+                     f"kt[:, :, None, None] * {p}_c_sj + co_{p}[None, None, :, :], mask={mask}[:, :, None, None], "
+                     f"other={other})")
+        if t.kind in ("q8_0", "q4_0"):
+            lines.append(f"{indent}s_{p}{sfx} = tl.load({p}_scales + (b * {p}_s_sb + {base} * {p}_s_sj) + "
+                         f"kt[:, :, None] * {p}_s_sj + so_{p}[None, None, :], mask={mask}[:, :, None], other=0.0)")
+    return "\n".join(lines) + "\n"
+
+
+def _wide_decode_codes(t: _Tensor, w: _Wide, c: str) -> dict[str, str]:
+    """fp32 expressions of code tile c: {"x": ...} (q8_0, float kinds) or {"lo": ..., "hi": ...} (q4_0)."""
+    if t.kind == "q8_0":
+        if w.magic:  # 3 + c/128
+            return {"x": f"(({c}.to(tl.int32) << 15) + 0x40400000).to(tl.float32, bitcast=True)"}
+        return {"x": f"{c}.to(tl.float32)"}
+    if t.kind == "q4_0":
+        if w.magic:  # 2 + n/8
+            return {"lo": f"((({c}.to(tl.int32) & 15) << 19) | 0x40000000).to(tl.float32, bitcast=True)",
+                    "hi": f"((({c}.to(tl.int32) & 240) << 15) | 0x40000000).to(tl.float32, bitcast=True)"}
+        return {"lo": f"({c} & 15).to(tl.float32)", "hi": f"({c} >> 4).to(tl.float32)"}
+    return {"x": f"{c}.to(tl.float32)"}
+
+
+def _per_head(x: str, w: _Wide, nb: int, lead: str) -> str:
+    """(lead..., HP·nb) summed over each head's nb blocks -> (lead..., HP)."""
+    if nb == 1:
+        return x
+    return f"tl.sum(tl.reshape({x}, [{lead}{w.heads}, {nb}]), {lead.count(',') + 1})"
+
+
+def _per_block(x: str, w: _Wide, nb: int, lead: str) -> str:
+    """(lead..., HP) repeated over each head's nb blocks -> (lead..., HP·nb)."""
+    if nb == 1:
+        return x
+    dims = lead.count(",")
+    index = ", ".join([":"] * (dims + 1) + ["None"])
+    return f"tl.reshape(tl.broadcast_to({x}[{index}], [{lead}{w.heads}, {nb}]), [{lead}{w.heads * nb}])"
+
+
+def _wide_body(spec: _Spec, w: _Wide, sfx: str) -> str:
+    """Scores, the streams' online softmax and the value sums of one tile (codes in c_*{sfx})."""
+    lead = f"{w.rows}, {w.streams}, "
+    lines = [f"        s = tl.zeros([{w.rows}, {w.streams}, {w.heads}], tl.float32)"]
+    for i, t in enumerate(spec.keys):
+        p = t.prefix
+        nb = _wide_geometry(t)[0]
+        x = _wide_decode_codes(t, w, f"c_{p}{sfx}")
+        if t.kind == "q4_0":
+            part = f"tl.sum({x['lo']} * qe{i}[None, None, :, :] + {x['hi']} * qo{i}[None, None, :, :], 3) - qs{i}[None, None, :]"
+        elif t.kind == "q8_0" and w.magic:
+            part = f"tl.sum({x['x']} * qv{i}[None, None, :, :], 3) - qs{i}[None, None, :]"
+        else:
+            part = f"tl.sum({x['x']} * qv{i}[None, None, :, :], 3)"
+        if t.kind in ("q8_0", "q4_0"):
+            lines.append(f"        sp = ({part}) * s_{p}{sfx}.to(tl.float32)")
+            lines.append(f"        s += {_per_head('sp', w, nb, lead)}")
+        else:
+            lines.append(f"        s += {part}")
+    lines += ["        s = tl.where(valid[:, :, None], s, float('-inf'))",
+              "        m_new = tl.maximum(m_i, tl.max(s, 0))",
+              "        m_use = tl.where(m_new == float('-inf'), 0.0, m_new)",
+              "        alpha = tl.exp2(m_i - m_use)",
+              "        pr = tl.exp2(s - m_use[None, :, :])",
+              "        l_i = l_i * alpha + tl.sum(pr, 0)",
+              "        m_i = m_new"]
+    v = spec.v
+    nb = _wide_geometry(v)[0]
+    x = _wide_decode_codes(v, w, f"c_v{sfx}")
+    if v.kind in ("q8_0", "q4_0"):
+        lines += [f"        wv = {_per_block('pr', w, nb, lead)} * s_v{sfx}.to(tl.float32)",
+                  f"        av = {_per_block('alpha', w, nb, f'{w.streams}, ')}",
+                  "        zv = zv * av + tl.sum(wv, 0)"]
+        if v.kind == "q4_0":
+            lines += [f"        acce = acce * av[:, :, None] + tl.sum(wv[:, :, :, None] * {x['lo']}, 0)",
+                      f"        acco = acco * av[:, :, None] + tl.sum(wv[:, :, :, None] * {x['hi']}, 0)"]
+        else:
+            lines.append(f"        accv = accv * av[:, :, None] + tl.sum(wv[:, :, :, None] * {x['x']}, 0)")
+    else:
+        lines.append(f"        accv = accv * alpha[:, :, None] + tl.sum(pr[:, :, :, None] * {x['x']}, 0)")
+    return "\n".join(lines) + "\n"
+
+
+def _wide_epilogue(spec: _Spec, w: _Wide) -> str:
+    """Merge the L streams per head; write out (P = 1) or the partition's [partial out | max | denominator]."""
+    v, hp, st = spec.v, w.heads, w.streams
+    lines = ["    m_all = tl.max(m_i, 0)",
+             "    wl = tl.exp2(m_i - tl.where(m_all == float('-inf'), 0.0, m_all)[None, :])",
+             "    l_all = tl.sum(l_i * wl, 0)",
+             f"    heads = hg * {hp} + tl.arange(0, {hp})"]
+    if v.kind == "q4_0":
+        k, off = (8.0, 24.0) if w.magic else (1.0, 8.0)
+        half = v.dim // 2
+        parts = []
+        for name, acc, first in (("oe", "acce", 0), ("oo", "acco", 1)):
+            lines.append(f"    {name} = tl.reshape({acc} * {k!r} - zv[:, :, None] * {off!r}, [{st}, {hp}, {half}])")
+            lines.append(f"    {name} = tl.sum({name} * wl[:, :, None], 0)")
+            parts.append((name, f"({first} + 2 * tl.arange(0, {half}))"))
+    else:
+        acc = "accv * 128.0 - zv[:, :, None] * 384.0" if v.kind == "q8_0" and w.magic else "accv"
+        lines.append(f"    ov = tl.sum(tl.reshape({acc}, [{st}, {hp}, {v.dim}]) * wl[:, :, None], 0)")
+        parts = [("ov", f"tl.arange(0, {v.dim})")]
+    if spec.partitions > 1:
+        lines.append("    rows = b * ws_sb + heads * ws_sh + part * ws_sp")
+        for name, cols in parts:
+            lines.append(f"    tl.store(ws + rows[:, None] + {cols}[None, :], {name})")
+        lines += [f"    tl.store(ws + rows + {v.dim}, m_all)", f"    tl.store(ws + rows + {v.dim + 1}, l_all)"]
+    else:
+        lines.append("    den = tl.where(l_all > 0, l_all, 1.0)[:, None]")
+        for name, cols in parts:
+            lines.append(f"    tl.store(out + b * o_sb + heads[:, None] * o_sh + {cols}[None, :], "
+                         f"({name} / den).to({spec.dtype}))")
+    return "\n".join(lines) + "\n"
+
+
+def _wide_source(spec: _Spec) -> tuple[str, list[str]]:
+    w = spec.wide
+    queries = [p for i in range(len(spec.keys)) for p in (f"q{i}", f"q{i}_sb", f"q{i}_sh")]
+    tail = ["lengths", "out", "o_sb", "o_sh", "ws", "ws_sb", "ws_sh", "ws_sp"]
+    params = _signature(spec, queries, tail)
+    bn = w.rows * w.streams
+    v = spec.v
+    nbv, _, bbv = _wide_geometry(v)
+    body = f'''    b = tl.program_id(0).to(tl.int64)
+    hg = tl.program_id(1)
+    part = tl.program_id(2)
+    n_keys = tl.load(lengths + b)
+    # partition `part` covers whole tiles [start, end) of this row's keys; empty when the row is short
+    span = tl.cdiv(tl.cdiv(n_keys, {bn}), {spec.partitions}) * {bn}
+    start = part * span
+    end = tl.minimum(start + span, n_keys)
+    kt = tl.arange(0, {w.rows})[:, None] * {w.streams} + tl.arange(0, {w.streams})[None, :]
+'''
+    body += _wide_setup(spec, w)
+    body += (f"    m_i = tl.full([{w.streams}, {w.heads}], float('-inf'), tl.float32)\n"
+             f"    l_i = tl.zeros([{w.streams}, {w.heads}], tl.float32)\n")
+    acc_shape = f"[{w.streams}, {w.heads * nbv}, {bbv}]"
+    if v.kind == "q4_0":
+        body += f"    acce = tl.zeros({acc_shape}, tl.float32)\n    acco = tl.zeros({acc_shape}, tl.float32)\n"
+    else:
+        body += f"    accv = tl.zeros({acc_shape}, tl.float32)\n"
+    if v.kind in ("q8_0", "q4_0"):
+        body += f"    zv = tl.zeros([{w.streams}, {w.heads * nbv}], tl.float32)\n"
+    if w.prefetch:
+        body += _wide_loads(spec, "start", "(start + kt < end)", "_n", "    ")
+        body += f"    for n0 in range(start, end, {bn}):\n        keys = n0 + kt\n        valid = keys < end\n"
+        body += "".join(f"        c_{t.prefix} = c_{t.prefix}_n\n" + (
+            f"        s_{t.prefix} = s_{t.prefix}_n\n" if t.kind in ("q8_0", "q4_0") else "") for t in spec.tensors)
+        body += _wide_loads(spec, f"(n0 + {bn})", "(keys + " + str(bn) + " < end)", "_n", "        ")
+    else:
+        body += f"    for n0 in range(start, end, {bn}):\n        keys = n0 + kt\n        valid = keys < end\n"
+        body += _wide_loads(spec, "n0", "valid", "", "        ")
+    body += _wide_body(spec, w, "")
+    body += _wide_epilogue(spec, w)
+    subs = dict(P=spec.partitions, BLOCK_P=_pow2(spec.partitions, least=2), BLOCK_DV=spec.v.block, DV=spec.v.dim,
+                CDT=spec.dtype)
+    text = _header(spec, "decode") + _def("decode_partial", params) + body
+    if spec.partitions > 1:
+        text += source.render(_COMBINE, **subs)
+    return text, params
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Prefill: grid (query tiles, B, H); one program = BLOCK_M queries of one head against every key they can see
 # ---------------------------------------------------------------------------------------------------------------
 _PREFILL_PROLOGUE = '''    mt = tl.program_id(0)
@@ -723,7 +1008,10 @@ def _prefill_source(spec: _Spec) -> tuple[str, list[str]]:
 @functools.lru_cache(maxsize=None)
 def _kernels(spec: _Spec, what: str) -> tuple[Any, list[str]]:
     """The loaded kernel module of a specialisation and the kernel's parameter names, rendered once."""
-    text, params = (_decode_source if what == "decode" else _prefill_source)(spec)
+    if what == "decode":
+        text, params = (_wide_source if spec.wide else _decode_source)(spec)
+    else:
+        text, params = _prefill_source(spec)
     return source.load(text, f"{what}_attention"), params
 
 
@@ -904,8 +1192,10 @@ def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cache
         raise AttentionLaunchError(f"partitions must be an int >= 1, got {partitions!r}")
     views = (*k, v)
     capacity = _ring_capacity(views, (*keys, vt), residual_len, batch, device)
+    options = _DECODE_OPTIONS_OVERRIDE or {"num_warps": warps, "num_stages": stages}
+    wide = _wide_plan((*keys, vt), group, kv_heads, options["num_warps"], block_n)
     spec = _Spec(keys, vt, tuple(float(s) for s in scales), group, _DTYPES[q[0].dtype], residual_len, capacity,
-                 partitions, 16, block_n, source.interpreting())
+                 partitions, 16, block_n, source.interpreting(), wide)
     out = _check_out(out, (batch, heads, vt.dim), q[0])
     ws = out
     if partitions > 1:
@@ -923,8 +1213,8 @@ def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cache
         args.update({f"q{i}": x, f"q{i}_sb": x.stride(0), f"q{i}_sh": x.stride(1)})
     for t, view in zip((*keys, vt), views):
         args.update(_buffer_args(t, view, view.ring))
-    options = _DECODE_OPTIONS_OVERRIDE or {"num_warps": warps, "num_stages": stages}
-    mod.decode_partial[(batch, kv_heads, partitions)](*(args[n] for n in params), **options)
+    grid = (batch, kv_heads // wide.heads if wide else kv_heads, partitions)
+    mod.decode_partial[grid](*(args[n] for n in params), **options)
     if partitions > 1:
         mod.decode_combine[(batch, heads)](ws, ws.stride(0), ws.stride(1), ws.stride(2), out, out.stride(0),
                                            out.stride(1), num_warps=1)

@@ -2,8 +2,9 @@
 (batch, length bucket, dims, kinds), from a cost model or from measurement, persisted per device.
 
 Cost model. Decode attention is memory-bound: each (row, kv head) reads its T keys and values once. One program
-per (row, kv head, partition) streams T / P keys; the GPU is busy when there are at least `waves` programs per
-SM, so P = ceil(waves · SMs / (B · H_kv)), but no partition shorter than `min_keys` (a partition's fixed cost, the
+per (row, HP kv heads, partition) streams T / P keys (HP: several adjacent heads on attention.py's wide path, else
+1); the GPU is busy when there are at least `waves` programs per SM, so P = ceil(waves · SMs / (B · H_kv / HP)),
+but no partition shorter than `min_keys` (a partition's fixed cost, the
 combine step's reads and the online-softmax epilogue, must stay small next to its stream), and at most
 `max_partitions` (the combine reads P partial rows). The key block is 64 keys for cache rows up to 256 bytes per
 head and 32 above (registers). Length buckets are powers of two (4k covers 2049..4096), so a decision holds for
@@ -70,10 +71,20 @@ def cost_model(key: ChunkKey, sm_count: int, *, waves: int = 2, min_keys: int = 
                max_partitions: int = 64) -> Chunking:
     bytes_per_key = max(key.head_dims) * 2
     block_n = 64 if bytes_per_key <= 256 else 32
-    programs = key.batch * key.kv_heads
+    programs = key.batch * max(1, key.kv_heads // heads_per_program(key))
     want = math.ceil(waves * sm_count / programs)
     longest = max(1, key.length_bucket // min_keys)
     return Chunking(max(1, min(want, longest, max_partitions)), block_n)
+
+
+def heads_per_program(key: ChunkKey) -> int:
+    """kv heads one decode program covers: the wide path (one query head per kv head, q8_0 / q4_0 / float kinds)
+    takes several adjacent heads per program (attention.decode_heads_per_program), the general path one."""
+    try:
+        from caramba.codegen.triton.attention import decode_heads_per_program
+    except ImportError:  # torch missing: the general path's count
+        return 1
+    return decode_heads_per_program(key.head_dims, key.kinds, key.kv_heads, key.heads)
 
 
 class ChunkingPlan:
