@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from caramba.codegen.triton import source
-from caramba.codegen.triton.jit_helpers import TL_DTYPE
+from caramba.codegen.triton.jit_helpers import TL_DTYPE, next_pow2
 
 MAX_ROWS = 16
 
@@ -92,11 +92,15 @@ class Config:
 
 
 def choose(m: int, n: int, k: int) -> Config:
-    """The launch configuration for M rows of x against an (N, K) weight (H200 measurements, benchmarks/gemv.py):
-    enough programs to fill the chip, wide K tiles so each program keeps many bytes in flight."""
+    """The launch configuration for M rows of x against an (N, K) weight, from the sweep of benchmarks/gemv.py on
+    an H100 (2026-11-22: the best configuration of 36 per shape for the 1b presets' weights): one row streams
+    (8, 1024) tiles with 8 warps and 2 stages; 8 rows take (64, 256) tiles on the tensor cores, (16, 512) when K is
+    long (fewer, longer programs starve the chip at N = 2048)."""
     if m == 1:
-        return Config(block_n=8, block_k=512, warps=4, stages=3)
-    return Config(block_n=32, block_k=256, warps=4, stages=4)
+        return Config(block_n=8, block_k=min(1024, max(64, next_pow2(k))), warps=8, stages=2)
+    if k >= 8192:
+        return Config(block_n=16, block_k=512, warps=4, stages=5)
+    return Config(block_n=64, block_k=min(256, max(32, next_pow2(k))), warps=4, stages=4)
 
 
 @functools.lru_cache(maxsize=None)
