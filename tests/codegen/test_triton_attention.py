@@ -287,7 +287,8 @@ def test_decode_wide_every_kind(kinds, dtype):
 
 
 @pytest.mark.parametrize("knobs", [{"magic": False}, {"prefetch": True}, {"magic": False, "prefetch": True},
-                                   {"heads": 2, "bytes": 512}, {"heads": 1, "bytes": 16}])
+                                   {"heads": 2, "bytes": 512}, {"heads": 1, "bytes": 16}, {"words": True},
+                                   {"words": True, "prefetch": True, "bytes": 256}])
 @pytest.mark.parametrize("kinds", WIDE_KINDS[:3])
 def test_decode_wide_variants(knobs, kinds, monkeypatch):
     """The wide path's source and tile choices compute the same function: conversion instead of the bits, the

@@ -64,6 +64,7 @@ both paths compute the same sums; on a GPU the dot takes bf16 directly.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -644,18 +645,22 @@ def _decode_source(spec: _Spec) -> tuple[str, list[str]]:
 @dataclass(frozen=True)
 class _Wide:
     """Tile of the wide decode path: HP kv heads per program, L streams x R keys per tile; magic: codes to fp32
-    through the bits (else conversion instructions); prefetch: the next tile's loads issued before this tile's math."""
+    through the bits (else conversion instructions); prefetch: the next tile's loads issued before this tile's math;
+    words: q4_0 segments of whole 32-bit words read as int32 (nibble j of a word is feature 8·word + j, decoded
+    with one shift and one mask each; the launch checks the buffers' 4-byte alignment)."""
 
     heads: int
     streams: int
     rows: int
     magic: bool
     prefetch: bool
+    words: bool = False
 
 
 # Source and tile choices of the wide path (benchmarks/attention_variants.py times them): wide = take it when the
 # shapes allow; heads = most kv heads per program; bytes = code bytes per thread per tile (R from it)
-_WIDE_KNOBS: dict[str, Any] = {"wide": True, "heads": 8, "bytes": 128, "magic": True, "prefetch": False}
+_WIDE_KNOBS: dict[str, Any] = {"wide": True, "heads": 8, "bytes": 128, "magic": True, "prefetch": False,
+                               "words": False}
 
 
 def _wide_kind(t: _Tensor) -> bool:
@@ -686,7 +691,19 @@ def _wide_plan(tensors: Sequence[_Tensor], group: int, kv_heads: int, num_warps:
     streams = min(block_n, _floor2(max(1, threads * 16 // widest)))
     row = sum(hp * _head_bytes(t) for t in tensors)
     rows = min(max(1, block_n // streams), _floor2(max(1, _WIDE_KNOBS["bytes"] * threads // (streams * row))))
-    return _Wide(hp, streams, rows, bool(_WIDE_KNOBS["magic"]), bool(_WIDE_KNOBS["prefetch"]))
+    return _Wide(hp, streams, rows, bool(_WIDE_KNOBS["magic"]), bool(_WIDE_KNOBS["prefetch"]),
+                 bool(_WIDE_KNOBS["words"]) and bool(_WIDE_KNOBS["magic"]))
+
+
+def _words(t: _Tensor, w: _Wide) -> bool:
+    """q4_0 read as int32 words: the knob, and segments of whole words (>= 8 features)."""
+    return w.words and t.kind == "q4_0" and _wide_geometry(t)[2] % 4 == 0
+
+
+def _words_aligned(views: Sequence[CacheView]) -> bool:
+    """Every q4_0 buffer's base and strides in whole 32-bit words (else the byte loads)."""
+    return all(v.codes.data_ptr() % 4 == 0 and v.codes.stride(0) % 4 == 0 and v.codes.stride(1) % 4 == 0
+               for v in views if v.kind == "q4_0")
 
 
 def decode_heads_per_program(head_dims: Sequence[int], kinds: Sequence[str], kv_heads: int, heads: int,
@@ -722,13 +739,23 @@ def _wide_setup(spec: _Spec, w: _Wide) -> str:
         lines += [f"    blk_{p} = tl.arange(0, {n_blk})",
                   f"    e_{p} = tl.arange(0, {bb})",
                   f"    co_{p} = (hg * {n_blk} + blk_{p})[:, None] * {bb} + e_{p}[None, :]"]
+        if _words(t, w):  # in int32 words
+            lines.append(f"    co_{p} = (hg * {n_blk} + tl.arange(0, {n_blk}))[:, None] * {bb // 4} + "
+                         f"tl.arange(0, {bb // 4})[None, :]")
         if t.kind in ("q8_0", "q4_0"):  # each segment's qblock (heads below a qblock share one)
             lines.append(f"    so_{p} = (hg * {n_blk} + blk_{p}) * {seg} // {t.qblock}")
         if t is spec.v:
             continue
         c = spec.scales[i] * _LOG2E
         qrow = f"q{i} + b * q{i}_sb + (hg * {w.heads} + blk_{p} // {nb})[:, None] * q{i}_sh"
-        if t.kind == "q4_0":
+        if _words(t, w):
+            wq = bb // 4
+            lines.append(f"    ew_{p} = tl.arange(0, {wq})")
+            col = f"((blk_{p} % {nb}) * {seg})[:, None] + 8 * ew_{p}[None, :]"
+            lines += [f"    qw{i}_{j} = tl.load({qrow} + {col} + {j}).to(tl.float32)" for j in range(8)]
+            lines.append(f"    qs{i} = (" + " + ".join(f"tl.sum(qw{i}_{j}, 1)" for j in range(8)) + f") * {24.0 * c!r}")
+            lines += [f"    qw{i}_{j} = qw{i}_{j} * {8.0 * c!r}" for j in range(8)]
+        elif t.kind == "q4_0":
             col = f"((blk_{p} % {nb}) * {seg})[:, None] + 2 * e_{p}[None, :]"
             lines += [f"    qe{i} = tl.load({qrow} + {col}).to(tl.float32)",
                       f"    qo{i} = tl.load({qrow} + {col} + 1).to(tl.float32)"]
@@ -752,17 +779,31 @@ def _wide_loads(spec: _Spec, base: str, mask: str, sfx: str, indent: str) -> str
     for t in spec.tensors:
         p = t.prefix
         other = "0" if t.kind in ("q8_0", "q4_0") else "0.0"
-        lines.append(f"{indent}c_{p}{sfx} = tl.load({p}_codes + (b * {p}_c_sb + {base} * {p}_c_sj) + "
-                     f"kt[:, :, None, None] * {p}_c_sj + co_{p}[None, None, :, :], mask={mask}[:, :, None, None], "
-                     f"other={other})")
+        if _words(t, spec.wide):
+            lines.append(f"{indent}c_{p}{sfx} = tl.load({p}_codes.to(tl.pointer_type(tl.int32)) + (b * {p}_c_sb + "
+                         f"{base} * {p}_c_sj) // 4 + kt[:, :, None, None] * ({p}_c_sj // 4) + "
+                         f"co_{p}[None, None, :, :], mask={mask}[:, :, None, None], other=0)")
+        else:
+            lines.append(f"{indent}c_{p}{sfx} = tl.load({p}_codes + (b * {p}_c_sb + {base} * {p}_c_sj) + "
+                         f"kt[:, :, None, None] * {p}_c_sj + co_{p}[None, None, :, :], "
+                         f"mask={mask}[:, :, None, None], other={other})")
         if t.kind in ("q8_0", "q4_0"):
             lines.append(f"{indent}s_{p}{sfx} = tl.load({p}_scales + (b * {p}_s_sb + {base} * {p}_s_sj) + "
                          f"kt[:, :, None] * {p}_s_sj + so_{p}[None, None, :], mask={mask}[:, :, None], other=0.0)")
     return "\n".join(lines) + "\n"
 
 
+def _nibble_word(c: str, j: int) -> str:
+    """Nibble j of int32 word tile c (feature 8·word + j) as fp32 2 + n/8: n moved to bits 19..22 of 2.0's bits."""
+    moved = f"({c} << {19 - 4 * j})" if 4 * j <= 19 else f"({c} >> {4 * j - 19})"
+    return f"(({moved} & 0x780000) | 0x40000000).to(tl.float32, bitcast=True)"
+
+
 def _wide_decode_codes(t: _Tensor, w: _Wide, c: str) -> dict[str, str]:
-    """fp32 expressions of code tile c: {"x": ...} (q8_0, float kinds) or {"lo": ..., "hi": ...} (q4_0)."""
+    """fp32 expressions of code tile c: {"x": ...} (q8_0, float kinds) or {"lo": ..., "hi": ...} (q4_0), or
+    {"w0".."w7": ...} (q4_0 as words)."""
+    if _words(t, w):
+        return {f"w{j}": _nibble_word(c, j) for j in range(8)}
     if t.kind == "q8_0":
         if w.magic:  # 3 + c/128
             return {"x": f"(({c}.to(tl.int32) << 15) + 0x40400000).to(tl.float32, bitcast=True)"}
@@ -799,7 +840,10 @@ def _wide_body(spec: _Spec, w: _Wide, sfx: str) -> str:
         p = t.prefix
         nb = _wide_geometry(t)[0]
         x = _wide_decode_codes(t, w, f"c_{p}{sfx}")
-        if t.kind == "q4_0":
+        if _words(t, w):
+            part = ("tl.sum(" + " + ".join(f"{x[f'w{j}']} * qw{i}_{j}[None, None, :, :]" for j in range(8))
+                    + f", 3) - qs{i}[None, None, :]")
+        elif t.kind == "q4_0":
             part = f"tl.sum({x['lo']} * qe{i}[None, None, :, :] + {x['hi']} * qo{i}[None, None, :, :], 3) - qs{i}[None, None, :]"
         elif t.kind == "q8_0" and w.magic:
             part = f"tl.sum({x['x']} * qv{i}[None, None, :, :], 3) - qs{i}[None, None, :]"
@@ -824,7 +868,10 @@ def _wide_body(spec: _Spec, w: _Wide, sfx: str) -> str:
         lines += [f"        wv = {_per_block('pr', w, nb, lead)} * s_v{sfx}.to(tl.float32)",
                   f"        av = {_per_block('alpha', w, nb, f'{w.streams}, ')}",
                   "        zv = zv * av + tl.sum(wv, 0)"]
-        if v.kind == "q4_0":
+        if _words(v, w):
+            lines += [f"        acc{j} = acc{j} * av[:, :, None] + tl.sum(wv[:, :, :, None] * {x[f'w{j}']}, 0)"
+                      for j in range(8)]
+        elif v.kind == "q4_0":
             lines += [f"        acce = acce * av[:, :, None] + tl.sum(wv[:, :, :, None] * {x['lo']}, 0)",
                       f"        acco = acco * av[:, :, None] + tl.sum(wv[:, :, :, None] * {x['hi']}, 0)"]
         else:
@@ -841,7 +888,13 @@ def _wide_epilogue(spec: _Spec, w: _Wide) -> str:
              "    wl = tl.exp2(m_i - tl.where(m_all == float('-inf'), 0.0, m_all)[None, :])",
              "    l_all = tl.sum(l_i * wl, 0)",
              f"    heads = hg * {hp} + tl.arange(0, {hp})"]
-    if v.kind == "q4_0":
+    if _words(v, w):
+        parts = []
+        for j in range(8):
+            lines.append(f"    o{j} = tl.reshape(acc{j} * 8.0 - zv[:, :, None] * 24.0, [{st}, {hp}, {v.dim // 8}])")
+            lines.append(f"    o{j} = tl.sum(o{j} * wl[:, :, None], 0)")
+            parts.append((f"o{j}", f"({j} + 8 * tl.arange(0, {v.dim // 8}))"))
+    elif v.kind == "q4_0":
         k, off = (8.0, 24.0) if w.magic else (1.0, 8.0)
         half = v.dim // 2
         parts = []
@@ -888,7 +941,10 @@ def _wide_source(spec: _Spec) -> tuple[str, list[str]]:
     body += (f"    m_i = tl.full([{w.streams}, {w.heads}], float('-inf'), tl.float32)\n"
              f"    l_i = tl.zeros([{w.streams}, {w.heads}], tl.float32)\n")
     acc_shape = f"[{w.streams}, {w.heads * nbv}, {bbv}]"
-    if v.kind == "q4_0":
+    if _words(v, w):
+        body += "".join(f"    acc{j} = tl.zeros([{w.streams}, {w.heads * nbv}, {bbv // 4}], tl.float32)\n"
+                        for j in range(8))
+    elif v.kind == "q4_0":
         body += f"    acce = tl.zeros({acc_shape}, tl.float32)\n    acco = tl.zeros({acc_shape}, tl.float32)\n"
     else:
         body += f"    accv = tl.zeros({acc_shape}, tl.float32)\n"
@@ -1194,6 +1250,8 @@ def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cache
     capacity = _ring_capacity(views, (*keys, vt), residual_len, batch, device)
     options = _DECODE_OPTIONS_OVERRIDE or {"num_warps": warps, "num_stages": stages}
     wide = _wide_plan((*keys, vt), group, kv_heads, options["num_warps"], block_n)
+    if wide and wide.words and not _words_aligned((*k, v)):
+        wide = dataclasses.replace(wide, words=False)
     spec = _Spec(keys, vt, tuple(float(s) for s in scales), group, _DTYPES[q[0].dtype], residual_len, capacity,
                  partitions, 16, block_n, source.interpreting(), wide)
     out = _check_out(out, (batch, heads, vt.dim), q[0])
