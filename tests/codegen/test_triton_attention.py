@@ -286,18 +286,28 @@ def test_decode_wide_every_kind(kinds, dtype):
     run_decode(case, dtype, partitions=3, block_n=64)
 
 
-@pytest.mark.parametrize("knobs", [{"magic": False}, {"prefetch": True}, {"magic": False, "prefetch": True},
-                                   {"heads": 2, "bytes": 512}, {"heads": 1, "bytes": 16}, {"words": True},
-                                   {"words": True, "prefetch": True, "bytes": 256}])
+@pytest.mark.parametrize("knobs", [{"magic": False}, {"prefetch": False}, {"magic": False, "prefetch": False},
+                                   {"heads": 2, "bytes": 512}, {"heads": 1, "bytes": 16}, {"words": False},
+                                   {"words": False, "prefetch": False, "bytes": 256}])
 @pytest.mark.parametrize("kinds", WIDE_KINDS[:3])
 def test_decode_wide_variants(knobs, kinds, monkeypatch):
-    """The wide path's source and tile choices compute the same function: conversion instead of the bits, the
-    next tile's loads first, 2 or 1 heads per program, larger and smaller tiles; 1 and 4 partitions."""
+    """The wide path's source and tile choices compute the same function: conversion instead of the bits, without
+    the next tile's loads first, 2 or 1 heads per program, larger and smaller tiles, 4-bit codes as bytes instead
+    of words; 1 and 4 partitions."""
     monkeypatch.setattr(A, "_WIDE_KNOBS", {**A._WIDE_KNOBS, **knobs})
     case = Case(kinds, {"k_sem": 16, "k_geo": 32, "v": 64}, heads=4, kv_heads=4, prefix=[70, 3, 20], step=1)
     assert wide_plan(case, torch.float16, 32).heads == knobs.get("heads", 4)
     for partitions in (1, 4):
         run_decode(case, torch.float16, partitions=partitions, block_n=32)
+
+
+def test_decode_wide_float_kinds_only(monkeypatch):
+    """Every tensor a float kind takes the general path by default; the float knob sends it the wide way."""
+    monkeypatch.setattr(A, "_WIDE_KNOBS", {**A._WIDE_KNOBS, "float": True})
+    case = Case({"k_sem": "fp16", "k_geo": "bf16", "v": "fp32"}, WIDE_DBA, heads=2, kv_heads=2, prefix=[36, 9],
+                step=1)
+    assert wide_plan(case, torch.float16, 32).heads == 2
+    run_decode(case, torch.float16, partitions=2, block_n=32)
 
 
 @pytest.mark.parametrize("kv_heads,qblock", [(3, 32), (6, 16), (2, 64)])
@@ -316,6 +326,8 @@ def test_decode_wide_is_not_taken_with_groups_rings_or_nf4():
     assert wide_plan(nf4, torch.float16, 32) is None
     straddling = Case({"k": "q8_0", "v": "q8_0"}, {"k": 24, "v": 32}, heads=2, kv_heads=2, prefix=[3], step=1)
     assert wide_plan(straddling, torch.float16, 32) is None
+    floats = Case({"k": "fp16", "v": "fp16"}, {"k": 32, "v": 32}, heads=2, kv_heads=2, prefix=[3], step=1)
+    assert wide_plan(floats, torch.float16, 32) is None  # unless the float knob says so (below)
     ringed = A._Tensor("k0", "q8_0", 32, 32, True)
     assert A._wide_plan((ringed, ringed), 1, 2, 4, 32) is None
     assert A.decode_heads_per_program((32, 64, 64), ("q8_0",) * 3, 32, 32) == 8

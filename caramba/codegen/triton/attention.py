@@ -657,10 +657,13 @@ class _Wide:
     words: bool = False
 
 
-# Source and tile choices of the wide path (benchmarks/attention_variants.py times them): wide = take it when the
-# shapes allow; heads = most kv heads per program; bytes = code bytes per thread per tile (R from it)
-_WIDE_KNOBS: dict[str, Any] = {"wide": True, "heads": 8, "bytes": 128, "magic": True, "prefetch": False,
-                               "words": False}
+# Source and tile choices of the wide path (benchmarks/attention_variants.py times them, NOTES_attention.md has
+# the numbers): wide = take it when the shapes allow; float = also when every tensor is a float kind (the general
+# path's tensor-core dots read fp16 caches as fast or faster); heads = most kv heads per program; bytes = code bytes
+# per thread per tile (R from it: small tiles keep registers low, so more programs per SM); prefetch, magic, words
+# as _Wide.
+_WIDE_KNOBS: dict[str, Any] = {"wide": True, "float": False, "heads": 8, "bytes": 64, "magic": True,
+                               "prefetch": True, "words": True}
 
 
 def _wide_kind(t: _Tensor) -> bool:
@@ -681,6 +684,8 @@ def _head_bytes(t: _Tensor) -> int:
 def _wide_plan(tensors: Sequence[_Tensor], group: int, kv_heads: int, num_warps: int, block_n: int) -> _Wide | None:
     """The wide path's tile for these tensors, or None when the decode takes the general path."""
     if not _WIDE_KNOBS["wide"] or group != 1 or any(t.ringed or not _wide_kind(t) for t in tensors):
+        return None
+    if not _WIDE_KNOBS["float"] and not any(t.kind in ("q8_0", "q4_0") for t in tensors):
         return None
     hp = 1
     while hp * 2 <= _WIDE_KNOBS["heads"] and kv_heads % (hp * 2) == 0:
