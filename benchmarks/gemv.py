@@ -1,4 +1,4 @@
-"""Decode-time linears (M = 1 or 8 rows against the 1b presets' weights): caramba's GEMV kernel against cuBLAS.
+"""Decode-time linears (one row against the 1b presets' weights): caramba's GEMV kernel against cuBLAS.
 
     python benchmarks/gemv.py                 # every shape, the default configuration and a sweep of others
     python benchmarks/gemv.py --no-sweep      # default configuration only
@@ -52,17 +52,13 @@ def graph_time(fn, calls: int, replays: int = 20) -> float:
     return sorted(times[3:])[len(times[3:]) // 2]
 
 
-def configs(m: int) -> list[gemv.Config]:
-    if m == 1:
-        tiles = [(4, 512), (8, 256), (8, 512), (8, 1024), (16, 256), (16, 512)]
-        return [gemv.Config(n, k, w, s) for (n, k), w, s in itertools.product(tiles, (4, 8), (2, 3, 4))]
-    tiles = [(16, 256), (16, 512), (32, 128), (32, 256), (64, 128), (64, 256)]
-    return [gemv.Config(n, k, w, s) for (n, k), w, s in itertools.product(tiles, (4, 8), (3, 4, 5))]
+def configs() -> list[gemv.Config]:
+    tiles = [(4, 512), (8, 256), (8, 512), (8, 1024), (16, 256), (16, 512)]
+    return [gemv.Config(n, k, w, s) for (n, k), w, s in itertools.product(tiles, (4, 8), (2, 3, 4))]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="1,8")
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--no-sweep", action="store_true")
     args = ap.parse_args()
@@ -75,13 +71,13 @@ def main() -> None:
         copies = max(2, min(64, -(-512 * 2**20 // nbytes)))
         torch.manual_seed(0)
         ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies)]
-        for m in map(int, args.rows.split(",")):
+        for m in (1,):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             ref = x.double() @ ws[0].double().T
             calls = copies if copies >= 8 else 4 * copies
             ref_t = graph_time(lambda i: F.linear(x, ws[i % copies]), calls)
             row = {"cuBLAS": ref_t}
-            cands = [None] + ([] if args.no_sweep else configs(m))
+            cands = [None] + ([] if args.no_sweep else configs())
             best = (float("inf"), None)
             for cfg in cands:
                 try:

@@ -178,3 +178,20 @@ def _swiglu_infer(t: Types, a: Attrs) -> list[TensorType]:
 def _swiglu(gate, up):
     """silu(gate) * up, elementwise on two equally shaped linear outputs (the matmuls stay `linear` ops)."""
     return F.silu(gate) * up
+
+
+def _swiglu_linear_infer(t: Types, a: Attrs) -> list[TensorType]:
+    gate, up, w = t[:3]
+    act = _swiglu_infer([gate, up], a)[0]
+    if w.rank != 2 or not symbolic.equal(w.shape[1], act.shape[-1]):
+        raise ShapeError(f"swiglu_linear: weight {w} does not take {act.shape[-1]} inputs")
+    if len(t) > 3 and (t[3].rank != 1 or not symbolic.equal(t[3].shape[0], w.shape[0])):
+        raise ShapeError(f"swiglu_linear: bias {t[3]} does not match weight {w}")
+    return [TensorType(act.shape[:-1] + (w.shape[0],), promote(act, w))]
+
+
+@register_op("swiglu_linear", ["gate", "up", "weight", "bias?"], _swiglu_linear_infer, tags=["fused"])
+def _swiglu_linear(gate, up, weight, bias=None):
+    """linear(swiglu(gate, up), weight, bias): the MLP's down projection reading the activation it is fed, so a
+    kernel computes the activation while it streams the weight (target cuda, fuse_swiglu_linear)."""
+    return F.linear(F.silu(gate) * up, weight, bias)

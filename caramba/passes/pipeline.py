@@ -22,6 +22,7 @@ from caramba.passes.fuse_linears import fuse_linears
 from caramba.passes.fuse_rms_norm import fuse_rms_norm
 from caramba.passes.fuse_rope import fuse_rope
 from caramba.passes.fuse_swiglu import fuse_swiglu
+from caramba.passes.fuse_swiglu_linear import fuse_swiglu_linear
 from caramba.passes.insert_kv_cache import insert_kv_cache
 from caramba.passes.insert_kv_dequant import insert_kv_dequant
 from caramba.passes.manager import Pass
@@ -41,6 +42,7 @@ FUSE_ATTENTION = Pass("fuse_attention", fuse_attention)
 FUSE_DECOUPLED_ATTENTION = Pass("fuse_decoupled_attention", fuse_decoupled_attention)
 FUSE_SWIGLU = Pass("fuse_swiglu", fuse_swiglu)
 FUSE_LINEARS = Pass("fuse_linears", fuse_linears)
+FUSE_SWIGLU_LINEAR = Pass("fuse_swiglu_linear", fuse_swiglu_linear)
 INSERT_KV_CACHE = Pass("insert_kv_cache", insert_kv_cache)
 INSERT_KV_DEQUANT = Pass("insert_kv_dequant", insert_kv_dequant)
 FUSE_CACHED_ATTENTION = Pass("fuse_cached_attention", fuse_cached_attention)
@@ -82,6 +84,8 @@ def pipeline_for(target: str) -> list[Pass]:
         # is a weight-bound matrix-vector product, and one launch over the concatenated weights replaces several
         # small ones. cuda only: its kernels read the slices in place; other targets keep separate products.
         *([FUSE_LINEARS] if target == "cuda" else []),
+        # The down projection computes the activation it reads (cuda: the GEMV kernel's prologue).
+        *([FUSE_SWIGLU_LINEAR] if target == "cuda" else []),
         # The KV cache comes after this list, once a cache kind is chosen: see cache_pipeline_for.
         # Phase 3: cleanup after fusion. Fusions leave dead tables and duplicated views behind; CSE is safe now
         # that nothing pattern-matches across layers, and canonicalize + DCE tidy what CSE exposes.

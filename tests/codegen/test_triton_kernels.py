@@ -1,5 +1,7 @@
 """The non-attention Triton kernels of target "cuda" against the IR ops' reference implementations and float64.
 
+GEMV (the linear op at one row): against float64 within the output dtype's rounding, odd N and K (masked tiles)
+and K a multiple of the tile, with and without bias; more rows and other layouts go to F.linear unchanged.
 Norms, RoPE and SwiGLU: each launch function against its op's registered torch implementation (within two ulps of
 the output dtype; on the CPU they agree bit for bit wherever no fp32 reduction order is involved) and no further
 from a float64 formula than the reference itself, on odd widths, one row and many rows, fp32 / fp16 / bf16 and
@@ -22,6 +24,7 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="target cuda's kernels need triton (pip install triton)")
 
+from caramba.codegen.triton import gemv  # noqa: E402
 from caramba.codegen.triton import kv_append as kva  # noqa: E402
 from caramba.codegen.triton.norms import (add_layer_norm, add_rms_norm, layer_norm, rms_norm,  # noqa: E402
                                           rms_norm_fp32)
@@ -222,6 +225,72 @@ def test_rope_refusals():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# GEMV: the linear op at one row
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
+@pytest.mark.parametrize("n, k", [(37, 100), (8, 1024), (130, 1030), (1, 3)])
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+def test_gemv_one_row_against_float64(dtype, n, k, bias):
+    x = randn(1, 1, k, dtype=dtype, seed=n + k)
+    w = randn(n, k, dtype=dtype, scale=k ** -0.5, seed=1)
+    b = randn(n, dtype=dtype, seed=2) if bias else None
+    assert gemv.supported(x, w, b)
+    y = gemv.linear(x, w, b)
+    exact = x.double() @ w.double().T + (b.double() if bias else 0)
+    assert y.shape == (1, 1, n) and y.dtype == dtype and bool(torch.isfinite(y).all())
+    # fp32 sums in another order, one rounding to the output dtype at the end
+    tol = torch.finfo(dtype).eps * (1.0 if dtype != F32 else 64.0)
+    scale = max(exact.abs().max().item(), 1.0)
+    assert (y.double() - exact).abs().max().item() <= tol * scale
+    ref = reference("linear", x, w, b)
+    torch.testing.assert_close(y, ref, rtol=2 * tol, atol=2 * tol * scale)
+
+
+def test_gemv_tile_configurations_and_strided_row():
+    """Every tile shape computes the same product; a row that is a column slice of a wider tensor (a fused
+    projection's output) is read through its view."""
+    wide = randn(1, 1, 300, dtype=F16, seed=3)
+    x = wide[..., 50:250]
+    w = randn(77, 200, dtype=F16, scale=0.1, seed=4)
+    exact = x.double() @ w.double().T
+    for cfg in (gemv.Config(4, 64, 4, 2), gemv.Config(16, 256, 8, 3), gemv.Config(8, 128, 4, 4)):
+        y = gemv.linear(x, w, config=cfg)
+        assert (y.double() - exact).abs().max().item() <= torch.finfo(F16).eps * exact.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
+def test_swiglu_linear_computes_the_activation_in_the_loop(dtype):
+    """One row: the activation of gate and up (halves of one fused gate|up row, read in place) with the swiglu
+    op's roundings, times the weight; three rows: the swiglu kernel, then F.linear. Both against float64."""
+    for rows, k, n in ((1, 200, 37), (1, 1024, 16), (3, 200, 37)):
+        both = randn(rows, 1, 2 * k, dtype=dtype, scale=2, seed=k + rows)
+        gate, up = both[..., :k], both[..., k:]
+        w = randn(n, k, dtype=dtype, scale=k ** -0.5, seed=9)
+        y = gemv.swiglu_linear(gate, up, w)
+        g = gate.double()
+        act = (g * torch.sigmoid(g)).to(dtype).double() * up.double()  # silu rounded to the dtype first
+        exact = act.to(dtype).double() @ w.double().T
+        assert y.shape == (rows, 1, n) and y.dtype == dtype
+        tol = torch.finfo(dtype).eps * (2.0 if dtype != F32 else 64.0)
+        scale = max(exact.abs().max().item(), 1.0)
+        assert (y.double() - exact).abs().max().item() <= tol * scale
+        ref = reference("swiglu_linear", gate, up, w)
+        torch.testing.assert_close(y, ref, rtol=2 * tol, atol=2 * tol * scale)
+
+
+def test_gemv_hands_what_it_does_not_take_to_f_linear():
+    w = randn(9, 16, dtype=F16, seed=5)
+    for x, wt in ((randn(3, 16, dtype=F16, seed=6), w),  # three rows: cuBLAS's job
+                  (randn(1, 16, dtype=F16, seed=7), w.t().contiguous().t()),  # weight not contiguous
+                  (randn(1, 16, dtype=F32, seed=8), w)):  # mixed dtypes
+        assert not gemv.supported(x, wt)
+        if x.dtype == wt.dtype:
+            assert torch.equal(gemv.linear(x, wt), torch.nn.functional.linear(x, wt))
+    with pytest.raises(RuntimeError):
+        gemv.linear(randn(1, 16, dtype=F32, seed=8), w)  # F.linear's own error for mixed dtypes
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # SwiGLU
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtypes", [(F32, F32), (F16, F16), (BF16, BF16), (F16, F32)],
@@ -316,7 +385,8 @@ def test_kv_append_equals_layer_cache(kind, qblock):
             if j == 2:  # a strided view (B, T, F) as attention's output layout hands it over
                 xs["v"] = xs["v"].transpose(0, 1).contiguous().transpose(0, 1)
             ref.append(0, xs, start=starts)
-            st = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+            # starts as the executor hands them: int32, or int64 read in place from the positions
+            st = torch.tensor(starts, dtype=torch.int64 if j == 1 else torch.int32, device=DEVICE)
             for name, x in xs.items():
                 kva.kv_append(out.layers[0].stores[name], x, st, error=flag)
             assert_same_buffers(ref, out, f"{kind} qblock {qblock} x {x_dtype} step {j}")
@@ -369,7 +439,9 @@ def test_kv_append_positions_outside_the_cache_are_not_written():
 def test_kv_append_refusals():
     _, store = one_store("q8_0")
     with pytest.raises(ValueError, match="starts must be"):
-        kva.kv_append(store, randn(2, 1, 24), torch.zeros(2, dtype=torch.int64, device=DEVICE))
+        kva.kv_append(store, randn(2, 1, 24), torch.zeros(2, dtype=torch.int16, device=DEVICE))
+    with pytest.raises(ValueError, match="starts must be"):  # int32 or int64, one per row, unit stride
+        kva.kv_append(store, randn(2, 1, 24), torch.zeros(2, 2, dtype=torch.int64, device=DEVICE)[:, 0])
     with pytest.raises(ValueError, match="holds 24 features"):
         kva.kv_append(store, randn(2, 1, 25), torch.zeros(2, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="codes must be"):

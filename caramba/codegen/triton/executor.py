@@ -75,6 +75,7 @@ class CudaExecutor(Executor):
             _check_static(program.decode)
         self._graphs: dict[int, _DecodeGraph] = {}
         self._capturing = False
+        self._step_memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # kv_append's error bits (NaN/inf, overflow, bad position), read after every step: a cache never keeps
         # garbage silently. check_values=False skips the read (one small device->host copy per step).
         self.check_values = True
@@ -85,6 +86,7 @@ class CudaExecutor(Executor):
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Inputs may live on the CPU (as the Generator makes them) or on the device; the bookkeeping reads the
         CPU copy, so a decode step never waits for the GPU before it is launched."""
+        self._step_memo = None  # (positions, starts, ready) of the step being run: see _starts_ready
         starts = positions[:, 0].tolist()
         past = max(cache.lengths(0))
         if positions.shape[1] + past > self.max_seq_len:
@@ -140,11 +142,23 @@ class CudaExecutor(Executor):
                 window = lc.note_append(positions[:, 0].tolist(), n_new, exact=exact, pre_ring=pre)
                 if cache.spec.residual_len:  # only ring windows are read from this buffer
                     self.window(cache)[layer].copy_(torch.tensor(window, dtype=torch.int32))
-            starts = positions[:, 0].to(torch.int32).clone(memory_format=torch.contiguous_format)
+            starts, ready = self._starts_ready(positions)
             for name, x in zip(names, xs):
                 self.kernels.append(lc.stores[name], x, starts, self._error)
-            return positions[:, -1] + 1
+            return ready
         return append
+
+    def _starts_ready(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's first position (the appends' starts, read in place when positions is (B, 1)) and
+        positions[:, -1] + 1 (attention's lengths), computed once per step: every layer's append gets the same
+        positions tensor, so the later layers launch nothing for them."""
+        memo = self._step_memo
+        if memo is None or memo[0] is not positions:
+            starts = positions[:, 0]
+            if starts.stride(0) != 1:
+                starts = starts.contiguous()
+            memo = self._step_memo = (positions, starts, positions[:, -1] + 1)
+        return memo[1], memo[2]
 
     def _attention_impl(self, node: Node, entry: str) -> Callable:
         decoupled = node.op == "cached_decoupled_attention"
@@ -192,6 +206,7 @@ class CudaExecutor(Executor):
         g.ids, g.pos = ids, pos
         past = max(g.cache.lengths(0)) - 1
         self._capturing = True
+        self._step_memo = None  # the warm-up's tensors are not the captured graph's
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -199,6 +214,7 @@ class CudaExecutor(Executor):
                 self._decode.run(g.ids, g.pos, state=g.cache, symbols={"past": past})
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
+            self._step_memo = None  # `ready` must be computed inside the graph, not taken from the warm-up
             with torch.cuda.graph(graph):
                 g.logits = self._decode.run(g.ids, g.pos, state=g.cache, symbols={"past": past})[0]
             g.graph = graph

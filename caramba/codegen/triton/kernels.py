@@ -23,7 +23,8 @@ _ELEMENTWISE = {
     "add_layer_norm": ("norms", "add_layer_norm"),
     "rope": ("rope", "rope"),
     "swiglu": ("swiglu", "swiglu"),
-    "linear": ("gemv", "linear"),  # a few rows (decode): the GEMV kernel; more rows: F.linear (cuBLAS)
+    "linear": ("gemv", "linear"),  # one row (decode at batch 1): the GEMV kernel; more rows: F.linear (cuBLAS)
+    "swiglu_linear": ("gemv", "swiglu_linear"),  # the activation computed in the GEMV's loop
 }
 
 

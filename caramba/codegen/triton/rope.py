@@ -30,7 +30,7 @@ import triton.language as tl
 $HELPERS
 
 @triton.jit
-def kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, n_rows, n1, n2,
+def rope(x_ptr, cos_ptr, sin_ptr, y_ptr, n_rows, n1, n2,
            sx0, sx1, sx2, sc0, sc1, sc2, ss0, ss1, ss2, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS))[:, None]  # (ROWS, 1) over (n0, n1, n2), int32 math
     i0, i1, i2 = (row // (n1 * n2)).to(tl.int64), ((row // n2) % n1).to(tl.int64), (row % n2).to(tl.int64)
@@ -52,6 +52,9 @@ def kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, n_rows, n1, n2,
     b = $ROUND_B
     y = tl.where(rot, $ROUND_SUM, $ROUND_X)
     tl.store(y_ptr + row.to(tl.int64) * $D + j, $STORE_Y, mask=live & (j < $D))
+
+
+kernel = rope  # the name profilers show
 '''
 
 
