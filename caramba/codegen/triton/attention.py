@@ -662,7 +662,7 @@ class _Wide:
 # path's tensor-core dots read fp16 caches as fast or faster); heads = most kv heads per program; bytes = code bytes
 # per thread per tile (R from it: small tiles keep registers low, so more programs per SM); prefetch, magic, words
 # as _Wide.
-_WIDE_KNOBS: dict[str, Any] = {"wide": True, "float": False, "heads": 8, "bytes": 64, "magic": True,
+_WIDE_KNOBS: dict[str, Any] = {"wide": True, "float": False, "heads": 8, "bytes": 32, "magic": True,
                                "prefetch": True, "words": True}
 
 
@@ -1279,8 +1279,10 @@ def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cache
     grid = (batch, kv_heads // wide.heads if wide else kv_heads, partitions)
     mod.decode_partial[grid](*(args[n] for n in params), **options)
     if partitions > 1:
+        # the combine holds P x d_v partials: more warps for many partitions (the wide path takes up to 128)
+        warps = min(8, max(1, _pow2(partitions, least=2) * vt.block // 1024))
         mod.decode_combine[(batch, heads)](ws, ws.stride(0), ws.stride(1), ws.stride(2), out, out.stride(0),
-                                           out.stride(1), num_warps=1)
+                                           out.stride(1), num_warps=warps)
     return out
 
 

@@ -68,12 +68,12 @@ def bucket(length: int) -> int:
 
 
 def cost_model(key: ChunkKey, sm_count: int, *, waves: int = 2, min_keys: int = 256,
-               max_partitions: int = 64, wide_waves: int = 4, wide_max_partitions: int = 128) -> Chunking:
+               max_partitions: int = 64, wide_waves: int = 16, wide_max_partitions: int = 128) -> Chunking:
     bytes_per_key = max(key.head_dims) * 2
     block_n = 64 if bytes_per_key <= 256 else 32
     hp = heads_per_program(key)
     programs = key.batch * max(1, key.kv_heads // hp)
-    if hp > 1:  # the wide path's programs hold few registers: more of them keep more bytes in flight
+    if hp > 1:  # the wide path's programs are small (5-6 an SM): several waves of them balance better
         waves, max_partitions = wide_waves, wide_max_partitions
     want = math.ceil(waves * sm_count / programs)
     longest = max(1, key.length_bucket // min_keys)
