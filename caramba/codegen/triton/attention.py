@@ -47,6 +47,17 @@ within a row must fit in int32 (row and batch offsets are int64). The first call
 kernel and puts the NF4 table on the device: make it before capturing a CUDA graph (replays then only read
 lengths / window from their tensors).
 
+Decode with one query head per kv head (H == H_kv, the DBA presets), no ring, power-of-two head dims and every
+tensor q8_0 / q4_0 or a float kind (at least one quantized) takes the wide path (_wide_source): a program covers
+HP = 8 adjacent kv heads, so each load is a contiguous run of the token row (16-byte vectors), and a tile of
+L streams x R keys, each stream with its own online softmax; no tl.dot (one query row would waste 15 of 16
+rows of a tensor-core tile): scores are products summed per qblock segment times the scale once, v's scale is
+folded into the probability, codes become fp32 through their bits (3 + c/128, 2 + n/8) with the affine offset
+taken out per block, the next tile's loads are issued before this tile's math. grid (B, H_kv / HP, P); the
+chunking cost model counts HP heads a program. Measured on an H200 (benchmarks/NOTES_attention.md, CUDA-graph
+replays, DBA 32/64/64, 32k keys): B=1 q8_0 0.082 ms (general path 0.150), q4_0 0.078 (0.162); B=8 q8_0 0.51
+(0.80), q4_0 0.41 (0.90). Other shapes take the general path below.
+
 Decode reads block-scaled heads of whole blocks (head dim a multiple of a power-of-two qblock; qblock >= 16 for
 q8_0, >= 32 for 4-bit kinds) through the blocked path: contiguous code vectors per (key, block), one scale per
 (key, block) carried one tile ahead in registers, scores per block as dot(q_block, codes) * scale (4-bit: even
