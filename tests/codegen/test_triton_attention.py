@@ -310,6 +310,24 @@ def test_decode_wide_float_kinds_only(monkeypatch):
     run_decode(case, torch.float16, partitions=2, block_n=32)
 
 
+@pytest.mark.parametrize("lazy", [0.5, 8.0])
+@pytest.mark.parametrize("partitions", [1, 3])
+def test_decode_wide_lazy_rescale_with_peaked_scores(lazy, partitions, monkeypatch):
+    """Lazy rescaling (the accumulators keep their scale until a stream's max grows by more than `lazy`): queries
+    8x larger make scores span tens of log2 units, so maxima jump mid-stream; 0.5 rescales often, 8 rarely."""
+    monkeypatch.setattr(A, "_WIDE_KNOBS", {**A._WIDE_KNOBS, "lazy": lazy})
+    case = Case({"k_sem": "q4_0", "k_geo": "q8_0", "v": "q4_0"}, WIDE_DBA, heads=4, kv_heads=4, prefix=[150, 2, 77],
+                step=1)
+    assert wide_plan(case, torch.float16, 32).lazy == lazy
+    q = [x * 8 for x in case.queries(torch.float16)]
+    k, v = case.views()
+    out = poisoned(3, 4, 64, dtype=torch.float16)
+    ws = poisoned(3, 4, partitions, 66, dtype=torch.float32)
+    A.decode_attention([x[:, :, 0] for x in q], k, v, case.rows(case.layer.lengths), scales=case.scales(),
+                       kv_heads=4, partitions=partitions, out=out, workspace=ws, block_n=32)
+    assert_matches(out[:, :, None], case, q, case.scales())
+
+
 @pytest.mark.parametrize("kv_heads,qblock", [(3, 32), (6, 16), (2, 64)])
 def test_decode_wide_odd_heads_and_qblocks(kv_heads, qblock):
     """3 kv heads: one head per program; 6: two; qblock 16 (4-bit blocks of 8 bytes) and 64 (one block a head)."""

@@ -666,6 +666,7 @@ class _Wide:
     magic: bool
     prefetch: bool
     words: bool = False
+    lazy: float = 0.0  # > 0: rescale the accumulators only when a stream's max grew by more than this (log2 units)
 
 
 # Source and tile choices of the wide path (benchmarks/attention_variants.py times them, NOTES_attention.md has
@@ -674,7 +675,7 @@ class _Wide:
 # per thread per tile (R from it: small tiles keep registers low, so more programs per SM); prefetch, magic, words
 # as _Wide.
 _WIDE_KNOBS: dict[str, Any] = {"wide": True, "float": False, "heads": 8, "bytes": 32, "magic": True,
-                               "prefetch": True, "words": True}
+                               "prefetch": True, "words": True, "lazy": 0.0}
 
 
 def _wide_kind(t: _Tensor) -> bool:
@@ -708,7 +709,7 @@ def _wide_plan(tensors: Sequence[_Tensor], group: int, kv_heads: int, num_warps:
     row = sum(hp * _head_bytes(t) for t in tensors)
     rows = min(max(1, block_n // streams), _floor2(max(1, _WIDE_KNOBS["bytes"] * threads // (streams * row))))
     return _Wide(hp, streams, rows, bool(_WIDE_KNOBS["magic"]), bool(_WIDE_KNOBS["prefetch"]),
-                 bool(_WIDE_KNOBS["words"]) and bool(_WIDE_KNOBS["magic"]))
+                 bool(_WIDE_KNOBS["words"]) and bool(_WIDE_KNOBS["magic"]), float(_WIDE_KNOBS["lazy"]))
 
 
 def _words(t: _Tensor, w: _Wide) -> bool:
@@ -860,7 +861,8 @@ def _wide_body(spec: _Spec, w: _Wide, sfx: str) -> str:
             part = ("tl.sum(" + " + ".join(f"{x[f'w{j}']} * qw{i}_{j}[None, None, :, :]" for j in range(8))
                     + f", 3) - qs{i}[None, None, :]")
         elif t.kind == "q4_0":
-            part = f"tl.sum({x['lo']} * qe{i}[None, None, :, :] + {x['hi']} * qo{i}[None, None, :, :], 3) - qs{i}[None, None, :]"
+            part = (f"tl.sum({x['lo']} * qe{i}[None, None, :, :] + {x['hi']} * qo{i}[None, None, :, :], 3)"
+                    f" - qs{i}[None, None, :]")
         elif t.kind == "q8_0" and w.magic:
             part = f"tl.sum({x['x']} * qv{i}[None, None, :, :], 3) - qs{i}[None, None, :]"
         else:
@@ -870,30 +872,51 @@ def _wide_body(spec: _Spec, w: _Wide, sfx: str) -> str:
             lines.append(f"        s += {_per_head('sp', w, nb, lead)}")
         else:
             lines.append(f"        s += {part}")
-    lines += ["        s = tl.where(valid[:, :, None], s, float('-inf'))",
-              "        m_new = tl.maximum(m_i, tl.max(s, 0))",
-              "        m_use = tl.where(m_new == float('-inf'), 0.0, m_new)",
-              "        alpha = tl.exp2(m_i - m_use)",
-              "        pr = tl.exp2(s - m_use[None, :, :])",
-              "        l_i = l_i * alpha + tl.sum(pr, 0)",
-              "        m_i = m_new"]
     v = spec.v
     nb = _wide_geometry(v)[0]
     x = _wide_decode_codes(v, w, f"c_v{sfx}")
+    # (accumulator, its rescale factor, what a tile adds to it)
+    nbv, _, bbv = _wide_geometry(v)
+
+    def over_rows(x: str, shape: str) -> str:  # the sum over a tile's R keys (R = 1: a reshape, so mul + add fuse)
+        return f"tl.reshape({x}, [{shape}])" if w.rows == 1 else f"tl.sum({x}, 0)"
+
+    acc_shape = f"{w.streams}, {w.heads * nbv}, {bbv // 4 if _words(v, w) else bbv}"
     if v.kind in ("q8_0", "q4_0"):
-        lines += [f"        wv = {_per_block('pr', w, nb, lead)} * s_v{sfx}.to(tl.float32)",
-                  f"        av = {_per_block('alpha', w, nb, f'{w.streams}, ')}",
-                  "        zv = zv * av + tl.sum(wv, 0)"]
+        wx = over_rows("wv[:, :, :, None] * {}", acc_shape)
+        accs = [("zv", "av", over_rows("wv", f"{w.streams}, {w.heads * nbv}"))]
         if _words(v, w):
-            lines += [f"        acc{j} = acc{j} * av[:, :, None] + tl.sum(wv[:, :, :, None] * {x[f'w{j}']}, 0)"
-                      for j in range(8)]
+            accs += [(f"acc{j}", "av[:, :, None]", wx.format(x[f"w{j}"])) for j in range(8)]
         elif v.kind == "q4_0":
-            lines += [f"        acce = acce * av[:, :, None] + tl.sum(wv[:, :, :, None] * {x['lo']}, 0)",
-                      f"        acco = acco * av[:, :, None] + tl.sum(wv[:, :, :, None] * {x['hi']}, 0)"]
+            accs += [("acce", "av[:, :, None]", wx.format(x["lo"])), ("acco", "av[:, :, None]", wx.format(x["hi"]))]
         else:
-            lines.append(f"        accv = accv * av[:, :, None] + tl.sum(wv[:, :, :, None] * {x['x']}, 0)")
+            accs.append(("accv", "av[:, :, None]", wx.format(x["x"])))
+        weights = [f"        wv = {_per_block('pr', w, nb, lead)} * s_v{sfx}.to(tl.float32)"]
+        factor = [f"        av = {_per_block('alpha', w, nb, f'{w.streams}, ')}"]
     else:
-        lines.append(f"        accv = accv * alpha[:, :, None] + tl.sum(pr[:, :, :, None] * {x['x']}, 0)")
+        accs = [("accv", "alpha[:, :, None]", over_rows(f"pr[:, :, :, None] * {x['x']}", acc_shape))]
+        weights, factor = [], []
+    lines += ["        s = tl.where(valid[:, :, None], s, float('-inf'))",
+              "        m_new = tl.maximum(m_i, tl.max(s, 0))"]
+    if not w.lazy:
+        lines += ["        m_use = tl.where(m_new == float('-inf'), 0.0, m_new)",
+                  "        alpha = tl.exp2(m_i - m_use)",
+                  "        pr = tl.exp2(s - m_use[None, :, :])",
+                  "        l_i = l_i * alpha + tl.sum(pr, 0)",
+                  "        m_i = m_new", *weights, *factor]
+        lines += [f"        {acc} = {acc} * {a} + {add}" for acc, a, add in accs]
+        return "\n".join(lines) + "\n"
+    # lazy: the streams keep their reference max (and the accumulators their scale) until some stream's max grows
+    # past it by more than `lazy` (log2 units): probabilities stay <= 2^lazy, and most tiles skip the rescale
+    lines += ["        grow = tl.max(tl.max(tl.where(m_new > m_i, m_new - tl.maximum(m_i, -1e30), 0.0), 1), 0)",
+              f"        if grow > {float(w.lazy)!r}:",
+              "            alpha = tl.exp2(m_i - tl.where(m_new == float('-inf'), 0.0, m_new))",
+              "            l_i = l_i * alpha", *("    " + f for f in factor)]
+    lines += [f"            {acc} = {acc} * {a}" for acc, a, _ in accs]
+    lines += ["            m_i = m_new",
+              "        pr = tl.exp2(s - tl.where(m_i == float('-inf'), 0.0, m_i)[None, :, :])",
+              "        l_i = l_i + tl.sum(pr, 0)", *weights]
+    lines += [f"        {acc} = {acc} + {add}" for acc, _, add in accs]
     return "\n".join(lines) + "\n"
 
 
