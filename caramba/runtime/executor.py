@@ -149,17 +149,22 @@ class Executor(ABC):
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor: ...
 
     def _check(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> None:
-        if cache.spec.kinds != {n: k for n, k in _kinds(self.config)} or cache.spec.max_seq_len != self.max_seq_len:
+        """Plain Python on the step's sizes and starts (one read of positions[:, 0]): a decode step pays it on the
+        host before its launch, so it stays a few microseconds."""
+        kinds = self.__dict__.get("_kind_map")
+        if kinds is None:
+            kinds = self.__dict__["_kind_map"] = {n: k for n, k in _kinds(self.config)}
+        if cache.spec.kinds != kinds or cache.spec.max_seq_len != self.max_seq_len:
             raise InputError(f"this cache ({cache.spec.kinds}, max_seq_len {cache.spec.max_seq_len}) was not made "
                              f"for this executor ({self.config.label}, max_seq_len {self.max_seq_len}); use "
                              f"executor.new_cache(batch)")
         if input_ids.shape != positions.shape or input_ids.dim() != 2 or input_ids.shape[0] != cache.spec.batch:
             raise InputError(f"input_ids {list(input_ids.shape)} and positions {list(positions.shape)} must both be "
                              f"(batch={cache.spec.batch}, seq)")
-        lengths = torch.tensor(cache.lengths(0), device=positions.device)
-        if not bool((positions[:, 0] == lengths).all()):
-            raise InputError(f"each row's positions must start at its cached length {lengths.tolist()}, got "
-                             f"{positions[:, 0].tolist()}")
+        lengths = cache.lengths(0)
+        starts = positions[:, 0].tolist()
+        if tuple(starts) != tuple(lengths):
+            raise InputError(f"each row's positions must start at its cached length {list(lengths)}, got {starts}")
         if cache.max_length + input_ids.shape[1] > self.max_seq_len:
             raise InputError(f"{input_ids.shape[1]} more tokens do not fit: the cache holds {cache.max_length} of "
                              f"max_seq_len {self.max_seq_len}")

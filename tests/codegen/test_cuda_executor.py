@@ -43,6 +43,9 @@ def test_prefill_and_decode_logits_equal_the_interpreters(models, kind, ring):
     config = CacheConfig.of(eager.cache_layout, kind, max_seq_len=MAX, residual_len=ring)
     ex, ref = cuda.executor(config), eager.executor(config)
     assert type(ex).__name__ == "CudaExecutor"
+    # k's rope runs inside the cache append (each layer, prefill and decode), except with a ring (its exact
+    # values are taken from the append's inputs, which must already be rotated)
+    assert len(ex._ropes) == (0 if ring else 2 * 2)
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
     got, cache = _steps(ex, ids, [6, 1, 1, 1])
     want, ref_cache = _steps(ref, ids, [6, 1, 1, 1])

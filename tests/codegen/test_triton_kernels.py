@@ -31,7 +31,8 @@ from caramba.codegen.triton.norms import (add_layer_norm, add_rms_norm, layer_no
 from caramba.codegen.triton.rope import rope  # noqa: E402
 from caramba.codegen.triton.swiglu import swiglu  # noqa: E402
 from caramba.ir import DType, get_op  # noqa: E402
-from caramba.runtime.kv_cache import CacheOverflowError, CacheSpec, KVCache  # noqa: E402
+from caramba.runtime.kv_cache import CacheOverflowError, CachedTensor, CacheSpec, KVCache  # noqa: E402
+from caramba.runtime.quant import parse_kind  # noqa: E402
 from caramba.runtime.quant import NonFiniteError  # noqa: E402
 
 DEVICE = "cuda" if os.environ["TRITON_INTERPRET"] == "0" and torch.cuda.is_available() else "cpu"
@@ -391,6 +392,41 @@ def test_kv_append_equals_layer_cache(kind, qblock):
                 kva.kv_append(out.layers[0].stores[name], x, st, error=flag)
             assert_same_buffers(ref, out, f"{kind} qblock {qblock} x {x_dtype} step {j}")
         kva.raise_if_error(flag)
+
+
+@pytest.mark.parametrize("kinds", [("q8_0", "fp16", "q4_0"), ("nf4", "bf16", "fp32")], ids="-".join)
+@pytest.mark.parametrize("rotary, interleaved", [(8, False), (4, False), (8, True)])
+def test_kv_append_layer_with_rope_equals_rope_then_append(kinds, rotary, interleaved):
+    """One launch for all of a layer's cached tensors, the rope op applied to one on the way in (heads of 8, the
+    first `rotary` features rotated, tables per row and position as the decode graph gathers them): the buffers
+    hold exactly what rope(k) then LayerCache.append write, for every kind, ragged starts, T = 1 and T = 3."""
+    heads, d, x_dtype = 3, 8, F16
+    names = ("k_sem", "k_geo", "v")
+    spec = CacheSpec(n_layers=1, batch=2, max_seq_len=12, tensors=tuple(
+        CachedTensor(n, f, parse_kind(kind)) for n, f, kind in zip(names, (16, heads * d, 20), kinds)), qblock=16, device=DEVICE)
+    ref, out = KVCache(spec), KVCache(spec)
+    poison(ref, 1)
+    poison(out, 1)
+    flag = kva.error_flag(DEVICE)
+    for j, (starts, t) in enumerate([([0, 0], 3), ([3, 2], 1)]):  # the second step rewrites row 1 at 2
+        xs = {n: randn(2, t, f, dtype=x_dtype, scale=3, seed=10 * j + i) for i, (n, f) in
+              enumerate(zip(names, (16, heads * d, 20)))}
+        pos = torch.tensor(starts)[:, None] + torch.arange(t)
+        angle = pos[..., None].double() * torch.linspace(0.1, 1.3, rotary).double()
+        cos, sin = angle.cos().to(x_dtype).to(DEVICE), angle.sin().to(x_dtype).to(DEVICE)  # (B, T, r)
+        k4 = xs["k_geo"].view(2, t, heads, d).transpose(1, 2)  # (B, H, T, d) as the graph ropes it
+        rotated = reference("rope", k4, cos[:, None], sin[:, None], rotary_dim=rotary, interleaved=interleaved)
+        ref.append(0, {**xs, "k_geo": rotated.transpose(1, 2).reshape(2, t, heads * d)}, start=starts)
+        lc = out.layers[0]
+        st = torch.tensor(starts, dtype=torch.int64, device=DEVICE)
+        kva.kv_append_layer([(lc.stores["k_sem"], xs["k_sem"], None),
+                             (lc.stores["k_geo"], xs["k_geo"], (cos, sin, d, rotary, interleaved)),
+                             (lc.stores["v"], xs["v"], None)], st, error=flag)
+        assert_same_buffers(ref, out, f"{kinds} rotary {rotary} interleaved {interleaved} step {j}")
+    kva.raise_if_error(flag)
+    with pytest.raises(ValueError, match="rope tables"):
+        kva.kv_append_layer([(out.layers[0].stores["k_geo"], xs["k_geo"], (cos, sin, 7, rotary, interleaved))],
+                            st, error=flag)
 
 
 def one_store(kind: str, residual_len: int = 0):

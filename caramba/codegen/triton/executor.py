@@ -1,6 +1,6 @@
-"""Target "cuda": the post-pass entry graphs run with Triton kernels for the fused ops and for matrix products of a
-few rows (decode: gemv.py), cuBLAS (through torch) for the larger products, and the decode step replayed as a
-CUDA graph.
+"""Target "cuda": the post-pass entry graphs run with Triton kernels for the fused ops and for matrix products of
+one row (decode at batch 1: gemv.py), cuBLAS (through torch) for the larger products, and the decode step
+replayed as a CUDA graph.
 
     ex = cm.executor(CacheConfig.of(cm.cache_layout, "q8_0", max_seq_len=4096))   # cm compiled for "cuda"
     cache = ex.new_cache(batch)                 # KVCache whose buffers live on the GPU
@@ -9,9 +9,14 @@ CUDA graph.
 Codegen: each entry graph is planned once (ir.Interpreter with `impl_for`): a node whose op has a kernel gets a
 launcher specialised for that node (dims, dtypes, cache kinds, chunking; the kernel source rendered and loaded
 through source.py's disk cache on first use), every other node keeps its torch implementation on the device
-(a linear goes to gemv.linear, which takes up to 16 rows and hands larger products to cuBLAS). Kernels: kv_append (quantize-on-write into the cache buffers), cached_attention /
-cached_decoupled_attention (decode: split-K flash-decoding dequantising in registers; prefill: flash attention
-through the cache kind), rms_norm / add_rms_norm / layer_norm / add_layer_norm, rope, swiglu.
+(a linear goes to gemv.linear, which takes one row and hands larger products to cuBLAS). Kernels: kv_append
+(quantize-on-write into the cache buffers), cached_attention / cached_decoupled_attention (decode: split-K flash-decoding dequantising in registers; prefill: flash attention
+through the cache kind), rms_norm / add_rms_norm / layer_norm / add_layer_norm, rope, swiglu, linear and
+swiglu_linear at one row (gemv.py).
+
+Fused at run time: an append node's tensors are written in one launch (kv_append_layer), and the rope of k
+(read only by the append, through its head-merging views, in a cache without a residual ring) runs inside that
+launch: the rope node hands its tables over and passes k through (_fused_ropes). RoPE of q stays a launch.
 
 The cache's Python bookkeeping (lengths, ring starts) stays in LayerCache (note_append); kernels only write and
 read its preallocated buffers. The lengths the kernels see are device data: `ready` = positions[:, -1] + 1
@@ -19,7 +24,9 @@ computed on the device, and the ring's window starts sit in a device buffer the 
 
 CUDA graph (decode, one per cache and batch): the first decode step on a cache runs eagerly (warm-up: kernels
 compiled, autotuned, buffers allocated); the second captures the decode graph against that cache's buffers and
-static input buffers; every later step copies ids and positions in, does the bookkeeping in Python, and replays.
+a static (2, B) input buffer; every later step sends ids and positions in one copy through pinned memory, replays,
+and does the bookkeeping in Python while the GPU runs (before the replay when a residual ring's window starts,
+which the replay reads, depend on it).
 Nothing in the decode graph depends on the cache length as a shape (the decode entry has no `past`-shaped value:
 checked when the executor is built), so the graph is never recaptured as the cache grows. Partitions for
 split-K are fixed per (batch, longest length) by choose_chunking's cuda plan; each partition takes its share of
@@ -34,7 +41,7 @@ import torch
 
 from caramba.errors import CarambaError, InputError
 from caramba.ir import symbolic
-from caramba.ir.graph import Graph, Node
+from caramba.ir.graph import Graph, Node, Value
 from caramba.ir.interpreter import Interpreter
 from caramba.ir.registry import get_op
 from caramba.runtime.executor import CachedProgram, Executor, vocab_size_of
@@ -68,6 +75,10 @@ class CudaExecutor(Executor):
         self.gemv = gemv  # before the entries are planned: _impl_for reads it
         weights = _to_device({**program.prefill.weights, **program.decode.weights}, self.device)
         self._windows: dict[int, torch.Tensor] = {}  # id(cache) -> (n_layers, batch) int32 window starts
+        # rope nodes whose only reader is a cache append (k, through its head-merging views): the append kernel
+        # rotates on the way in, the rope node only hands its tables over (see _fused_ropes)
+        self._ropes = {**_fused_ropes(program.prefill), **_fused_ropes(program.decode)}
+        self._rope_tables: dict[Node, tuple[torch.Tensor, torch.Tensor]] = {}
         self._prefill = Interpreter(program.prefill, weights, impl_for=self._impl_for("prefill"))
         self._decode = Interpreter(program.decode, weights, impl_for=self._impl_for("decode"))
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -114,6 +125,8 @@ class CudaExecutor(Executor):
                 return self._append_impl(node, entry)
             if node.op in ("cached_attention", "cached_decoupled_attention"):
                 return self._attention_impl(node, entry)
+            if node in self._ropes:
+                return self._deferred_rope(node)
             if node.op == "linear" and not self.gemv:
                 return None  # cuBLAS for every linear (target option gemv=False)
             return self.kernels.launcher_for(node)
@@ -143,10 +156,27 @@ class CudaExecutor(Executor):
                 if cache.spec.residual_len:  # only ring windows are read from this buffer
                     self.window(cache)[layer].copy_(torch.tensor(window, dtype=torch.int32))
             starts, ready = self._starts_ready(positions)
-            for name, x in zip(names, xs):
-                self.kernels.append(lc.stores[name], x, starts, self._error)
+            items = []
+            for name, x, rope in zip(names, xs, ropes):
+                if rope is not None:
+                    cos, sin = self._rope_tables[rope]
+                    rope = (cos[:, 0], sin[:, 0], rope.inputs[0].type.shape[-1], rope.attrs["rotary_dim"],
+                            rope.attrs.get("interleaved", False))
+                items.append((lc.stores[name], x, rope))
+            self.kernels.append_layer(items, starts, self._error)
             return ready
+        ropes = [None] * len(names)
+        for rope, (append_node, i) in self._ropes.items():
+            if append_node is node:
+                ropes[i] = rope
         return append
+
+    def _deferred_rope(self, node: Node) -> Callable:
+        """A rope the cache append applies (_fused_ropes): keeps the tables for it and passes x through."""
+        def rope(x, cos, sin, **_attrs):
+            self._rope_tables[node] = (cos, sin)
+            return x
+        return rope
 
     def _starts_ready(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's first position (the appends' starts, read in place when positions is (B, 1)) and
@@ -188,14 +218,39 @@ class CudaExecutor(Executor):
             self.stats["eager_steps"] += 1
             return self._decode.run(_dense(ids, self.device), _dense(pos, self.device), state=cache,
                                     symbols={"past": max(cache.lengths(0))})[0]
-        self._bookkeeping(cache, starts)
         if g.graph is None:
-            self._capture(g, _dense(ids, self.device), _dense(pos, self.device))
-        g.ids.copy_(ids, non_blocking=True)
-        g.pos.copy_(pos, non_blocking=True)
-        g.graph.replay()
+            self._bookkeeping(cache, starts)
+            inputs = torch.stack([_dense(ids, self.device)[:, 0].long(), _dense(pos, self.device)[:, 0].long()])
+            self._capture(g, inputs[0][:, None], inputs[1][:, None])  # (B, 1) views, unit strides
+            g.inputs = inputs
+            g.staged = torch.empty(inputs.shape, dtype=inputs.dtype, pin_memory=True)
+            g.copied = torch.cuda.Event()
+            g.graph.replay()  # the capture recorded the step; this runs it
+        else:
+            ringed = bool(cache.spec.residual_len)
+            if ringed:  # the window starts are read by this replay: bookkeeping first
+                self._bookkeeping(cache, starts)
+            self._stage(g, ids, pos)
+            g.graph.replay()
+            if not ringed:  # nothing the replay reads: the host's bookkeeping overlaps the GPU's step
+                self._bookkeeping(cache, starts)
         self.stats["graph_replays"] += 1
         return g.logits.clone()
+
+    @staticmethod
+    def _stage(g: "_DecodeGraph", ids: torch.Tensor, pos: torch.Tensor) -> None:
+        """ids and positions into the graph's (2, B) input buffer: from the CPU through its pinned twin in one
+        asynchronous copy (waiting only for the previous step's copy to have left the twin), from the device
+        directly."""
+        if ids.device.type != "cpu" or pos.device.type != "cpu":
+            g.inputs[0].copy_(ids[:, 0])
+            g.inputs[1].copy_(pos[:, 0])
+            return
+        g.copied.synchronize()  # the previous step's transfer has left the pinned buffer
+        g.staged[0] = ids[:, 0]
+        g.staged[1] = pos[:, 0]
+        g.inputs.copy_(g.staged, non_blocking=True)
+        g.copied.record()
 
     def _bookkeeping(self, cache: KVCache, starts: list[int]) -> None:
         windows = cache.note_append(starts, 1)
@@ -229,6 +284,7 @@ class _DecodeGraph:
         self.cache, self.batch = cache, batch
         self.graph: torch.cuda.CUDAGraph | None = None
         self.ids = self.pos = self.logits = None
+        self.inputs = self.staged = self.copied = None  # (2, B) device buffer: ids, positions; its pinned twin
 
 
 def _undo(cache: KVCache, starts: list[int], n_new: int) -> None:
@@ -238,6 +294,38 @@ def _undo(cache: KVCache, starts: list[int], n_new: int) -> None:
     capacity = cache.spec.ring_capacity
     for lc in cache.layers:
         lc.ring_start = [min(max(r, s + n_new - capacity), s) for r, s in zip(lc.ring_start, starts)]
+
+
+def _fused_ropes(g: Graph) -> dict[Node, tuple[Node, int]]:
+    """rope nodes the cache append can apply: rope(k (B, H, S, d), cos, sin) read only by transpose(1, 2), read
+    only by the reshape to (B, S, H·d), read only by input i of a kv_append without a residual ring (a ring keeps
+    the step's exact values from the append's inputs, which must then be rotated already), tables of shape
+    (B or 1, 1, S or 1, r). Maps each to (append node, i)."""
+    producers, users = g.producers(), g.users()
+    outputs = set(g.outputs)
+
+    def read_only_by(v: Value, node: Node | None) -> bool:
+        return node is not None and v not in outputs and users.get(v, []) == [node]
+
+    found: dict[Node, tuple[Node, int]] = {}
+    for node in g.nodes:
+        if node.op != "kv_append" or node.attrs.get("residual_len"):
+            continue
+        for i, x in enumerate(node.inputs[1:]):
+            merge = producers.get(x)
+            swap = producers.get(merge.inputs[0]) if merge is not None and merge.op == "reshape" else None
+            rope = producers.get(swap.inputs[0]) if swap is not None and swap.op == "transpose" else None
+            if rope is None or rope.op != "rope" or {swap.attrs.get("dim0"), swap.attrs.get("dim1")} != {1, 2}:
+                continue
+            if not (read_only_by(x, node) and read_only_by(swap.output, merge) and read_only_by(rope.output, swap)):
+                continue
+            k, cos = rope.inputs[0].type, rope.inputs[1].type
+            if k.rank != 4 or cos.rank != 4 or cos.shape[1] != 1 or rope.inputs[2].type.shape != cos.shape or \
+                    not isinstance(k.shape[1], int) or not isinstance(k.shape[3], int) or \
+                    x.type.shape[-1] != k.shape[1] * k.shape[3]:
+                continue
+            found[rope] = (node, i)
+    return found
 
 
 def _dense(x: torch.Tensor, device: torch.device) -> torch.Tensor:

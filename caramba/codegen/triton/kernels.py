@@ -56,6 +56,13 @@ def append(store: Any, x: torch.Tensor, starts: torch.Tensor, error: torch.Tenso
     store.write(rows, pos, store.encode(x))
 
 
+def append_layer(items: Sequence[tuple[Any, torch.Tensor, tuple | None]], starts: torch.Tensor,
+                 error: torch.Tensor | None = None) -> None:
+    """Every cached tensor of one append node in one launch: items (store, x (B, T, F), rope or None), rope =
+    (cos, sin, head_dim, rotary_dim, interleaved) when the append applies the rope op to x first."""
+    _module("kv_append").kv_append_layer(list(items), starts, error=error)
+
+
 def error_flag(device: torch.device) -> torch.Tensor | None:
     mod = _module("kv_append")
     return mod.error_flag(device) if mod is not None and hasattr(mod, "error_flag") else None

@@ -6,6 +6,12 @@ tensor has an fp16 ring of C slots, the last min(T, C) tokens also to ring[b, p 
 shapes, so one CUDA graph replays the launch while the positions move. Lengths, ring starts and the step record
 stay with LayerCache (note_append); these kernels only write buffers.
 
+One launch per layer: `kv_append_layer` renders one kernel whose program_id(1) picks the cached tensor (each
+tensor's part is its own specialised function: kind, width, qblock, ring), so a decode step appends k_sem, k_geo
+and v (or k and v) in one launch instead of three. A part can apply the rope op on the way in (`Rope`: heads of
+head_dim, the first rotary_dim features rotated, cos/sin rows read at (b, t), the rope op's roundings), which is
+how the executor runs rope(k) fused into the append (executor._fused_ropes).
+
 Codes are bit-identical to quant.quantize: the fp16 scale is rounded first and the codes are computed against it
 with IEEE division (tl.math.div_rn, not the approximate `/`); rounding is half-to-even (floor and compares, exact
 for every |x / d| < 2**23, which covers every code); q4_0 takes the sign of the block's first element of largest
@@ -30,11 +36,12 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
 from caramba.codegen.triton import source
-from caramba.codegen.triton.jit_helpers import HELPERS, check_float, from_f32, next_pow2, to_f32
+from caramba.codegen.triton.jit_helpers import HELPERS, check_float, from_f32, next_pow2, round_f32, to_f32
 from caramba.runtime.kv_cache import CacheOverflowError
 from caramba.runtime.quant import (NF4_LEVELS, SCALE_DTYPE, CacheKind, NonFiniteError, check_qblock, code_width,
                                    n_blocks, parse_kind)
@@ -64,15 +71,13 @@ def _rint(v: str) -> str:
 
 # Block-scaled kinds. A program quantizes ROWS (token, block) pairs as a (ROWS, LANES) tile, LANES = qblock rounded
 # up to a power of two, so narrow tensors batch several tokens per program.
-_QUANT_TEMPLATE = '''"""caramba kv_append: kind $KIND, F=$F, qblock $QBLOCK ($NB blocks), x $X_DTYPE, fp16 ring: $RING_C slots."""
-import triton
-import triton.language as tl
-$HELPERS
+_QUANT_PART = '''
 
 @triton.jit
-def kv_append_quant(x_ptr, starts_ptr, codes_ptr, scales_ptr, ring_ptr, err_ptr, table_ptr, n_rows, T, S, sxb, sxt, scb,
-           scs, ssb, sss, srb, srs, ROWS: tl.constexpr, LANES: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,): token (b, t), block blk
+def part$SFX(x_ptr, starts_ptr, codes_ptr, scales_ptr, ring_ptr, err_ptr, table_ptr, cos_ptr, sin_ptr, n_rows, T, S,
+         sxb, sxt, scb, scs, ssb, sss, srb, srs, rcb, rct, rsb, rst, pid, ROWS: tl.constexpr, LANES: tl.constexpr):
+    # kind $KIND, F=$F, qblock $QBLOCK ($NB blocks), x $X_DTYPE, fp16 ring: $RING_C slots, rope: $ROPE
+    rows = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,): token (b, t), block blk
     live_row = rows < n_rows
     tok = rows // $NB
     blk = rows % $NB
@@ -83,7 +88,7 @@ def kv_append_quant(x_ptr, starts_ptr, codes_ptr, scales_ptr, ring_ptr, err_ptr,
     lane = tl.arange(0, LANES)[None, :]  # (1, LANES)
     live = live_row[:, None] & (lane < $QBLOCK)  # (ROWS, LANES)
     f = blk[:, None] * $QBLOCK + lane  # features >= F are the zero padding
-    x = $LOAD
+$LOAD
     nonfinite = tl.max(tl.where(live & ~$FINITE_X, 1, 0)) != 0
     ax = tl.abs(x)
     amax = tl.max(ax, axis=1)  # (ROWS,)
@@ -105,9 +110,6 @@ $CODES
     if $CHECK:
         err = tl.where(nonfinite, 1, 0) | tl.where(out_of_range, 2, 0) | tl.max(tl.where(ok | ~live_row, 0, 4))
         tl.atomic_or(err_ptr, err, mask=err != 0)
-
-
-kernel = kv_append_quant  # the name profilers show
 '''
 
 _SCALE = {
@@ -139,23 +141,21 @@ _CODES = {
 }
 
 # Float kinds: one cast per value; a program writes a (TOKS, BLOCK) tile of tokens and features.
-_FLOAT_TEMPLATE = '''"""caramba kv_append: kind $KIND, F=$F, x $X_DTYPE."""
-import triton
-import triton.language as tl
-$HELPERS
+_FLOAT_PART = '''
 
 @triton.jit
-def kv_append_float(x_ptr, starts_ptr, codes_ptr, err_ptr, n_tok, T, S, sxb, sxt, scb, scs, TOKS: tl.constexpr,
-           BLOCK: tl.constexpr):
-    tok = tl.program_id(0) * TOKS + tl.arange(0, TOKS)  # (TOKS,)
+def part$SFX(x_ptr, starts_ptr, codes_ptr, err_ptr, cos_ptr, sin_ptr, n_tok, T, S, sxb, sxt, scb, scs, rcb, rct, rsb,
+         rst, pid, TOKS: tl.constexpr, BLOCK: tl.constexpr):
+    # kind $KIND, F=$F, x $X_DTYPE, rope: $ROPE
+    tok = (pid // $NFB) * TOKS + tl.arange(0, TOKS)  # (TOKS,)
     live_tok = tok < n_tok
     b = (tok // T).to(tl.int64)
     t = tok % T
     pos = tl.load(starts_ptr + b, mask=live_tok, other=0) + t
     ok = live_tok & (pos >= 0) & (pos < S)
-    f = (tl.program_id(1) * BLOCK + tl.arange(0, BLOCK))[None, :]  # (1, BLOCK)
+    f = ((pid % $NFB) * BLOCK + tl.arange(0, BLOCK))[None, :]  # (1, BLOCK)
     live = live_tok[:, None] & (f < $F)
-    x = $LOAD
+$LOAD
     y = $CAST
     tl.store(codes_ptr + (b * scb + pos.to(tl.int64) * scs)[:, None] + f, y, mask=live & ok[:, None])
     if $CHECK:
@@ -163,34 +163,117 @@ def kv_append_float(x_ptr, starts_ptr, codes_ptr, err_ptr, n_tok, T, S, sxb, sxt
         err = (tl.max(tl.where(live & ~$FINITE_X, 1, 0)) | tl.max(tl.where(live & $FINITE_X & ~$FINITE_Y, 2, 0))
                | tl.max(tl.where(ok | ~live_tok, 0, 4)))
         tl.atomic_or(err_ptr, err, mask=err != 0)
-
-
-kernel = kv_append_float  # the name profilers show
 '''
 
 
-@functools.lru_cache(maxsize=None)  # rendering and hashing the source is host time every launch would pay
-def _quant_kernel(kind: CacheKind, f: int, qblock: int, x_dtype: torch.dtype, ring_c: int, check: bool):
-    subs = dict(QBLOCK=qblock, HALF=qblock // 2, F=f, NB=n_blocks(kind, f, qblock))
-    text = source.render(
-        _QUANT_TEMPLATE, KIND=kind.name, X_DTYPE=x_dtype, RING_C=ring_c or "no", HELPERS=HELPERS,
-        LOAD=to_f32(f"tl.load(x_ptr + (b * sxb + t.to(tl.int64) * sxt)[:, None] + f, mask=live & (f < {f}), "
-                    f"other=0.0)", x_dtype),
-        FINITE_X=_finite("x"), FINITE_D=_finite("d"), FINITE_H=_finite("h.to(tl.float32)"),
-        HAS_RING=ring_c > 0, CHECK=check, SCALE=source.render(_SCALE[kind.name], **subs),
+@dataclass(frozen=True)
+class Rope:
+    """RoPE applied to a tensor on its way into the cache (the rope op fused into the append): features are heads
+    of `head_dim`, the first `rotary_dim` of each rotated (rotate-half, or interleaved pairs) with cos/sin rows
+    read at (b, t); products and sum rounded to `dtype` as the rope op rounds them."""
+
+    head_dim: int
+    rotary_dim: int
+    interleaved: bool
+    cos_dtype: torch.dtype
+    sin_dtype: torch.dtype
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One cached tensor's share of a launch: everything its source depends on."""
+
+    kind: CacheKind
+    f: int
+    qblock: int
+    x_dtype: torch.dtype
+    ring_c: int
+    check: bool
+    rope: Rope | None
+
+    @property
+    def block(self) -> int:  # float kinds: features per tile
+        return min(2048, next_pow2(self.f))
+
+    @property
+    def tile(self) -> int:  # float kinds: tokens per tile; block-scaled: (token, block) rows per tile
+        return max(1, 2048 // self.block) if not self.kind.block_scaled else max(1, 1024 // next_pow2(self.qblock))
+
+
+def _load(part: _Part, mask: str) -> str:
+    """Source setting `x` (fp32) to the tensor's values at features f of rows (b, t): as stored in x, or rotated
+    (the rope op's formula and roundings, partner features read from the same row)."""
+    row = "(b * sxb + t.to(tl.int64) * sxt)[:, None]"
+    if part.rope is None:
+        return f"    x = {to_f32(f'tl.load(x_ptr + {row} + f, mask={mask}, other=0.0)', part.x_dtype)}"
+    r = part.rope
+    if r.interleaved:
+        first, partner = "jj % 2 == 0", "tl.where(rfirst, jj + 1, jj - 1)"
+    else:
+        first, partner = f"jj < {r.rotary_dim // 2}", f"tl.where(rfirst, jj + {r.rotary_dim // 2}, jj - {r.rotary_dim // 2})"
+    cs = "(b * {p}b + t.to(tl.int64) * {p}t)[:, None] + jj"
+    return "\n".join([
+        f"    xrow = x_ptr + {row}",
+        f"    x = {to_f32(f'tl.load(xrow + f, mask={mask}, other=0.0)', part.x_dtype)}",
+        f"    jj = f % {r.head_dim}",
+        f"    rfirst = {first}",
+        f"    rot = jj < {r.rotary_dim}",
+        f"    xp = {to_f32(f'tl.load(xrow + f - jj + {partner}, mask={mask} & rot, other=0.0)', part.x_dtype)}",
+        f"    rc = {to_f32('tl.load(cos_ptr + ' + cs.format(p='rc') + f', mask={mask} & rot, other=0.0)', r.cos_dtype)}",
+        f"    rs = {to_f32('tl.load(sin_ptr + ' + cs.format(p='rs') + f', mask={mask} & rot, other=0.0)', r.sin_dtype)}",
+        f"    ra = {round_f32('x * rc', r.dtype)}",
+        f"    rb = {round_f32('tl.where(rfirst, -xp, xp) * rs', r.dtype)}",
+        f"    x = tl.where(rot, {round_f32('ra + rb', r.dtype)}, {round_f32('x', r.dtype)})"])
+
+
+def _part_source(part: _Part, sfx: int) -> str:
+    kind, f = part.kind, part.f
+    rope = "no" if part.rope is None else f"head {part.rope.head_dim}, rotary {part.rope.rotary_dim}"
+    if not kind.block_scaled:
+        return source.render(
+            _FLOAT_PART, SFX=sfx, KIND=kind.name, F=f, X_DTYPE=part.x_dtype, ROPE=rope, CHECK=part.check,
+            NFB=math.ceil(f / part.block), LOAD=_load(part, "live"), CAST=from_f32("x", kind.code_dtype),
+            Y_F32=to_f32("y", kind.code_dtype), FINITE_X=_finite("x"), FINITE_Y=_finite("yf"))
+    subs = dict(QBLOCK=part.qblock, HALF=part.qblock // 2, F=f, NB=n_blocks(kind, f, part.qblock))
+    return source.render(
+        _QUANT_PART, SFX=sfx, KIND=kind.name, X_DTYPE=part.x_dtype, RING_C=part.ring_c or "no", ROPE=rope,
+        LOAD=_load(part, f"live & (f < {f})"), FINITE_X=_finite("x"), FINITE_D=_finite("d"),
+        FINITE_H=_finite("h.to(tl.float32)"), HAS_RING=part.ring_c > 0, CHECK=part.check,
+        SCALE=source.render(_SCALE[kind.name], **subs),
         CODES=source.render(_CODES[kind.name], RINT_V=_rint("v"), MID7=repr(NF4_MIDPOINTS[7]), **subs), **subs)
-    return source.load(text, f"kv_append_{kind.name}").kernel
 
 
-@functools.lru_cache(maxsize=None)
-def _float_kernel(kind: CacheKind, f: int, x_dtype: torch.dtype, check: bool):
-    text = source.render(
-        _FLOAT_TEMPLATE, KIND=kind.name, F=f, X_DTYPE=x_dtype, HELPERS=HELPERS, CHECK=check,
-        LOAD=to_f32("tl.load(x_ptr + (b * sxb + t.to(tl.int64) * sxt)[:, None] + f, mask=live, other=0.0)",
-                    x_dtype),
-        CAST=from_f32("x", kind.code_dtype), Y_F32=to_f32("y", kind.code_dtype), FINITE_X=_finite("x"),
-        FINITE_Y=_finite("yf"))
-    return source.load(text, f"kv_append_{kind.name}").kernel
+# each part's arguments after the shared ones, in its signature's order (before pid and the tile constants)
+_QUANT_ARGS = ("x", "codes", "scales", "ring", "table", "cos", "sin", "n", "sxb", "sxt", "scb", "scs", "ssb", "sss",
+               "srb", "srs", "rcb", "rct", "rsb", "rst")
+_FLOAT_ARGS = ("x", "codes", "cos", "sin", "n", "sxb", "sxt", "scb", "scs", "rcb", "rct", "rsb", "rst")
+
+
+@functools.lru_cache(maxsize=None)  # rendering and hashing the source is host time every launch would pay
+def _layer_kernel(parts: tuple[_Part, ...]):
+    """One kernel appending every part: grid (programs, len(parts)), program_id(1) picks the part."""
+    names = []
+    calls = []
+    for i, part in enumerate(parts):
+        args = _QUANT_ARGS if part.kind.block_scaled else _FLOAT_ARGS
+        names += [f"{a}{i}" for a in args]
+        a = {n: f"{n}{i}" for n in args}
+        if part.kind.block_scaled:
+            call = (f"part{i}({a['x']}, starts_ptr, {a['codes']}, {a['scales']}, {a['ring']}, err_ptr, {a['table']}, "
+                    f"{a['cos']}, {a['sin']}, {a['n']}, T, S, " + ", ".join(a[k] for k in _QUANT_ARGS[8:]) +
+                    f", pid, {part.tile}, {next_pow2(part.qblock)})")
+        else:
+            call = (f"part{i}({a['x']}, starts_ptr, {a['codes']}, err_ptr, {a['cos']}, {a['sin']}, {a['n']}, T, S, " +
+                    ", ".join(a[k] for k in _FLOAT_ARGS[5:]) + f", pid, {part.tile}, {part.block})")
+        calls.append(f"    if which == {i}:\n        {call}")
+    text = (f'"""caramba kv_append: {len(parts)} cached tensor(s) of one layer in one launch."""\n'
+            "import triton\nimport triton.language as tl\n" + HELPERS +
+            "".join(_part_source(p, i) for i, p in enumerate(parts)) +
+            "\n\n@triton.jit\ndef kv_append(starts_ptr, err_ptr, T, S, " + ", ".join(names) + "):\n"
+            "    pid = tl.program_id(0)\n    which = tl.program_id(1)\n" + "\n".join(calls) +
+            "\n\n\nkernel = kv_append  # the name profilers show\n")
+    return source.load(text, "kv_append").kernel
 
 
 _NF4_TABLES: dict[torch.device, torch.Tensor] = {}
@@ -219,60 +302,109 @@ def append_tensor(x: torch.Tensor, starts: torch.Tensor, codes: torch.Tensor, sc
     """Write x (B, T, F) at positions starts[b] + t of one cached tensor's buffers, quantized to `kind`.
 
     codes (B, S, code_width) and scales (B, S, n_blocks) fp16 (block-scaled kinds) as quant.py lays them out;
-    ring (B, C, F) fp16 or None; starts (B,) int32 or int64 on x's device (unit stride); error: an int32 (1,) flag (see the module doc)
-    or None. Returns nothing; never synchronizes.
+    ring (B, C, F) fp16 or None; starts (B,) int32 or int64 on x's device (unit stride); error: an int32 (1,) flag
+    (see the module doc) or None. Returns nothing; never synchronizes.
     """
-    kind, qblock = parse_kind(kind), check_qblock(qblock)
-    check_float(x, "kv_append x")
-    if x.dim() != 3 or x.shape[1] == 0:
-        raise ValueError(f"kv_append: x must be (batch, T >= 1, features), got {tuple(x.shape)}")
-    bsz, n_new, f = x.shape
-    dev = x.device
-    _expect(starts, (bsz,), torch.int64 if starts is not None and starts.dtype == torch.int64 else torch.int32, dev,
-            "starts")
-    seq = codes.shape[1] if codes.dim() == 3 else 0
-    _expect(codes, (bsz, seq, code_width(kind, f, qblock)), kind.code_dtype, dev, "codes")
-    if error is not None:
-        _expect(error, (1,), torch.int32, dev, "error")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    check = error is not None
-    err = error if check else starts
-    if not kind.block_scaled:
-        if scales is not None or ring is not None:
-            raise ValueError(f"kv_append: a {kind} tensor has no scales and no ring")
-        block = min(2048, next_pow2(f))
-        toks = max(1, 2048 // block)
-        _float_kernel(kind, f, x.dtype, check)[(math.ceil(bsz * n_new / toks), math.ceil(f / block))](
-            x, starts, codes, err, bsz * n_new, n_new, seq, x.stride(0), x.stride(1), codes.stride(0),
-            codes.stride(1), TOKS=toks, BLOCK=block, num_warps=4)
-        return
-    nb = n_blocks(kind, f, qblock)
-    _expect(scales, (bsz, seq, nb), SCALE_DTYPE, dev, "scales")
-    ring_c = 0
-    if ring is not None:
-        ring_c = ring.shape[1] if ring.dim() == 3 else 0
-        _expect(ring, (bsz, ring_c, f), torch.float16, dev, "ring")
-    lanes = next_pow2(qblock)
-    rows = max(1, 1024 // lanes)
-    n_rows = bsz * n_new * nb
-    ring_ref = ring if ring is not None else scales
-    table = _nf4_table(dev) if kind.name == "nf4" else scales
-    _quant_kernel(kind, f, qblock, x.dtype, ring_c, check)[(math.ceil(n_rows / rows),)](
-        x, starts, codes, scales, ring_ref, err, table, n_rows, n_new, seq, x.stride(0), x.stride(1),
-        codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1), ring_ref.stride(0), ring_ref.stride(1),
-        ROWS=rows, LANES=lanes, num_warps=4)
+    _launch([_prepare(x, codes, scales, ring, kind, qblock, error is not None, None)], x, starts, error)
 
 
 def kv_append(store, x: torch.Tensor, starts: torch.Tensor, *, error: torch.Tensor | None = None) -> None:
     """append_tensor into the buffers of one cached tensor of a LayerCache (`LayerCache.stores[name]`): what
     LayerCache.append writes there for x (B, T, F) at per-row starts (B,) int32. The caller does the bookkeeping
     (LayerCache.note_append)."""
-    if x.dim() != 3 or x.shape[2] != store.t.features:
-        raise ValueError(f"kv_append: {store.t.name} holds {store.t.features} features per token, got x of shape "
-                         f"{tuple(x.shape)}")
-    append_tensor(x, starts, store.codes, store.scales, store.ring, kind=store.t.kind, qblock=store.qblock,
-                  error=error)
+    kv_append_layer([(store, x, None)], starts, error=error)
+
+
+RopeArgs = tuple  # (cos, sin, head_dim, rotary_dim, interleaved): cos/sin broadcastable to (B, T, rotary_dim)
+
+
+def kv_append_layer(items, starts: torch.Tensor, *, error: torch.Tensor | None = None) -> None:
+    """Several cached tensors of one layer in one launch: items are (store, x (B, T, F), rope) with rope None or
+    (cos, sin, head_dim, rotary_dim, interleaved), the rope op applied to x on the way in (cos/sin broadcastable
+    to (B, T, rotary_dim), e.g. (B or 1, T or 1, r)). Every x has the same B and T."""
+    parts = []
+    for store, x, rope in items:
+        if x.dim() != 3 or x.shape[2] != store.t.features:
+            raise ValueError(f"kv_append: {store.t.name} holds {store.t.features} features per token, got x of "
+                             f"shape {tuple(x.shape)}")
+        parts.append(_prepare(x, store.codes, store.scales, store.ring, store.t.kind, store.qblock,
+                              error is not None, rope))
+    if any(x.shape[:2] != items[0][1].shape[:2] for _, x, _ in items):
+        raise ValueError(f"kv_append: one launch takes tensors of one (batch, T), got "
+                         f"{[tuple(x.shape) for _, x, _ in items]}")
+    _launch(parts, items[0][1], starts, error)
+
+
+def _prepare(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor | None, ring: torch.Tensor | None,
+             kind: str | CacheKind, qblock: int, check: bool, rope: RopeArgs | None) -> tuple[_Part, dict]:
+    """Check one tensor's buffers and build its part and launch arguments (without the shared ones)."""
+    kind, qblock = parse_kind(kind), check_qblock(qblock)
+    check_float(x, "kv_append x")
+    if x.dim() != 3 or x.shape[1] == 0:
+        raise ValueError(f"kv_append: x must be (batch, T >= 1, features), got {tuple(x.shape)}")
+    bsz, n_new, f = x.shape
+    dev = x.device
+    seq = codes.shape[1] if codes.dim() == 3 else 0
+    _expect(codes, (bsz, seq, code_width(kind, f, qblock)), kind.code_dtype, dev, "codes")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    spec, cos, sin, cs = None, x, x, (0, 0, 0, 0)
+    if rope is not None:
+        cos, sin, head_dim, rotary_dim, interleaved = rope
+        if f % head_dim or rotary_dim > head_dim or rotary_dim % 2 or cos.shape[-1] != rotary_dim or \
+                cos.shape != sin.shape or cos.dim() != 3:
+            raise ValueError(f"kv_append: rope tables {tuple(cos.shape)} / {tuple(sin.shape)} do not rotate "
+                             f"{rotary_dim} of each {head_dim} features of {f}")
+        check_float(cos, "kv_append rope cos")
+        check_float(sin, "kv_append rope sin")
+        cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos, sin))
+        strides = [(t.stride(0) if t.shape[0] > 1 else 0, t.stride(1) if t.shape[1] > 1 else 0) for t in (cos, sin)]
+        cs = (*strides[0], *strides[1])
+        out = torch.promote_types(torch.promote_types(x.dtype, cos.dtype), sin.dtype)
+        spec = Rope(head_dim, rotary_dim, bool(interleaved), cos.dtype, sin.dtype, out)
+    rope_args = dict(cos=cos, sin=sin, rcb=cs[0], rct=cs[1], rsb=cs[2], rst=cs[3])
+    if not kind.block_scaled:
+        if scales is not None or ring is not None:
+            raise ValueError(f"kv_append: a {kind} tensor has no scales and no ring")
+        part = _Part(kind, f, qblock, x.dtype, 0, check, spec)
+        args = dict(x=x, codes=codes, n=bsz * n_new, sxb=x.stride(0), sxt=x.stride(1), scb=codes.stride(0),
+                    scs=codes.stride(1), **rope_args)
+        return part, dict(args=args, programs=math.ceil(bsz * n_new / part.tile) * math.ceil(f / part.block),
+                          seq=seq)
+    nb = n_blocks(kind, f, qblock)
+    _expect(scales, (bsz, seq, nb), SCALE_DTYPE, dev, "scales")
+    ring_c = 0
+    if ring is not None:
+        ring_c = ring.shape[1] if ring.dim() == 3 else 0
+        _expect(ring, (bsz, ring_c, f), torch.float16, dev, "ring")
+    part = _Part(kind, f, qblock, x.dtype, ring_c, check, spec)
+    ring_ref = ring if ring is not None else scales
+    table = _nf4_table(dev) if kind.name == "nf4" else scales
+    n_rows = bsz * n_new * nb
+    args = dict(x=x, codes=codes, scales=scales, ring=ring_ref, table=table, n=n_rows, sxb=x.stride(0),
+                sxt=x.stride(1), scb=codes.stride(0), scs=codes.stride(1), ssb=scales.stride(0),
+                sss=scales.stride(1), srb=ring_ref.stride(0), srs=ring_ref.stride(1), **rope_args)
+    return part, dict(args=args, programs=math.ceil(n_rows / part.tile), seq=seq)
+
+
+def _launch(prepared: list[tuple[_Part, dict]], x: torch.Tensor, starts: torch.Tensor,
+            error: torch.Tensor | None) -> None:
+    bsz, n_new = x.shape[:2]
+    dev = x.device
+    _expect(starts, (bsz,), torch.int64 if starts is not None and starts.dtype == torch.int64 else torch.int32, dev,
+            "starts")
+    if error is not None:
+        _expect(error, (1,), torch.int32, dev, "error")
+    seqs = {p[1]["seq"] for p in prepared}
+    if len(seqs) != 1:
+        raise ValueError(f"kv_append: one launch takes tensors of one cache length, got {sorted(seqs)}")
+    args = []
+    for part, info in prepared:
+        order = _QUANT_ARGS if part.kind.block_scaled else _FLOAT_ARGS
+        args += [info["args"][a] for a in order]
+    grid = (max(p[1]["programs"] for p in prepared), len(prepared))
+    _layer_kernel(tuple(p[0] for p in prepared))[grid](starts, error if error is not None else starts, n_new,
+                                                       seqs.pop(), *args, num_warps=4)
 
 
 def error_flag(device: torch.device | str) -> torch.Tensor:
