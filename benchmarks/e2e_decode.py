@@ -127,7 +127,8 @@ def bench_peer(model, batch, context, steps, compiled: bool) -> float:
 
 
 # caramba variants (--variants): what each leaves out, to measure what each part brings
-VARIANTS = {"full": ({}, ()), "nogemv": ({"gemv": False}, ()), "base": ({"gemv": False}, ("fuse_linears",))}
+VARIANTS = {"full": ({}, ()), "nogemv": ({"gemv": False}, ()), "base": ({"gemv": False}, ("fuse_linears",)),
+            "onegraph": ({"graph_segments": 1}, ())}
 
 
 def bench_caramba(model, batch, context, steps, kind: str, variant: str = "full") -> tuple[float, int]:

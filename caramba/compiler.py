@@ -157,8 +157,8 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
     verify_each runs the verifier after every pass (default: on under pytest and in debug runs); check_numerics
     compares every pass's output with eager PyTorch on a fixed input (see summary max_err); pass_limit runs only
     the first N passes. target_options: settings of the target's executor, checked here: onnx ort_contrib
-    (com.microsoft GroupQueryAttention), mode (auto/concat/scatter/shadow/contrib), threads; cuda cuda_graphs, gemv (linears of a few rows through the
-    GEMV kernel rather than cuBLAS; default on).
+    (com.microsoft GroupQueryAttention), mode (auto/concat/scatter/shadow/contrib), threads; cuda cuda_graphs, gemv (one-row linears through the GEMV
+    kernel rather than cuBLAS; default on), graph_segments (CUDA graphs the decode step is captured as; 4).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"caramba.compile expects a torch.nn.Module, got {type(model).__name__}")
@@ -196,7 +196,7 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
 # What each target's executor accepts as target_options (passed to its factory in runtime/executor.py).
 TARGET_OPTIONS: dict[str, dict[str, type]] = {
     "onnx": {"ort_contrib": bool, "mode": str, "threads": int},
-    "cuda": {"cuda_graphs": bool, "gemv": bool},
+    "cuda": {"cuda_graphs": bool, "gemv": bool, "graph_segments": int},
     "eager": {}, "metal": {},
 }
 

@@ -1,6 +1,8 @@
 """The reference interpreter: runs any graph, at any stage of the pipeline, with each op's torch implementation."""
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -115,9 +117,12 @@ class Interpreter:
                                STATEFUL in opdef.tags, tuple(frees.get(i, ()))))
         return steps
 
-    def run(self, *inputs: torch.Tensor, state: Any = None, symbols: Mapping[str, int] | None = None) -> list[torch.Tensor]:
+    def run(self, *inputs: torch.Tensor, state: Any = None, symbols: Mapping[str, int] | None = None,
+            segments: int = 1, segment: Callable[[int], Any] | None = None) -> list[torch.Tensor]:
         """Outputs for `inputs`. Cached graphs also take `state` (the KVCache their stateful ops read and write)
-        and `symbols` (bindings no input carries, e.g. past)."""
+        and `symbols` (bindings no input carries, e.g. past). With `segments` > 1 the nodes are run in that many
+        consecutive parts of about equal length, part i inside the context manager `segment(i)` (target cuda
+        captures each part as its own CUDA graph)."""
         bindings = bind_symbols(self.graph, inputs, symbols)
         env: list[Any] = [None] * self._nslots
         for s, x in zip(self._input_slots, inputs):
@@ -125,9 +130,13 @@ class Interpreter:
         for s, w in self._params:
             env[s] = w
         device = inputs[0].device if inputs else torch.device("cpu")
+        n = len(self._steps)
+        bounds = [n * i // segments for i in range(segments + 1)]
         with torch.device(device):
-            for st in self._steps:
-                self._step(st, env, bindings, state)
+            for i in range(segments):
+                with segment(i) if segment is not None else contextlib.nullcontext():
+                    for st in self._steps[bounds[i]:bounds[i + 1]]:
+                        self._step(st, env, bindings, state)
         return [env[s] for s in self._out_slots]
 
     def _step(self, st: _Step, env: list, bindings: Mapping[str, int], state: Any) -> None:

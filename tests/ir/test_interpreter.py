@@ -194,3 +194,34 @@ def test_values_are_freed_after_last_use(monkeypatch):
     (out,) = Interpreter(g).run(xs)
     torch.testing.assert_close(out, torch.cos(torch.sin(-torch.exp(xs))) + xs.abs())
     assert alive_at_last_node == {"a": False, "b": False, "c": False, "a2": True, "d": True}
+
+
+def test_segments_run_every_node_once_in_order_inside_their_contexts():
+    """run(segments=k, segment=f): the nodes in k consecutive parts, part i inside f(i) (how target cuda
+    captures the decode step as several CUDA graphs); the outputs are those of one run."""
+    import contextlib
+
+    g = Graph()
+    g.add_symbol("batch", 1, 8)
+    x = g.add_input("x", TensorType((BATCH, 4), F32))
+    v = x
+    for _ in range(5):
+        v = g.add_node("neg", [v], [v.type]).output
+    g.outputs = [v]
+    seen: list[tuple[str, int]] = []
+    interp = Interpreter(g)
+    ran = []
+    for st in interp._steps:  # record how many context events came before each node ran
+        object.__setattr__(st, "impl", lambda *a, _impl=st.impl, **k: ran.append(len(seen)) or _impl(*a, **k))
+
+    @contextlib.contextmanager
+    def segment(i):
+        seen.append(("enter", i))
+        yield
+        seen.append(("exit", i))
+
+    inp = torch.randn(2, 4)
+    (out,) = interp.run(inp, segments=3, segment=segment)
+    torch.testing.assert_close(out, -inp)
+    assert seen == [("enter", 0), ("exit", 0), ("enter", 1), ("exit", 1), ("enter", 2), ("exit", 2)]
+    assert ran == [1, 3, 3, 5, 5]  # 5 nodes in parts of 1, 2, 2 (bounds 0, 1, 3, 5), each inside its context

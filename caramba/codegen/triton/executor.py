@@ -49,6 +49,8 @@ from caramba.runtime.kv_cache import KVCache
 
 log = logging.getLogger("caramba")
 
+GRAPH_SEGMENTS = 4  # graphs the decode step is captured as (target option graph_segments)
+
 
 def cuda_executor(program: CachedProgram, cm: Any) -> "CudaExecutor":
     from caramba.codegen.triton.source import interpreting, require_triton
@@ -67,12 +69,16 @@ class CudaExecutor(Executor):
     """Runs a CachedProgram with Triton kernels; see the module doc."""
 
     def __init__(self, program: CachedProgram, vocab_size: int, device: torch.device, *,
-                 cuda_graphs: bool | None = None, gemv: bool = True) -> None:
+                 cuda_graphs: bool | None = None, gemv: bool = True,
+                 graph_segments: int = GRAPH_SEGMENTS) -> None:
         super().__init__(program, vocab_size, device)
         from caramba.codegen.triton import kernels
 
         self.kernels = kernels
         self.gemv = gemv  # before the entries are planned: _impl_for reads it
+        if graph_segments < 1:
+            raise InputError(f"target option graph_segments must be >= 1, got {graph_segments}")
+        self.graph_segments = graph_segments
         weights = _to_device({**program.prefill.weights, **program.decode.weights}, self.device)
         self._windows: dict[int, torch.Tensor] = {}  # id(cache) -> (n_layers, batch) int32 window starts
         # rope nodes whose only reader is a cache append (k, through its head-merging views): the append kernel
@@ -268,21 +274,37 @@ class CudaExecutor(Executor):
             with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
                 self._decode.run(g.ids, g.pos, state=g.cache, symbols={"past": past})
             torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
+            # the step as graph_segments graphs in a row, sharing one memory pool and replayed in capture order:
+            # the GPU starts on the first while the host still launches the rest (a launch costs the host about a
+            # microsecond per kernel, which a single graph makes the GPU wait for at every step)
+            graphs = [torch.cuda.CUDAGraph() for _ in range(self.graph_segments)]
+            pool = torch.cuda.graph_pool_handle()
             self._step_memo = None  # `ready` must be computed inside the graph, not taken from the warm-up
-            with torch.cuda.graph(graph):
-                g.logits = self._decode.run(g.ids, g.pos, state=g.cache, symbols={"past": past})[0]
-            g.graph = graph
+            g.logits = self._decode.run(g.ids, g.pos, state=g.cache, symbols={"past": past},
+                                        segments=self.graph_segments,
+                                        segment=lambda i: torch.cuda.graph(graphs[i], pool=pool))[0]
+            g.graph = _Replay(graphs)
         finally:
             self._capturing = False
         self.stats["captures"] += 1
         log.info("captured the decode step as a CUDA graph (batch %d)", g.batch)
 
 
+class _Replay:
+    """The decode step's graphs, replayed in order."""
+
+    def __init__(self, graphs: list[torch.cuda.CUDAGraph]) -> None:
+        self.graphs = graphs
+
+    def replay(self) -> None:
+        for graph in self.graphs:
+            graph.replay()
+
+
 class _DecodeGraph:
     def __init__(self, cache: KVCache, batch: int) -> None:
         self.cache, self.batch = cache, batch
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph: _Replay | None = None
         self.ids = self.pos = self.logits = None
         self.inputs = self.staged = self.copied = None  # (2, B) device buffer: ids, positions; its pinned twin
 
