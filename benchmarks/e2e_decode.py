@@ -128,7 +128,7 @@ def bench_peer(model, batch, context, steps, compiled: bool) -> float:
 
 # caramba variants (--variants): what each leaves out, to measure what each part brings
 VARIANTS = {"full": ({}, ()), "nogemv": ({"gemv": False}, ()), "base": ({"gemv": False}, ("fuse_linears",)),
-            "onegraph": ({"graph_segments": 1}, ())}
+            "segments4": ({"graph_segments": 4}, ())}
 
 
 def bench_caramba(model, batch, context, steps, kind: str, variant: str = "full") -> tuple[float, int]:

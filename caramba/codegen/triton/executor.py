@@ -49,7 +49,10 @@ from caramba.runtime.kv_cache import KVCache
 
 log = logging.getLogger("caramba")
 
-GRAPH_SEGMENTS = 4  # graphs the decode step is captured as (target option graph_segments)
+# graphs the decode step is captured as (target option graph_segments). Measured on an H100 (e2e_decode.py
+# --variants full,onegraph, 2026-11-22): 4 segments against 1 changed tokens/s by -5% to +5% across the 1b presets
+# and kinds (the host's launch was not what the GPU waited for), so one graph is the default.
+GRAPH_SEGMENTS = 1
 
 
 def cuda_executor(program: CachedProgram, cm: Any) -> "CudaExecutor":
@@ -274,9 +277,8 @@ class CudaExecutor(Executor):
             with torch.cuda.stream(stream):  # warm-up on a side stream, as capture requires
                 self._decode.run(g.ids, g.pos, state=g.cache, symbols={"past": past})
             torch.cuda.current_stream().wait_stream(stream)
-            # the step as graph_segments graphs in a row, sharing one memory pool and replayed in capture order:
-            # the GPU starts on the first while the host still launches the rest (a launch costs the host about a
-            # microsecond per kernel, which a single graph makes the GPU wait for at every step)
+            # the step as graph_segments graphs in a row (default one), sharing one memory pool and replayed in
+            # capture order: with several, the GPU starts on the first while the host still launches the rest
             graphs = [torch.cuda.CUDAGraph() for _ in range(self.graph_segments)]
             pool = torch.cuda.graph_pool_handle()
             self._step_memo = None  # `ready` must be computed inside the graph, not taken from the warm-up
