@@ -574,6 +574,10 @@ FUSED = [
     case("swiglu", "swiglu", [randn(3, 5, 7), randn(3, 5, 7)], {}, lambda g, u: g * torch.sigmoid(g) * u),
     case("swiglu-promotes", "swiglu", [randn(3, 5, dtype=torch.float16), randn(3, 5)], {},
          lambda g, u: (g.float() * torch.sigmoid(g.float())).half().float() * u),  # silu rounds to f16 first
+    case("swiglu_linear", "swiglu_linear", [randn(3, 5, 7), randn(3, 5, 7), randn(4, 7)], {},
+         lambda g, u, w: (g * torch.sigmoid(g) * u) @ w.T),
+    case("swiglu_linear-bias", "swiglu_linear", [randn(2, 7), randn(2, 7), randn(4, 7), randn(4)], {},
+         lambda g, u, w, b: (g * torch.sigmoid(g) * u) @ w.T + b),
 ]
 
 
