@@ -57,6 +57,34 @@ def configs() -> list[gemv.Config]:
     return [gemv.Config(n, k, w, s) for (n, k), w, s in itertools.product(tiles, (4, 8), (2, 3, 4))]
 
 
+def bench_shape(name: str, ws: list[torch.Tensor], sweep: bool) -> tuple[dict[str, float], gemv.Config | None]:
+    """Seconds per call of cuBLAS, the default configuration and (with `sweep`) the fastest other one, each
+    configuration checked against float64 first; returns the times and the fastest configuration."""
+    k = ws[0].shape[1]
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    ref = x.double() @ ws[0].double().T
+    calls = len(ws) if len(ws) >= 8 else 4 * len(ws)
+    row = {"cuBLAS": graph_time(lambda i: F.linear(x, ws[i % len(ws)]), calls)}
+    best: tuple[float, gemv.Config | None] = (float("inf"), None)
+    for cfg in [None] + (configs() if sweep else []):
+        try:
+            err = ((gemv.linear(x, ws[0], config=cfg).double() - ref).norm() / ref.norm()).item()
+            if not err < 2e-3:
+                print(f"  {name} {cfg}: WRONG, rel err {err:.2e}", flush=True)
+                continue
+            t = graph_time(lambda i: gemv.linear(x, ws[i % len(ws)], config=cfg), calls)
+        except Exception as e:  # a configuration the compiler refuses (shared memory): skip it
+            print(f"  {name} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            continue
+        if cfg is None:
+            row["default"] = t
+        elif t < best[0]:
+            best = (t, cfg)
+    if best[1] is not None:
+        row["best"] = best[0]
+    return row, best[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES))
@@ -71,45 +99,21 @@ def main() -> None:
         copies = max(2, min(64, -(-512 * 2**20 // nbytes)))
         torch.manual_seed(0)
         ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(copies)]
-        for m in (1,):
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            ref = x.double() @ ws[0].double().T
-            calls = copies if copies >= 8 else 4 * copies
-            ref_t = graph_time(lambda i: F.linear(x, ws[i % copies]), calls)
-            row = {"cuBLAS": ref_t}
-            cands = [None] + ([] if args.no_sweep else configs())
-            best = (float("inf"), None)
-            for cfg in cands:
-                try:
-                    y = gemv.linear(x, ws[0], config=cfg)
-                    err = ((y.double() - ref).norm() / ref.norm()).item()
-                    if not err < 2e-3:
-                        print(f"  {name} M={m} {cfg}: WRONG, rel err {err:.2e}", flush=True)
-                        continue
-                    t = graph_time(lambda i: gemv.linear(x, ws[i % copies], config=cfg), calls)
-                except Exception as e:  # a configuration the compiler refuses (shared memory): skip it
-                    print(f"  {name} M={m} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-                    continue
-                if cfg is None:
-                    row["default"] = t
-                elif t < best[0]:
-                    best = (t, cfg)
-            if best[1] is not None:
-                row["best"] = best[0]
-            table.append((name, m, nbytes, row, best[1]))
-            print(f"{name} M={m}: " + ", ".join(f"{k} {v * 1e6:.1f} us ({nbytes / v / bw:.0%})"
-                                              for k, v in row.items()) + f"  best {best[1]}", flush=True)
+        row, cfg = bench_shape(name, ws, not args.no_sweep)
+        table.append((name, nbytes, row, cfg))
+        print(f"{name}: " + ", ".join(f"{key} {t * 1e6:.1f} us ({nbytes / t / bw:.0%})" for key, t in row.items()) +
+              f"  best {cfg}", flush=True)
         del ws
         torch.cuda.empty_cache()
-    print("\n| weight | N x K | M | cuBLAS us | % bw | caramba default us | % bw | best us | % bw | best config |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, m, nbytes, row, cfg in table:
+    print("\n| weight | N x K | cuBLAS us | % bw | caramba default us | % bw | best us | % bw | best config |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, nbytes, row, cfg in table:
         n, k = SHAPES[name]
         cells = []
         for key in ("cuBLAS", "default", "best"):
             t = row.get(key)
             cells += [f"{t * 1e6:.1f}", f"{nbytes / t / bw:.0%}"] if t else ["-", "-"]
-        print(f"| {name} | {n}x{k} | {m} | " + " | ".join(cells) + f" | {cfg or '-'} |")
+        print(f"| {name} | {n}x{k} | " + " | ".join(cells) + f" | {cfg or '-'} |")
 
 
 if __name__ == "__main__":

@@ -157,8 +157,9 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
     verify_each runs the verifier after every pass (default: on under pytest and in debug runs); check_numerics
     compares every pass's output with eager PyTorch on a fixed input (see summary max_err); pass_limit runs only
     the first N passes. target_options: settings of the target's executor, checked here: onnx ort_contrib
-    (com.microsoft GroupQueryAttention), mode (auto/concat/scatter/shadow/contrib), threads; cuda cuda_graphs, gemv (one-row linears through the GEMV
-    kernel rather than cuBLAS; default on), graph_segments (CUDA graphs the decode step is captured as; 1).
+    (com.microsoft GroupQueryAttention), mode (auto/concat/scatter/shadow/contrib), threads;
+    cuda cuda_graphs, gemv (one-row linears through the GEMV kernel rather than cuBLAS; default on),
+    graph_segments (CUDA graphs the decode step is captured as; 1).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"caramba.compile expects a torch.nn.Module, got {type(model).__name__}")

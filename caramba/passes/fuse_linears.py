@@ -36,26 +36,23 @@ from caramba.passes.base import PassContext
 from caramba.passes.fold_constants import add_const
 
 
-def _fusable(node: Node, graph: Graph, users: dict[Value, list[Node]]) -> bool:
-    if node.op != "linear" or len(node.inputs) < 2:
+def _fusable(node: Node, graph: Graph, params: set[Value], users: dict[Value, list[Node]]) -> bool:
+    if node.op != "linear" or len(node.inputs) < 2 or node.inputs[1].type.rank != 2:
         return False
-    params = set(graph.params.values())
-    ws = node.inputs[1:]
-    return all(w in params and w.name in graph.weights and len(users.get(w, [])) == 1 for w in ws) and \
-        node.inputs[1].type.rank == 2
+    return all(w in params and w.name in graph.weights and len(users.get(w, [])) == 1 for w in node.inputs[1:])
 
 
 def fuse_linears(graph: Graph, ctx: PassContext) -> Graph:
     """Merge each group of linears over one input (see the module doc). Returns the graph, changed in place."""
-    users = graph.users()
+    users, params = graph.users(), set(graph.params.values())
     groups: dict[tuple, list[int]] = {}
     for i, node in enumerate(graph.nodes):
-        if _fusable(node, graph, users):
-            w = node.inputs[1].type
-            key = (node.inputs[0], w.dtype, w.shape[1], len(node.inputs))
+        if _fusable(node, graph, params, users):
+            # one input, one input width, the same dtypes of weight (and bias, present on all or none)
+            key = (node.inputs[0], node.inputs[1].type.shape[1], tuple(v.type.dtype for v in node.inputs[1:]))
             groups.setdefault(key, []).append(i)
     replaced: dict[int, list[Node] | None] = {}
-    for (x, _dtype, _k, n_inputs), members in groups.items():
+    for (x, _k, dtypes), members in groups.items():
         if len(members) < 2:
             continue
         nodes = [graph.nodes[i] for i in members]
@@ -67,7 +64,7 @@ def fuse_linears(graph: Graph, ctx: PassContext) -> Graph:
         w_type = nodes[0].inputs[1].type
         w_cat = add_const(graph, TensorType((total, w_type.shape[1]), w_type.dtype), torch.cat(weights, 0))
         inputs = [x, w_cat]
-        if n_inputs == 3:
+        if len(dtypes) == 2:
             b_type = nodes[0].inputs[2].type
             b_cat = add_const(graph, TensorType((total,), b_type.dtype),
                               torch.cat([graph.weights[n.inputs[2].name] for n in nodes], 0))

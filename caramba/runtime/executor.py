@@ -122,6 +122,7 @@ class Executor(ABC):
         self.program = program
         self.vocab_size = vocab_size
         self.device = torch.device(device)
+        self._kinds = {n: k for n, k in _kinds(program.config)}  # what a cache made for this program holds
 
     @property
     def layout(self) -> CacheLayout:
@@ -151,10 +152,7 @@ class Executor(ABC):
     def _check(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> None:
         """Plain Python on the step's sizes and starts (one read of positions[:, 0]): a decode step pays it on the
         host before its launch, so it stays a few microseconds."""
-        kinds = self.__dict__.get("_kind_map")
-        if kinds is None:
-            kinds = self.__dict__["_kind_map"] = {n: k for n, k in _kinds(self.config)}
-        if cache.spec.kinds != kinds or cache.spec.max_seq_len != self.max_seq_len:
+        if cache.spec.kinds != self._kinds or cache.spec.max_seq_len != self.max_seq_len:
             raise InputError(f"this cache ({cache.spec.kinds}, max_seq_len {cache.spec.max_seq_len}) was not made "
                              f"for this executor ({self.config.label}, max_seq_len {self.max_seq_len}); use "
                              f"executor.new_cache(batch)")

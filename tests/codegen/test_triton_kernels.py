@@ -403,7 +403,8 @@ def test_kv_append_layer_with_rope_equals_rope_then_append(kinds, rotary, interl
     heads, d, x_dtype = 3, 8, F16
     names = ("k_sem", "k_geo", "v")
     spec = CacheSpec(n_layers=1, batch=2, max_seq_len=12, tensors=tuple(
-        CachedTensor(n, f, parse_kind(kind)) for n, f, kind in zip(names, (16, heads * d, 20), kinds)), qblock=16, device=DEVICE)
+        CachedTensor(n, f, parse_kind(kind)) for n, f, kind in zip(names, (16, heads * d, 20), kinds)), qblock=16,
+        device=DEVICE)
     ref, out = KVCache(spec), KVCache(spec)
     poison(ref, 1)
     poison(out, 1)

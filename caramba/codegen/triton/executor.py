@@ -10,8 +10,8 @@ Codegen: each entry graph is planned once (ir.Interpreter with `impl_for`): a no
 launcher specialised for that node (dims, dtypes, cache kinds, chunking; the kernel source rendered and loaded
 through source.py's disk cache on first use), every other node keeps its torch implementation on the device
 (a linear goes to gemv.linear, which takes one row and hands larger products to cuBLAS). Kernels: kv_append
-(quantize-on-write into the cache buffers), cached_attention / cached_decoupled_attention (decode: split-K flash-decoding dequantising in registers; prefill: flash attention
-through the cache kind), rms_norm / add_rms_norm / layer_norm / add_layer_norm, rope, swiglu, linear and
+(quantize-on-write into the cache buffers), cached_attention / cached_decoupled_attention (decode: split-K
+flash-decoding dequantising in registers; prefill: flash attention through the cache kind), rms_norm / add_rms_norm / layer_norm / add_layer_norm, rope, swiglu, linear and
 swiglu_linear at one row (gemv.py).
 
 Fused at run time: an append node's tensors are written in one launch (kv_append_layer), and the rope of k
@@ -167,17 +167,17 @@ class CudaExecutor(Executor):
             starts, ready = self._starts_ready(positions)
             items = []
             for name, x, rope in zip(names, xs, ropes):
-                if rope is not None:
-                    cos, sin = self._rope_tables[rope]
-                    rope = (cos[:, 0], sin[:, 0], rope.inputs[0].type.shape[-1], rope.attrs["rotary_dim"],
-                            rope.attrs.get("interleaved", False))
+                if rope is not None:  # (rope node, head dim, rotary dim, interleaved): its tables from this step
+                    cos, sin = self._rope_tables[rope[0]]
+                    rope = (cos[:, 0], sin[:, 0], *rope[1:])
                 items.append((lc.stores[name], x, rope))
             self.kernels.append_layer(items, starts, self._error)
             return ready
-        ropes = [None] * len(names)
+        ropes: list[tuple | None] = [None] * len(names)
         for rope, (append_node, i) in self._ropes.items():
             if append_node is node:
-                ropes[i] = rope
+                a = get_op("rope").full_attrs(rope.attrs)
+                ropes[i] = (rope, rope.inputs[0].type.shape[-1], a["rotary_dim"], a["interleaved"])
         return append
 
     def _deferred_rope(self, node: Node) -> Callable:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from caramba.codegen.triton import source
 from caramba.codegen.triton.jit_helpers import HELPERS, TL_DTYPE, next_pow2, round_f32, to_f32
+from caramba.codegen.triton.swiglu import swiglu
 
 _TEMPLATE = '''"""caramba gemv: $DTYPE, one row, x = $WHAT, BLOCK_N=$BLOCK_N, BLOCK_K=$BLOCK_K."""
 import triton
@@ -115,8 +116,6 @@ def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, w: torch.Tensor, bias: t
     """The swiglu_linear op: linear(swiglu(gate, up), w, bias). One row: the kernel computes the activation of
     each K tile as it streams w; otherwise the swiglu kernel, then linear."""
     if gate.shape != up.shape or gate.dtype != up.dtype or not supported(gate, w, bias):
-        from caramba.codegen.triton.swiglu import swiglu
-
         return linear(swiglu(gate, up), w, bias, config=config)
     return _launch(gate, up, w, bias, config)
 

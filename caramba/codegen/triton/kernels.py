@@ -123,7 +123,8 @@ def prefill_attention(lc: Any, terms: list[tuple[torch.Tensor, str, float]], pos
     exact = None
     if attrs["residual_len"]:
         exact = [lc.read_exact(n, torch.float16) if lc.stores[n].ring is not None else None for n in names]
-    return attention.prefill_attention([t[0] for t in terms], views[:-1], views[-1], positions[:, 0].clone(memory_format=torch.contiguous_format),
+    starts = positions[:, 0].clone(memory_format=torch.contiguous_format)
+    return attention.prefill_attention([t[0] for t in terms], views[:-1], views[-1], starts,
                                        scales=[t[2] for t in terms], kv_heads=attrs["kv_heads"], exact=exact,
                                        window=window if attrs["residual_len"] else None,
                                        residual_len=attrs["residual_len"])

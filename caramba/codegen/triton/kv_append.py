@@ -211,8 +211,12 @@ def _load(part: _Part, mask: str) -> str:
     if r.interleaved:
         first, partner = "jj % 2 == 0", "tl.where(rfirst, jj + 1, jj - 1)"
     else:
-        first, partner = f"jj < {r.rotary_dim // 2}", f"tl.where(rfirst, jj + {r.rotary_dim // 2}, jj - {r.rotary_dim // 2})"
+        half = r.rotary_dim // 2
+        first, partner = f"jj < {half}", f"tl.where(rfirst, jj + {half}, jj - {half})"
     cs = "(b * {p}b + t.to(tl.int64) * {p}t)[:, None] + jj"
+
+    def table(ptr: str, p: str, dtype: torch.dtype) -> str:
+        return to_f32(f"tl.load({ptr} + {cs.format(p=p)}, mask={mask} & rot, other=0.0)", dtype)
     return "\n".join([
         f"    xrow = x_ptr + {row}",
         f"    x = {to_f32(f'tl.load(xrow + f, mask={mask}, other=0.0)', part.x_dtype)}",
@@ -220,8 +224,8 @@ def _load(part: _Part, mask: str) -> str:
         f"    rfirst = {first}",
         f"    rot = jj < {r.rotary_dim}",
         f"    xp = {to_f32(f'tl.load(xrow + f - jj + {partner}, mask={mask} & rot, other=0.0)', part.x_dtype)}",
-        f"    rc = {to_f32('tl.load(cos_ptr + ' + cs.format(p='rc') + f', mask={mask} & rot, other=0.0)', r.cos_dtype)}",
-        f"    rs = {to_f32('tl.load(sin_ptr + ' + cs.format(p='rs') + f', mask={mask} & rot, other=0.0)', r.sin_dtype)}",
+        f"    rc = {table('cos_ptr', 'rc', r.cos_dtype)}",
+        f"    rs = {table('sin_ptr', 'rs', r.sin_dtype)}",
         f"    ra = {round_f32('x * rc', r.dtype)}",
         f"    rb = {round_f32('tl.where(rfirst, -xp, xp) * rs', r.dtype)}",
         f"    x = tl.where(rot, {round_f32('ra + rb', r.dtype)}, {round_f32('x', r.dtype)})"])
