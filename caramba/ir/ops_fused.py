@@ -180,14 +180,18 @@ def _swiglu(gate, up):
     return F.silu(gate) * up
 
 
+def _linear_out(op: str, x: TensorType, w: TensorType, bias: TensorType | None) -> TensorType:
+    """The type of linear(x, w, bias) for a fused op that ends in that linear."""
+    if w.rank != 2 or not symbolic.equal(w.shape[1], x.shape[-1]):
+        raise ShapeError(f"{op}: weight {w} does not take {x.shape[-1]} inputs")
+    if bias is not None and (bias.rank != 1 or not symbolic.equal(bias.shape[0], w.shape[0])):
+        raise ShapeError(f"{op}: bias {bias} does not match weight {w}")
+    return TensorType(x.shape[:-1] + (w.shape[0],), promote(x, w))
+
+
 def _swiglu_linear_infer(t: Types, a: Attrs) -> list[TensorType]:
-    gate, up, w = t[:3]
-    act = _swiglu_infer([gate, up], a)[0]
-    if w.rank != 2 or not symbolic.equal(w.shape[1], act.shape[-1]):
-        raise ShapeError(f"swiglu_linear: weight {w} does not take {act.shape[-1]} inputs")
-    if len(t) > 3 and (t[3].rank != 1 or not symbolic.equal(t[3].shape[0], w.shape[0])):
-        raise ShapeError(f"swiglu_linear: bias {t[3]} does not match weight {w}")
-    return [TensorType(act.shape[:-1] + (w.shape[0],), promote(act, w))]
+    act = _swiglu_infer(t[:2], a)[0]
+    return [_linear_out("swiglu_linear", act, t[2], t[3] if len(t) > 3 else None)]
 
 
 @register_op("swiglu_linear", ["gate", "up", "weight", "bias?"], _swiglu_linear_infer, tags=["fused"])
@@ -195,3 +199,38 @@ def _swiglu_linear(gate, up, weight, bias=None):
     """linear(swiglu(gate, up), weight, bias): the MLP's down projection reading the activation it is fed, so a
     kernel computes the activation while it streams the weight (target cuda, fuse_swiglu_linear)."""
     return F.linear(F.silu(gate) * up, weight, bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RMSNorm read by one linear (target cuda: the GEMV folds the norm in)
+# ---------------------------------------------------------------------------------------------------------------
+def _rms_norm_linear_infer(t: Types, a: Attrs) -> list[TensorType]:
+    x, norm_weight, w = t[:3]
+    return [_linear_out("rms_norm_linear", _rms_out(x, norm_weight, a), w, t[3] if len(t) > 3 else None)]
+
+
+@register_op("rms_norm_linear", ["x", "norm_weight", "weight", "bias?"], _rms_norm_linear_infer, attrs=RMS_ATTRS,
+             tags=["fused"])
+def _rms_norm_linear(x, norm_weight, weight, bias=None, *, eps, dtype, weight_in_fp32):
+    """linear(rms_norm_fp32(x, norm_weight), weight, bias): a projection reading the norm it is fed, so a kernel
+    scales its dot products by the row's rstd instead of reading a normed copy (target cuda, fuse_norm_linear).
+
+    The norm weight is not optional here (the IR's optional inputs are trailing, and the bias is one): a norm
+    without weight is fused with a vector of ones of the norm's output dtype, which changes no bit. Attributes
+    as rms_norm_fp32.
+    """
+    return F.linear(_rms(x, norm_weight, eps, dtype, weight_in_fp32), weight, bias)
+
+
+def _add_rms_norm_linear_infer(t: Types, a: Attrs) -> list[TensorType]:
+    s = _add_infer(t)
+    return [s, *_rms_norm_linear_infer([s, *t[2:]], a)]
+
+
+@register_op("add_rms_norm_linear", ["a", "b", "norm_weight", "weight", "bias?"], _add_rms_norm_linear_infer,
+             attrs=RMS_ATTRS, num_outputs=2, tags=["fused"])
+def _add_rms_norm_linear(a, b, norm_weight, weight, bias=None, *, eps, dtype, weight_in_fp32):
+    """(s, linear(rms_norm_fp32(s, norm_weight), weight, bias)) with s = a + b: add_rms_norm whose normed output
+    only one linear reads, folded into that linear. Inputs and attributes as add_rms_norm and rms_norm_linear."""
+    s = a + b
+    return s, F.linear(_rms(s, norm_weight, eps, dtype, weight_in_fp32), weight, bias)

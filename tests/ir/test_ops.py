@@ -578,6 +578,16 @@ FUSED = [
          lambda g, u, w: (g * torch.sigmoid(g) * u) @ w.T),
     case("swiglu_linear-bias", "swiglu_linear", [randn(2, 7), randn(2, 7), randn(4, 7), randn(4)], {},
          lambda g, u, w, b: (g * torch.sigmoid(g) * u) @ w.T + b),
+    case("rms_norm_linear", "rms_norm_linear", [randn(3, 5, 7), randn(7), randn(4, 7)], {"eps": 1e-6},
+         lambda x, nw, w: rms_fp32(x, nw, eps=1e-6) @ w.T),
+    case("rms_norm_linear-f16-bias", "rms_norm_linear",
+         [randn(3, 7, dtype=torch.float16), randn(7, dtype=torch.float16), randn(4, 7, dtype=torch.float16),
+          randn(4, dtype=torch.float16)], {"eps": 1e-5, "dtype": DType.f16},
+         lambda x, nw, w, b: rms_fp32(x, nw, eps=1e-5, dtype=torch.float16) @ w.T + b),
+    case("add_rms_norm_linear", "add_rms_norm_linear", [randn(3, 5, 7), randn(3, 5, 7), randn(7), randn(4, 7)],
+         {"eps": 1e-6, "weight_in_fp32": True}, lambda a, b, nw, w: (a + b, rms_fp32(a + b, nw, eps=1e-6) @ w.T)),
+    case("add_rms_norm_linear-bias", "add_rms_norm_linear", [randn(2, 7), randn(2, 7), randn(7), randn(4, 7),
+         randn(4)], {"eps": 1e-6}, lambda a, b, nw, w, c: (a + b, rms_fp32(a + b, nw, eps=1e-6) @ w.T + c)),
 ]
 
 

@@ -25,6 +25,8 @@ _ELEMENTWISE = {
     "swiglu": ("swiglu", "swiglu"),
     "linear": ("gemv", "linear"),  # one row (decode at batch 1): the GEMV kernel; more rows: F.linear (cuBLAS)
     "swiglu_linear": ("gemv", "swiglu_linear"),  # the activation computed in the GEMV's loop
+    "rms_norm_linear": ("gemv", "rms_norm_linear"),  # the norm folded into the GEMV: rstd scales the products
+    "add_rms_norm_linear": ("gemv", "add_rms_norm_linear"),  # the same, and the residual add written once
 }
 
 
