@@ -417,6 +417,7 @@ def probe_run(ex: Executor, tokens: torch.Tensor, probe: ProbeSettings, referenc
         tok = last.argmax(-1) if reference is None else reference.decode_tokens[:, d].to(ex.device)
         chosen[:, d] = tok
         last = ex.forward(tok[:, None], _positions(b, w + d, w + d + 1, ex.device), cache)[:, 0]
+        ex.check()
         logp = torch.log_softmax(last.double(), dim=-1)
         if reference is None:
             kept.append(logp.float())
@@ -450,6 +451,7 @@ def benchmark_decode(cm: "CompiledModel", config: CacheConfig, batch: int, probe
             t = time.perf_counter()
             ex.forward(ids[:, p:p + 1], _positions(batch, p, p + 1, ex.device), cache)
             sync()
+            ex.check()
             if i >= warmup:
                 times.append(time.perf_counter() - t)
     del cache

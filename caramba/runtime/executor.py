@@ -9,6 +9,7 @@ Executor runs those entries; the generator loop only ever talks to this interfac
     ex = cm.executor(CacheConfig.of(layout, "q8_0", max_seq_len=2048))
     cache = ex.new_cache(batch)
     logits = ex.forward(input_ids, positions, cache)   # (B, S, V); appends the S tokens of every row
+    ex.check()                                          # errors a target reports late (cuda's deferred checks)
 
 forward's contract: positions (B, S) int64 are contiguous per row and row b starts at its cached length; the S
 tokens of every row are appended (the caller truncates rows that carried padding with cache.truncate_rows).
@@ -145,6 +146,12 @@ class Executor(ABC):
         """Logits (B, S, V) for the S new tokens of every row; appends them to `cache` (see the module doc)."""
         self._check(input_ids, positions, cache)
         return self._forward(input_ids, positions, cache)
+
+    def check(self) -> None:
+        """Raise now any error of a step run so far that this executor reports late (target cuda's deferred
+        checks: a decode step's error is raised by the next call, after that step and those since were undone).
+        Loops that read a step's result on the host call it after that read; a no-op where errors are raised by
+        the step's own forward."""
 
     @abstractmethod
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor: ...

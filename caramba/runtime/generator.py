@@ -270,6 +270,7 @@ class Generator:
                 # sampling draws from the CPU generator (the same seed gives the same tokens on every target);
                 # greedy picks on the logits' own device
                 tok = sample_next(last if c.greedy else last.cpu(), c, self._rng).cpu()
+                ex.check()  # the step's errors (reported late by target cuda) before its token is used: free here
                 tok = torch.where(done, torch.full_like(tok, pad), tok)
                 for b in range(batch):
                     if not done[b]:

@@ -243,6 +243,7 @@ class SpeculativeGenerator:
                     qs.append(probs_after_filters(logits.cpu(), c.temperature, c.top_k, c.top_p))
                     x = sample_from(qs[-1], self._rng)
                 drafts.append(x.cpu())
+                self.draft_executor.check()  # a draft step's errors (reported late by target cuda), free after .cpu()
         x = torch.stack(drafts, dim=1) if drafts else torch.zeros(batch, 0, dtype=torch.int64)
         t1 = time.perf_counter()
         logits = _feed(self.target_executor, self.target_cache, seqs, x, pad)  # [B, k+1, V]
@@ -253,6 +254,7 @@ class SpeculativeGenerator:
             q = torch.stack(qs, dim=1) if qs else p.new_zeros(batch, 0, p.shape[-1])
             result = speculative_round(x.to(p.device), q, p, self._rng)
         result = RoundResult(result.n_accepted.cpu(), result.tokens.cpu())
+        self.target_executor.check()
         self.stats.draft_seconds += t1 - t0
         self.stats.target_seconds += time.perf_counter() - t1
         return result

@@ -4,6 +4,7 @@ generation equals target "eager" token for token. The CUDA-graph replay runs on 
 (benchmarks/gpu_check.py on the device)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -16,6 +17,7 @@ import caramba  # noqa: E402
 from caramba.models import Transformer, preset  # noqa: E402
 from caramba.runtime import GenerateConfig, Generator  # noqa: E402
 from caramba.runtime.executor import CacheConfig  # noqa: E402
+from caramba.runtime.quant import NonFiniteError  # noqa: E402
 
 MAX = 24
 
@@ -67,26 +69,106 @@ def test_generation_equals_eager_token_for_token(models):
     assert torch.equal(Generator(cuda, config).generate(prompts), Generator(eager, config).generate(prompts))
 
 
-def test_values_the_cache_cannot_hold_raise_and_leave_the_cache_as_it_was(models):
-    """The kv_append kernel cannot raise: its error bits are read after the step, the step is undone and the
-    reference's error is raised (NaN reaches k through a poisoned embedding row)."""
-    cuda, eager = models
-    config = CacheConfig.of(eager.cache_layout, "q8_0", max_seq_len=MAX)
+@contextlib.contextmanager
+def _poisoned(ex, rows):
+    """The embedding rows `rows` (every row for None) hold NaN while inside: NaN then reaches k of any step that
+    feeds those tokens, and the cache append refuses it."""
+    name = next(n for n in ex._prefill.graph.params if "embed" in n)
+    table = ex._prefill._params[[n for n in ex._prefill.graph.params].index(name)][1]
+    saved = table.clone()
+    table[slice(None) if rows is None else rows] = float("nan")
+    try:
+        yield
+    finally:
+        table.copy_(saved)
+
+
+@contextlib.contextmanager
+def _mode_restored(ex):
+    try:
+        yield
+    finally:
+        ex.check_values = "deferred"
+
+
+def _prefilled(cuda, config):
     ex = cuda.executor(config)
     cache = ex.new_cache(1)
     ex.forward(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], cache)
-    name = next(n for n in ex._prefill.graph.params if "embed" in n)
-    table = ex._prefill._params[[n for n in ex._prefill.graph.params].index(name)][1]
-    saved = table[7].clone()
-    table[7] = float("nan")
-    try:
-        with pytest.raises(Exception, match="(?i)nan|finite"):
-            ex.forward(torch.tensor([[7]]), torch.tensor([[3]]), cache)
-    finally:
-        table[7] = saved
+    return ex, cache
+
+
+def test_values_the_cache_cannot_hold_raise_and_leave_the_cache_as_it_was(models):
+    """The kv_append kernel cannot raise: its error bits reach the host after the step (check_values "deferred",
+    the default: forward does not wait), check() raises the reference's error and the step is undone."""
+    cuda, eager = models
+    ex, cache = _prefilled(cuda, CacheConfig.of(eager.cache_layout, "q8_0", max_seq_len=MAX))
+    assert ex.check_values == "deferred"
+    with _poisoned(ex, [7]):
+        ex.forward(torch.tensor([[7]]), torch.tensor([[3]]), cache)
+        assert cache.lengths(0) == (4,)  # not read yet
+        with pytest.raises(NonFiniteError, match="(?i)nan.*positions \\[3\\].*undone"):
+            ex.check()
     assert cache.lengths(0) == (3,)
+    ex.check()  # reported once
     ex.forward(torch.tensor([[4]]), torch.tensor([[3]]), cache)  # the cache goes on from where it was
+    ex.check()
     assert cache.lengths(0) == (4,)
+
+
+def test_a_deferred_error_is_raised_by_the_next_step_and_both_steps_are_undone(models):
+    cuda, eager = models
+    ex, cache = _prefilled(cuda, CacheConfig.of(eager.cache_layout, "q8_0", max_seq_len=MAX))
+    with _poisoned(ex, [7]):
+        ex.forward(torch.tensor([[7]]), torch.tensor([[3]]), cache)
+    with pytest.raises(NonFiniteError, match="1 step\\(s\\) run after it were undone"):
+        ex.forward(torch.tensor([[5]]), torch.tensor([[4]]), cache)
+    assert cache.lengths(0) == (3,)
+    logits = ex.forward(torch.tensor([[4]]), torch.tensor([[3]]), cache)
+    ex.check()
+    assert cache.lengths(0) == (4,) and torch.isfinite(logits).all()
+
+
+def test_a_prefill_reports_earlier_steps_then_its_own_errors_at_once(models):
+    cuda, eager = models
+    ex, cache = _prefilled(cuda, CacheConfig.of(eager.cache_layout, "fp16", max_seq_len=MAX))
+    with _poisoned(ex, [7]):
+        ex.forward(torch.tensor([[7]]), torch.tensor([[3]]), cache)
+        with pytest.raises(NonFiniteError):  # the decode step's, before the prefill runs
+            ex.forward(torch.tensor([[1, 2]]), torch.tensor([[4, 5]]), cache)
+        assert cache.lengths(0) == (3,)
+        with pytest.raises(NonFiniteError):  # its own
+            ex.forward(torch.tensor([[1, 7]]), torch.tensor([[3, 4]]), cache)
+        assert cache.lengths(0) == (3,)
+
+
+@pytest.mark.parametrize("mode", ["step", "off"])
+def test_check_values_step_raises_from_the_step_itself_and_off_reads_nothing(models, mode):
+    cuda, eager = models
+    ex, cache = _prefilled(cuda, CacheConfig.of(eager.cache_layout, "q8_0", max_seq_len=MAX))
+    ex.check_values = mode  # (the compiled model keeps its executors: the mode goes back when the test ends)
+    with _poisoned(ex, [7]), _mode_restored(ex):
+        if mode == "step":
+            with pytest.raises(NonFiniteError):
+                ex.forward(torch.tensor([[7]]), torch.tensor([[3]]), cache)
+            assert cache.lengths(0) == (3,)
+        else:
+            ex.forward(torch.tensor([[7]]), torch.tensor([[3]]), cache)
+            ex.check()
+            assert cache.lengths(0) == (4,)
+
+
+def test_generation_raises_a_bad_step_before_yielding_its_token(models):
+    """The Generator calls check() after reading each token: a decode step whose values the cache refuses raises
+    before its token is yielded, and the conversation and the cache stay consistent."""
+    cuda, _ = models
+    gen = Generator(cuda, GenerateConfig(temperature=0, cache_kind="q8_0", max_seq_len=MAX, max_new_tokens=6))
+    stream = gen.generate_iter([[1, 2, 3]])
+    first = next(stream)  # from the prefill
+    with _poisoned(gen.executor, None), pytest.raises(NonFiniteError):
+        next(stream)  # the step that feeds `first` is refused
+    assert gen.tokens == [[1, 2, 3, int(first)]]
+    assert gen.cache.lengths(0) == (3,)
 
 
 def test_sampling_with_a_seed_gives_eagers_tokens(models):

@@ -30,6 +30,7 @@ def test_ort_contrib_reaches_the_onnx_executor_and_generates_as_eager(model):
     ("onnx", {"cuda_graphs": False}, "target 'onnx' takes no option 'cuda_graphs'"),
     ("eager", {"threads": 2}, "its options: none"),
     ("cuda", {"graph_segments": 2.0}, "graph_segments' must be int"),
+    ("cuda", {"check_values": False}, "check_values' must be str"),
 ])
 def test_bad_target_options_are_refused_before_capture(model, target, options, message):
     with pytest.raises(ValueError, match=message):
@@ -47,4 +48,9 @@ def test_cuda_options_reach_the_executor(model, monkeypatch):
     assert not any(st.impl.__module__.endswith("gemv") for st in ex._decode._steps if st.node.op == "linear")
     bad = caramba.compile(model, target="cuda", target_options={"graph_segments": 0})
     with pytest.raises(ValueError, match="graph_segments must be >= 1"):
+        bad.executor(CacheConfig.of(bad.cache_layout, "fp16", max_seq_len=32))
+    step = caramba.compile(model, target="cuda", target_options={"check_values": "step"})
+    assert step.executor(CacheConfig.of(step.cache_layout, "fp16", max_seq_len=32)).check_values == "step"
+    bad = caramba.compile(model, target="cuda", target_options={"check_values": "never"})
+    with pytest.raises(ValueError, match="check_values must be one of deferred, step, off"):
         bad.executor(CacheConfig.of(bad.cache_layout, "fp16", max_seq_len=32))

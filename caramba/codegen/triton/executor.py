@@ -73,7 +73,7 @@ class CudaExecutor(Executor):
 
     def __init__(self, program: CachedProgram, vocab_size: int, device: torch.device, *,
                  cuda_graphs: bool | None = None, gemv: bool = True,
-                 graph_segments: int = GRAPH_SEGMENTS) -> None:
+                 graph_segments: int = GRAPH_SEGMENTS, check_values: str = "deferred") -> None:
         super().__init__(program, vocab_size, device)
         from caramba.codegen.triton import kernels
 
@@ -97,9 +97,12 @@ class CudaExecutor(Executor):
         self._capturing = False
         self._step_memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # kv_append's error bits (NaN/inf, overflow, bad position), read after every step: a cache never keeps
-        # garbage silently. check_values=False skips the read (one small device->host copy per step).
-        self.check_values = True
+        # garbage silently. How (target option check_values): see CHECK_MODES and check().
         self._error = kernels.error_flag(self.device)
+        self._pending: list[_Pending] = []  # decode steps whose error bits are on their way to the host
+        self._slots = _Slots(self.device)
+        self._check_values = "off"
+        self.check_values = check_values
         self.stats = {"eager_steps": 0, "graph_replays": 0, "captures": 0}
 
     # -- the executor interface ----------------------------------------------------------------------------------
@@ -108,24 +111,76 @@ class CudaExecutor(Executor):
         CPU copy, so a decode step never waits for the GPU before it is launched."""
         self._step_memo = None  # (positions, starts, ready) of the step being run: see _starts_ready
         starts = positions[:, 0].tolist()
+        n_new = positions.shape[1]
         past = max(cache.lengths(0))
-        if positions.shape[1] + past > self.max_seq_len:
-            raise InputError(f"{positions.shape[1]} new tokens after {past} would exceed max_seq_len "
-                             f"{self.max_seq_len}")
-        if input_ids.shape[1] == 1 and self.cuda_graphs:
+        if n_new + past > self.max_seq_len:
+            raise InputError(f"{n_new} new tokens after {past} would exceed max_seq_len {self.max_seq_len}")
+        deferred = self.check_values == "deferred" and n_new == 1
+        if not deferred:
+            self.check()  # the steps before this one answer first: this one reports its own errors at once
+        if n_new == 1 and self.cuda_graphs:
             logits = self._graph_step(input_ids, positions, starts, cache)
         else:
             self.stats["eager_steps"] += 1
-            run = self._decode if input_ids.shape[1] == 1 else self._prefill
+            run = self._decode if n_new == 1 else self._prefill
             logits = run.run(_dense(input_ids, self.device), _dense(positions, self.device), state=cache,
                              symbols={"past": past})[0]
-        if self.check_values:
+        if deferred:
+            self._pending.append(self._slots.send(self._error, cache, starts))
+            while len(self._pending) > 1:  # the step before this one: done, or nearly, while the GPU runs this one
+                self._resolve_oldest()
+        elif self.check_values != "off":
             try:
                 self.kernels.raise_if_error(self._error)
             except Exception:
-                _undo(cache, starts, positions.shape[1])
+                _undo(cache, starts, n_new)
                 raise
         return logits
+
+    @property
+    def check_values(self) -> str:
+        return self._check_values
+
+    @check_values.setter
+    def check_values(self, mode: str) -> None:
+        if mode not in CHECK_MODES:
+            raise InputError(f"target option check_values must be one of {', '.join(CHECK_MODES)}, got {mode!r}")
+        self.check()  # what is pending is read in the mode it was run in
+        if self._check_values == "off" and self._error is not None:
+            self._error.zero_()  # bits set while nothing read them belong to no step now
+        self._check_values = mode
+
+    def check(self) -> None:
+        """Raise now if a decode step run so far wrote values its cache cannot hold (check_values "deferred").
+
+        With check_values="deferred" (the default) a decode step's error bits travel to the host while the next
+        step runs: forward never waits for the GPU, and a step's error is raised by the next forward (or by this
+        method), after that step and every step run since on any cache were undone (their lengths back to where
+        the failed step started). A loop that reads each step's tokens on the host anyway (the Generator) calls
+        check() after that read: it costs nothing then, and the error comes before the step's token is used.
+        Prefill steps, and every step with check_values="step", raise from their own forward (one sync a step).
+        "off" reads nothing."""
+        while self._pending:
+            self._resolve_oldest()
+
+    def _resolve_oldest(self) -> None:
+        step = self._pending.pop(0)
+        bits = step.bits()
+        if not bits:
+            return
+        undone, self._pending = [step, *self._pending], []
+        self._error.zero_()  # in stream order: after every step in flight, whose bits are now moot
+        first: dict[int, tuple[KVCache, list[int], int]] = {}
+        for s in undone:  # per cache: back to its earliest undone step's starts
+            c, starts, n = first.get(id(s.cache), (s.cache, s.starts, 0))
+            first[id(s.cache)] = (c, starts, n + 1)
+        for c, starts, n in first.values():
+            _undo(c, starts, n)
+        from caramba.codegen.triton.kv_append import error_for
+
+        err = error_for(bits)
+        raise type(err)(f"{err} (decode step at positions {step.starts}; it and the {len(undone) - 1} step(s) run "
+                        f"after it were undone)")
 
     # -- kernels per node -----------------------------------------------------------------------------------------
     def _impl_for(self, entry: str) -> Callable[[Node], Callable | None]:
@@ -292,6 +347,50 @@ class CudaExecutor(Executor):
         log.info("captured the decode step as a CUDA graph (batch %d)", g.batch)
 
 
+# check_values: "deferred" (a decode step's errors raised by the next call or check()), "step" (by its own call:
+# one sync a step), "off"
+CHECK_MODES = ("deferred", "step", "off")
+
+
+class _Pending:
+    """A decode step whose error bits are being copied to the host: the copy's slot and, on a GPU, its event."""
+
+    __slots__ = ("cache", "starts", "slot", "event")
+
+    def __init__(self, cache: KVCache, starts: list[int], slot: torch.Tensor, event) -> None:
+        self.cache, self.starts, self.slot, self.event = cache, starts, slot, event
+
+    def bits(self) -> int:
+        if self.event is not None:
+            self.event.synchronize()
+        return int(self.slot)
+
+
+class _Slots:
+    """A few pinned host words the error flag is copied into, each with its event, used in turn (at most two
+    steps are pending, so four slots are never overwritten while in use)."""
+
+    N = 4
+
+    def __init__(self, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        self.host = torch.zeros(self.N, dtype=torch.int32, pin_memory=cuda)
+        self.events = [torch.cuda.Event() for _ in range(self.N)] if cuda else [None] * self.N
+        self.next = 0
+
+    def send(self, flag: torch.Tensor | None, cache: KVCache, starts: list[int]) -> _Pending:
+        i = self.next % self.N
+        self.next += 1
+        slot, event = self.host[i:i + 1], self.events[i]
+        if flag is None:  # no kernel module: nothing sets bits
+            slot.zero_()
+            return _Pending(cache, starts, slot, None)
+        slot.copy_(flag, non_blocking=event is not None)  # the flag as it stands after this step (bits accumulate)
+        if event is not None:
+            event.record()
+        return _Pending(cache, starts, slot, event)
+
+
 class _Replay:
     """The decode step's graphs, replayed in order."""
 
@@ -312,8 +411,10 @@ class _DecodeGraph:
 
 
 def _undo(cache: KVCache, starts: list[int], n_new: int) -> None:
-    """Forget a step whose values the kernels refused: lengths back to the starts, and no ring slot the step wrote
-    counted as exact (their old positions were overwritten)."""
+    """Forget the n_new tokens from `starts` on (one step, or several in a row) whose values the kernels refused:
+    lengths back to the starts (rows the caller shortened since stay as they are), and no ring slot those steps
+    wrote counted as exact (their old positions were overwritten)."""
+    starts = [min(s, n) for s, n in zip(starts, cache.lengths(0))]
     cache.truncate_rows(starts)
     capacity = cache.spec.ring_capacity
     for lc in cache.layers:

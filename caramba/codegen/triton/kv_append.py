@@ -29,8 +29,9 @@ A kernel cannot raise. Instead of quant's NonFiniteError / the cache's overflow 
 The flag is per launch, not per token: the offending tokens' codes (and ring slots) hold unspecified values, every
 other token is written correctly.
 `raise_if_error(flag)` reads the flag (one sync, outside any graph), clears it and raises what the reference
-would have raised; the caller must then not advance the lengths past the step (and rebuild the ring if it has
-one, since the step's ring slots were overwritten). Without a flag, checking stays with the caller.
+would have raised (`error_for(bits)` builds that error from bits the caller read itself, e.g. asynchronously);
+the caller must then not advance the lengths past the step (and rebuild the ring if it has one, since the step's
+ring slots were overwritten). Without a flag, checking stays with the caller.
 """
 from __future__ import annotations
 
@@ -422,9 +423,14 @@ def raise_if_error(flag: torch.Tensor, what: str = "kv_append") -> None:
     if not bits:
         return
     flag.zero_()
+    raise error_for(bits, what)
+
+
+def error_for(bits: int, what: str = "kv_append") -> Exception:
+    """The error the reference append would have raised for a flag holding `bits` (nonzero)."""
     if bits & ERR_NONFINITE:
-        raise NonFiniteError(f"{what}: the values to store hold non-finite values (NaN or inf)")
+        return NonFiniteError(f"{what}: the values to store hold non-finite values (NaN or inf)")
     if bits & ERR_RANGE:
-        raise NonFiniteError(f"{what}: a value overflows its storage (an fp16 block scale, fp16 codes or the fp16 "
-                             f"residual ring); store this tensor as bf16 or fp32, or build the cache without a ring")
-    raise CacheOverflowError(f"{what}: a start position put tokens outside [0, max_seq_len); they were not written")
+        return NonFiniteError(f"{what}: a value overflows its storage (an fp16 block scale, fp16 codes or the fp16 "
+                              f"residual ring); store this tensor as bf16 or fp32, or build the cache without a ring")
+    return CacheOverflowError(f"{what}: a start position put tokens outside [0, max_seq_len); they were not written")
