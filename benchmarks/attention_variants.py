@@ -9,7 +9,11 @@ benchmarks/decode_attention.py; dba8x32k: B=8; dbas*: dims 16/32/64) and GQA (B=
 fp16, q8_0, q4_0, nf4; partitions from the chunking cost model under each variant's knobs (--parts: multiples of
 it). Each variant is checked (rel. L2 error vs float64 of the same cache at T=4099) before it is timed. Prints
 one line per measurement and a markdown table last: ms, GB/s of bytes the kernel must read, % of copy bandwidth,
-and speedup over the best fp16 peer (eager / sdpa_cat, as launched) where measured.
+and speedup over the best fp16 peer (eager / sdpa_cat, as launched) where measured. The knob fused_combine=0 is
+split-K's two-launch combine (decode_combine) against the default, where the partitions' last program merges them:
+
+    python benchmarks/attention_variants.py --configs dba4k,dba32k,dba8x32k --kinds fp16,q8_0,q4_0 \
+        --variants 64/4/3 --knobs "fused_combine=0,P=2,fused_combine=0;P=2" --rep 100
 """
 from __future__ import annotations
 
@@ -97,7 +101,8 @@ def main() -> None:
     ap.add_argument("--kinds", default="fp16,q8_0,q4_0,nf4")
     ap.add_argument("--variants", default="64/4/3,128/4/3,128/8/3,64/4/4,128/4/2,64/8/3",
                     help="block_n/num_warps/num_stages of the current module")
-    ap.add_argument("--knobs", default="", help="extra source variants, e.g. interleave_v=0;prefetch=0 (A._KNOBS) or "
+    ap.add_argument("--knobs", default="", help="extra source variants, e.g. interleave_v=0;prefetch=0, "
+                    "fused_combine=0 (A._KNOBS; fused_combine=0: the combine as a second launch) or "
                     "wide=0, magic=0;prefetch=1, heads=4;bytes=256 (A._WIDE_KNOBS, the wide path); pseudo-knobs "
                     "P=2 (partitions x2), w=8 (warps), s=2 (stages), bn=128 (block_n)")
     ap.add_argument("--rep", type=int, default=200, help="do_bench's rep (ms) per timing (two timings each)")

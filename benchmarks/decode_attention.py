@@ -11,7 +11,12 @@ timed as replays of a CUDA graph holding the call (the executor replays the deco
 limit = bytes the kernel must read (cache codes + scales of every valid position, q, out) / measured copy
 bandwidth; "% copy bw" = limit / caramba time. Times are medians of triton.testing.do_bench (ms); caramba's caches
 under 256 MB rotate over up to 8 copies (one graph each) so that replays do not read them from L2. --batches,
---lengths, --dims pick part of the grid. Prints a markdown table last.
+--lengths, --dims pick part of the grid. --combine fused,two times split-K's combine both ways (attention.py's
+_KNOBS["fused_combine"]: the partitions' last program merges them, or a second launch), one row each;
+--sweep [P,...] also times the given partition counts. Prints a markdown table last.
+
+    python benchmarks/decode_attention.py --batches 1,8 --lengths 4096,32768 --kinds fp16,q8_0,q4_0 \
+        --combine fused,two --sweep 4,8,12,16,32 --no-compile
 """
 from __future__ import annotations
 
@@ -98,14 +103,16 @@ def main() -> None:
     ap.add_argument("--max-gb", type=float, default=12.0, help="skip configurations whose fp16 cache is larger")
     ap.add_argument("--kinds", default="fp16,q8_0,q4_0")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="also time partitions 1..128 per kind (tuning the model)")
+    ap.add_argument("--sweep", nargs="?", const="1,2,4,8,16,32,64,128", default="",
+                    help="also time these partition counts per kind (tuning the model); alone: 1,2,4,..,128")
+    ap.add_argument("--combine", default="fused", help="split-K's combine: fused, two (a second launch) or fused,two")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--lengths", default="4096,32768,131072")
     ap.add_argument("--dims", default="32-64-64,16-32-64")
     args = ap.parse_args()
     from triton.testing import do_bench
 
-    from caramba.codegen.triton import kernels
+    from caramba.codegen.triton import attention, kernels
 
     torch.manual_seed(0)
     bw = copy_bandwidth()
@@ -137,22 +144,32 @@ def main() -> None:
         del k_s, k_g, v
         torch.cuda.empty_cache()
         results = {}
+        combines = args.combine.split(",")
         for kind in args.kinds.split(","):
             cache = filled_cache(b, t, dims, kind)
             # caches under ~4x L2 rotate over copies, so replays do not read from L2
             copies = max(1, min(8, math.ceil(ROTATE_BYTES / (b * t * cache.spec.bytes_per_token_per_layer))))
             caches = [cache] + [filled_cache(b, t, dims, kind) for _ in range(copies - 1)]
-            replays = [graphed(kernels.bench_decode(c.layers[0], q_s, q_g, s_s, s_g, HEADS)) for c in caches]
-            turn = itertools.cycle(replays)
-            run = (lambda: next(turn)()) if copies > 1 else replays[0]
-            ms = do_bench(run, warmup=25, rep=100, return_mode="median")
             limit = kernel_bytes(cache, b, t, dims) / bw * 1e3
-            if args.sweep:
-                sweep = {p: do_bench(graphed(kernels.bench_decode(cache.layers[0], q_s, q_g, s_s, s_g, HEADS, p)),
-                                     warmup=10, rep=50, return_mode="median") for p in (1, 2, 4, 8, 16, 32, 64, 128)}
-                print(f"  sweep B={b} T={t} {kind}: " + ", ".join(f"P={p} {ms:.4f}" for p, ms in sweep.items()))
-            results[kind] = (ms, limit)
-            del cache, caches, replays, run
+            for combine in combines:
+                label = kind if len(combines) == 1 else f"{kind} {combine}"
+                saved = attention._KNOBS["fused_combine"]
+                attention._KNOBS["fused_combine"] = combine == "fused"  # read when each graph is captured
+                try:
+                    replays = [graphed(kernels.bench_decode(c.layers[0], q_s, q_g, s_s, s_g, HEADS)) for c in caches]
+                    turn = itertools.cycle(replays)
+                    run = (lambda: next(turn)()) if copies > 1 else replays[0]
+                    results[label] = (do_bench(run, warmup=25, rep=100, return_mode="median"), limit)
+                    if args.sweep:
+                        sweep = {p: do_bench(graphed(kernels.bench_decode(cache.layers[0], q_s, q_g, s_s, s_g, HEADS,
+                                                                          p)), warmup=10, rep=50, return_mode="median")
+                                 for p in map(int, args.sweep.split(","))}
+                        print(f"  sweep B={b} T={t} {label}: " +
+                              ", ".join(f"P={p} {ms:.4f}" for p, ms in sweep.items()), flush=True)
+                finally:
+                    attention._KNOBS["fused_combine"] = saved
+                del replays, run
+            del cache, caches
             torch.cuda.empty_cache()
         rows.append((b, t, dims, (peer_ms, results)))
         best = min(peer_ms.values())

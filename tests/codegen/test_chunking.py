@@ -3,10 +3,12 @@ other entries kept, a corrupt file set aside), and the pass writing them into th
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
-from caramba.codegen.triton.chunking import ChunkKey, Chunking, ChunkingPlan, bucket, cost_model, heads_per_program
+from caramba.codegen.triton.chunking import (ChunkKey, Chunking, ChunkingPlan, bucket, cost_model, even_split,
+                                             heads_per_program)
 
 H100_SMS = 132
 
@@ -34,6 +36,25 @@ def test_the_cost_model_fills_the_gpu_and_never_cuts_partitions_too_short():
     assert cost_model(key(length=1), H100_SMS).partitions == 1
     assert cost_model(key(dims=(128, 128, 128)), H100_SMS).block_n == 64
     assert cost_model(key(dims=(256, 256, 256)), H100_SMS).block_n == 32
+
+
+@pytest.mark.parametrize("tiles", [1, 2, 7, 47, 64, 100, 512, 2048])
+@pytest.mark.parametrize("partitions", [1, 2, 3, 9, 16, 66, 128])
+def test_even_split_keeps_the_split_and_drops_only_empty_partitions(tiles, partitions):
+    """The kernel's span is ceil(tiles / P) whole tiles; even_split gives the partitions that hold any: the same span
+    (the work per partition does not change), none of them empty."""
+    got = even_split(tiles, partitions)
+    span = math.ceil(tiles / partitions)
+    assert got <= partitions and math.ceil(tiles / got) == span
+    assert (got - 1) * span < tiles <= got * span
+
+
+def test_the_general_path_launches_no_always_empty_partition():
+    """B=1, 32 kv heads, 4k keys of fp16: 2 waves want 9 partitions of 64-key tiles, the ninth empty: 8. The wide
+    path (q8_0, tiles of a few keys) keeps the model's count."""
+    assert cost_model(key(), H100_SMS).partitions == 8
+    assert cost_model(key(kinds=("q8_0",) * 3), H100_SMS).partitions == 16
+    assert cost_model(key(batch=8, length=32768, kinds=("q4_0",) * 3), H100_SMS).partitions == 66
 
 
 def test_measured_decisions_are_kept_per_device_and_reloaded(tmp_path):

@@ -23,7 +23,8 @@ Launch functions (all tensors on one device; q's dtype, fp16 / bf16 / fp32, is t
         residual_len  R: the query at p reads key j exact from the fp16 ring (slot j % C) iff
                    max(window[b], p - R + 1) <= j, through its kind otherwise (block-scaled kinds only)
         partitions P: split-K over each row's keys; P > 1 writes (partial out, max, denominator) per partition in
-                   fp32 to the workspace and a second kernel combines them; P = 1 writes out directly
+                   fp32 to the workspace and the last program of each (row, head group) to finish merges them in
+                   the same launch (the fused combine, below); P = 1 writes out directly
         out        optional (B, H, d_v) in q's dtype; workspace optional fp32 (B, H, P, d_v + 2)
                    (decode_workspace), laid out [partial out (d_v) | running max (log2 units) | denominator]
         block_n    keys per tile (a power of two >= 16)
@@ -46,6 +47,20 @@ tile (any size, masked to the next power of two >= 16); the last dim of every bu
 within a row must fit in int32 (row and batch offsets are int64). The first call of a specialisation compiles the
 kernel and puts the NF4 table on the device: make it before capturing a CUDA graph (replays then only read
 lengths / window from their tensors).
+
+The fused combine (P > 1, _KNOBS["fused_combine"], on by default; off: a second launch, decode_combine, merges).
+Each program stores its partials, then (a CTA barrier, so every thread's stores come first) adds 1 to its (row, head
+group)'s int32 counter with acq_rel semantics at gpu scope; the program that reads P - 1 is the last, so every
+partial is visible to it (its add acquires what the others' adds released): it merges all P partitions from the
+workspace, its own included (decode_combine's sums: max-rescaled, an empty partition's m = -inf weighs 0), writes
+out and sets the counter back to 0. The counters (B x head groups int32, _counters) are allocated zeroed once per
+device and size and reused by every launch and CUDA-graph replay, so nothing is allocated or zeroed per call; the
+first call of a shape must come before capture (as for compiling). Launches sharing counters must not overlap
+(different streams at once). Why: at B=1 T=4k (H100, DBA 32 heads, fp16) the kernel took 2.07x the bandwidth
+limit, and the second launch (its gap in the graph, its own tail) was a large part; end to end it was ~0.02 ms a
+step over 16 layers. Offline SASS (sm_90, triton 3.9): MEMBAR.GPU, ATOMG.ADD.STRONG.GPU, CCTL.IVALL (L1
+invalidated), the merge's loads ld.global.cg; registers not above the two-launch kernel's (144 vs 158 general
+fp16, 154 vs 161 wide q4_0 P=128). Not yet measured on a GPU: benchmarks/NOTES_attention.md says what to run.
 
 Decode with one query head per kv head (H == H_kv, the DBA presets), no ring, power-of-two head dims and every
 tensor q8_0 / q4_0 or a float kind (at least one quantized) takes the wide path (_wide_source): a program covers
@@ -155,6 +170,7 @@ class _Spec:
     block_n: int
     interpret: bool
     wide: _Wide | None = None  # the wide decode path's tile, None for the general path
+    fused: bool = False  # P > 1: the partitions' last program merges them (no decode_combine launch)
 
     @property
     def tensors(self) -> tuple[_Tensor, ...]:
@@ -377,6 +393,55 @@ def decode_combine(ws, ws_sb, ws_sh, ws_sp, out, o_sb, o_sh):
 '''
 
 
+# The combine in the partial kernel's launch: each program has stored its partials; one acq_rel atomic add per
+# program on the (row, head group)'s counter publishes them (the barrier first: every thread's stores happen before
+# thread 0's release) and tells the last program to arrive, whose add acquires the others' stores; it merges every
+# partition's partial (decode_combine's sums, P in chunks of $CHUNK: registers) and puts the counter back to 0 for the
+# next launch or graph replay. Workspace reads skip L1 (.cg): an SM's L1 may hold lines of an earlier merge.
+_MERGE = '''    tl.debug_barrier()
+    counter = counters + b * tl.num_programs(1) + tl.program_id(1)
+    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == $P - 1:
+        mg_h = $H0 + tl.arange(0, $BLOCK_H)
+        mg_hm = tl.arange(0, $BLOCK_H) < $NH
+        mg_rows = b * ws_sb + mg_h * ws_sh
+        mg_p = tl.arange(0, $BLOCK_P)
+        mg_pm = mg_hm[:, None] & (mg_p < $P)[None, :]
+        mg_stat = ws + mg_rows[:, None] + mg_p[None, :] * ws_sp + $DV
+        mg_m = tl.load(mg_stat, mask=mg_pm, other=float("-inf"), cache_modifier=".cg")
+        mg_l = tl.load(mg_stat + 1, mask=mg_pm, other=0.0, cache_modifier=".cg")
+        # an empty partition has m = -inf and weight 0; a row with no key at all gives zeros
+        mg_max = tl.max(mg_m, 1)
+        mg_ref = tl.where(mg_max == float("-inf"), 0.0, mg_max)
+        mg_total = tl.sum(mg_l * tl.exp2(mg_m - mg_ref[:, None]), 1)
+        mg_d = tl.arange(0, $BLOCK_DV)
+        mg_dm = mg_d < $DV
+        mg_o = tl.zeros([$BLOCK_H, $BLOCK_DV], tl.float32)
+        for p0 in range(0, $P, $CHUNK):
+            mg_c = p0 + tl.arange(0, $CHUNK)
+            mg_cm = mg_hm[:, None] & (mg_c < $P)[None, :]
+            mg_at = mg_rows[:, None] + mg_c[None, :] * ws_sp  # (heads, chunk): each partial row
+            mg_w = tl.exp2(tl.load(ws + mg_at + $DV, mask=mg_cm, other=float("-inf"), cache_modifier=".cg")
+                           - mg_ref[:, None])
+            mg_x = tl.load(ws + mg_at[:, :, None] + mg_d[None, None, :],
+                           mask=mg_cm[:, :, None] & mg_dm[None, None, :], other=0.0, cache_modifier=".cg")
+            mg_o += tl.sum(mg_x * mg_w[:, :, None], 1)
+        mg_o = mg_o / tl.where(mg_total > 0, mg_total, 1.0)[:, None]
+        tl.store(out + b * o_sb + mg_h[:, None] * o_sh + mg_d[None, :], mg_o.to($CDT),
+                 mask=mg_hm[:, None] & mg_dm[None, :])
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+'''
+
+
+def _merge(spec: _Spec, first_head: str, n_heads: int) -> str:
+    """The fused combine's lines for a program of heads first_head .. first_head + n_heads - 1 (P > 1)."""
+    block_h, block_dv = _pow2(n_heads, least=1), spec.v.block
+    block_p = _pow2(spec.partitions, least=2)
+    # (heads, chunk, d_v) fp32 partials in flight: at most 4096 (32 registers a thread at 4 warps)
+    chunk = max(1, min(block_p, _floor2(4096 // (block_h * block_dv))))
+    return source.render(_MERGE, P=spec.partitions, H0=first_head, BLOCK_H=block_h, NH=n_heads, BLOCK_P=block_p,
+                         DV=spec.v.dim, BLOCK_DV=block_dv, CHUNK=chunk, CDT=spec.dtype)
+
+
 _DECODE_INIT = '''    m_i = tl.full([$BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([$BLOCK_G], tl.float32)
 '''
@@ -416,8 +481,9 @@ class _VPart:
 # Source choices of the blocked decode path (measured in benchmarks/attention_variants.py; _kernels is cached by
 # spec, so a change needs _kernels.cache_clear()): interleave_v puts a 4-bit v's even and odd features back in
 # order (one dot of qblock features per block) instead of two dots of qblock / 2 features; prefetch carries the
-# scales one tile ahead in registers.
-_KNOBS = {"interleave_v": True, "prefetch": True}
+# scales one tile ahead in registers. fused_combine (both decode paths, P > 1): the last program of each (row, head
+# group) merges the partitions in the partial kernel's launch; off: the second launch decode_combine.
+_KNOBS = {"interleave_v": True, "prefetch": True, "fused_combine": True}
 
 
 def _blocked(t: _Tensor) -> bool:
@@ -581,6 +647,8 @@ def _decode_epilogue(spec: _Spec) -> str:
             lines.append(f"    tl.store(ws + rows[:, None] + {a.cols}[None, :], {a.acc}, mask=gm[:, None]{cm})")
         lines += [f"    tl.store(ws + rows + {spec.v.dim}, m_i, mask=gm)",
                   f"    tl.store(ws + rows + {spec.v.dim + 1}, l_i, mask=gm)"]
+        if spec.fused:
+            lines.append(_merge(spec, f"kvh * {spec.group}", spec.group).rstrip("\n"))
     else:
         lines = ["    den = tl.where(l_i > 0, l_i, 1.0)[:, None]"]
         for a in parts:
@@ -612,7 +680,8 @@ def _decode_queries(spec: _Spec) -> str:
 
 def _decode_source(spec: _Spec) -> tuple[str, list[str]]:
     queries = [p for i in range(len(spec.keys)) for p in (f"q{i}", f"q{i}_sb", f"q{i}_sh")]
-    tail = ["lengths", *(["window"] if spec.ringed else []), "out", "o_sb", "o_sh", "ws", "ws_sb", "ws_sh", "ws_sp"]
+    tail = ["lengths", *(["window"] if spec.ringed else []), "out", "o_sb", "o_sh", "ws", "ws_sb", "ws_sh", "ws_sp",
+            *(["counters"] if spec.fused else [])]
     params = _signature(spec, queries, tail)
     subs = dict(BLOCK_N=spec.block_n, P=spec.partitions, BLOCK_G=_pow2(spec.group), G=spec.group,
                 BLOCK_DV=spec.v.block, DV=spec.v.dim, CDT=spec.dtype, BLOCK_P=_pow2(spec.partitions, least=2),
@@ -636,7 +705,7 @@ def _decode_source(spec: _Spec) -> tuple[str, list[str]]:
         body += source.render(first, LO=lo, **subs)
     body += _decode_epilogue(spec)
     text = _header(spec, "decode") + _def("decode_partial", params) + body
-    if spec.partitions > 1:
+    if spec.partitions > 1 and not spec.fused:
         text += source.render(_COMBINE, **subs)
     return text, params
 
@@ -950,6 +1019,8 @@ def _wide_epilogue(spec: _Spec, w: _Wide) -> str:
         for name, cols in parts:
             lines.append(f"    tl.store(ws + rows[:, None] + {cols}[None, :], {name})")
         lines += [f"    tl.store(ws + rows + {v.dim}, m_all)", f"    tl.store(ws + rows + {v.dim + 1}, l_all)"]
+        if spec.fused:
+            lines.append(_merge(spec, f"hg * {hp}", hp).rstrip("\n"))
     else:
         lines.append("    den = tl.where(l_all > 0, l_all, 1.0)[:, None]")
         for name, cols in parts:
@@ -961,7 +1032,7 @@ def _wide_epilogue(spec: _Spec, w: _Wide) -> str:
 def _wide_source(spec: _Spec) -> tuple[str, list[str]]:
     w = spec.wide
     queries = [p for i in range(len(spec.keys)) for p in (f"q{i}", f"q{i}_sb", f"q{i}_sh")]
-    tail = ["lengths", "out", "o_sb", "o_sh", "ws", "ws_sb", "ws_sh", "ws_sp"]
+    tail = ["lengths", "out", "o_sb", "o_sh", "ws", "ws_sb", "ws_sh", "ws_sp", *(["counters"] if spec.fused else [])]
     params = _signature(spec, queries, tail)
     bn = w.rows * w.streams
     v = spec.v
@@ -1003,7 +1074,7 @@ def _wide_source(spec: _Spec) -> tuple[str, list[str]]:
     subs = dict(P=spec.partitions, BLOCK_P=_pow2(spec.partitions, least=2), BLOCK_DV=spec.v.block, DV=spec.v.dim,
                 CDT=spec.dtype)
     text = _header(spec, "decode") + _def("decode_partial", params) + body
-    if spec.partitions > 1:
+    if spec.partitions > 1 and not spec.fused:
         text += source.render(_COMBINE, **subs)
     return text, params
 
@@ -1121,6 +1192,23 @@ def _levels(device: torch.device) -> torch.Tensor:
     if device not in _LEVELS:
         _LEVELS[device] = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
     return _LEVELS[device]
+
+
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """n int32 zeros on the device, one per (row, head group), for the fused combine: allocated and zeroed once
+    (outside any CUDA graph capture), then reused by every launch of that size, each leaving them at zero. Kept for
+    the process's life: a captured graph holds their address. Launches sharing them must not run concurrently
+    (one stream at a time)."""
+    found = _COUNTERS.get((device, n))
+    if found is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise AttentionLaunchError(f"decode attention's combine counters ({n} on {device}) are allocated by the "
+                                       f"first call of a shape: make one before capturing a CUDA graph")
+        found = _COUNTERS[(device, n)] = torch.zeros(n, dtype=torch.int32, device=device)
+    return found
 
 
 def _check_queries(q: Sequence[torch.Tensor], rank: int, n_views: int) -> list[torch.Tensor]:
@@ -1264,7 +1352,9 @@ def _decode_class(tensors: Sequence[_Tensor]) -> str:
 
 def decode_workspace(batch: int, heads: int, partitions: int, v_head_dim: int,
                      device: torch.device | str) -> torch.Tensor:
-    """fp32 (B, H, P, d_v + 2): per partition [partial out | running max (log2 units) | denominator]."""
+    """fp32 (B, H, P, d_v + 2): per partition [partial out | running max (log2 units) | denominator]. No need to
+    zero it: every program writes its partition's row, empty ones included. (The fused combine's counters are kept
+    in this module, _counters.)"""
     return torch.empty(batch, heads, partitions, v_head_dim + 2, dtype=torch.float32, device=device)
 
 
@@ -1291,8 +1381,9 @@ def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cache
     wide = _wide_plan((*keys, vt), group, kv_heads, options["num_warps"], block_n)
     if wide and wide.words and not _words_aligned((*k, v)):
         wide = dataclasses.replace(wide, words=False)
+    fused = partitions > 1 and bool(_KNOBS["fused_combine"])
     spec = _Spec(keys, vt, tuple(float(s) for s in scales), group, _DTYPES[q[0].dtype], residual_len, capacity,
-                 partitions, 16, block_n, source.interpreting(), wide)
+                 partitions, 16, block_n, source.interpreting(), wide, fused)
     out = _check_out(out, (batch, heads, vt.dim), q[0])
     ws = out
     if partitions > 1:
@@ -1311,8 +1402,10 @@ def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cache
     for t, view in zip((*keys, vt), views):
         args.update(_buffer_args(t, view, view.ring))
     grid = (batch, kv_heads // wide.heads if wide else kv_heads, partitions)
+    if fused:
+        args["counters"] = _counters(device, batch * grid[1])
     mod.decode_partial[grid](*(args[n] for n in params), **options)
-    if partitions > 1:
+    if partitions > 1 and not fused:
         # the combine holds P x d_v partials: more warps for many partitions (the wide path takes up to 128)
         warps = min(8, max(1, _pow2(partitions, least=2) * vt.block // 1024))
         mod.decode_combine[(batch, heads)](ws, ws.stride(0), ws.stride(1), ws.stride(2), out, out.stride(0),

@@ -4,12 +4,15 @@
 Cost model. Decode attention is memory-bound: each (row, kv head) reads its T keys and values once. One program
 per (row, HP kv heads, partition) streams T / P keys (HP: several adjacent heads on attention.py's wide path, else
 1); the GPU is busy when there are at least `waves` programs per SM, so P = ceil(waves · SMs / (B · H_kv / HP)),
-but no partition shorter than `min_keys` (a partition's fixed cost, the
-combine step's reads and the online-softmax epilogue, must stay small next to its stream), and at most
-`max_partitions` (the combine reads P partial rows). The key block is 64 keys for cache rows up to 256 bytes per
-head and 32 above (registers). Length buckets are powers of two (4k covers 2049..4096), so a decision holds for
-every length in its bucket; the decode CUDA graph is captured with the decision for max_seq_len's bucket and each
-partition takes its share of the row's current length in the kernel, so no recapture is needed as T grows.
+but no partition shorter than `min_keys` (a partition's fixed cost, the combine step's reads and the
+online-softmax epilogue, must stay small next to its stream), and at most `max_partitions` (the combine reads P
+partial rows). On the general path (HP = 1) P then drops the partitions that whole key blocks leave empty at the
+bucket's length (even_split: B=1, 32 kv heads, 4k keys: 9 -> 8, as 64 tiles in spans of 8 leave the ninth
+empty); the wide path's tiles are a few keys, so it keeps the count. The key block is 64 keys for cache rows up to
+256 bytes per head and 32 above (registers). Length buckets are powers of two (4k covers 2049..4096), so a
+decision holds for every length in its bucket; the decode CUDA graph is captured with the decision for
+max_seq_len's bucket and each partition takes its share of the row's current length in the kernel, so no recapture
+is needed as T grows.
 
 Measured. `ChunkingPlan.tune(key, measure)` times candidate (partitions, block) pairs with a caller's function,
 keeps the fastest, and saves it. The file (JSON, default $CARAMBA_CACHE_DIR/chunking.json, else
@@ -77,7 +80,18 @@ def cost_model(key: ChunkKey, sm_count: int, *, waves: int = 2, min_keys: int = 
         waves, max_partitions = wide_waves, wide_max_partitions
     want = math.ceil(waves * sm_count / programs)
     longest = max(1, key.length_bucket // min_keys)
-    return Chunking(max(1, min(want, longest, max_partitions)), block_n)
+    partitions = max(1, min(want, longest, max_partitions))
+    if hp == 1:  # the general path's partitions are whole tiles of block_n keys: drop those left empty
+        partitions = even_split(math.ceil(key.length_bucket / block_n), partitions)
+    return Chunking(partitions, block_n)
+
+
+def even_split(tiles: int, partitions: int) -> int:
+    """The partitions that hold keys when `tiles` tiles split into `partitions` spans of whole tiles (the kernel's
+    ceil(tiles / P) a span): 64 tiles in 9 partitions fill 8 spans of 8 and leave the ninth empty, so 8. An empty
+    partition still launches its programs (queries, an empty stream, a partial row, the combine's counter) and is
+    one more row for the combine to read."""
+    return math.ceil(tiles / math.ceil(tiles / partitions))
 
 
 def heads_per_program(key: ChunkKey) -> int:
