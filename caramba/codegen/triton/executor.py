@@ -27,6 +27,12 @@ compiled, autotuned, buffers allocated); the second captures the decode graph ag
 a static (2, B) input buffer; every later step sends ids and positions in one copy through pinned memory, replays,
 and does the bookkeeping in Python while the GPU runs (before the replay when a residual ring's window starts,
 which the replay reads, depend on it).
+Errors: kernels cannot raise, so kv_append ORs what the reference would refuse (NaN/inf, overflow, a bad position)
+into an error flag on the device. By default (target option check_values="deferred") a decode step's flag goes to
+pinned host memory asynchronously and is read during the next call, while the GPU runs that one: forward never
+waits for the GPU, and an error is raised one call late (or by check()), with the failed step and every step since
+undone. The Generator calls check() after its per-token host read, so its errors come before the token is used.
+"step" reads the flag in each step's own call (one sync a step); "off" reads nothing. Prefill always reports at once.
 Nothing in the decode graph depends on the cache length as a shape (the decode entry has no `past`-shaped value:
 checked when the executor is built), so the graph is never recaptured as the cache grows. Partitions for
 split-K are fixed per (batch, longest length) by choose_chunking's cuda plan; each partition takes its share of
