@@ -7,7 +7,9 @@ script is what runs them compiled, with CUDA graphs). Run on the device machine:
    (the reference interpreter on the CPU) at every step: a 13-token prefill, then 40 decode steps replayed from
    one CUDA graph (captured once; the length grows as data) for fp32, fp16, q8_0, q4_0 (+ a residual ring) and
    nf4 caches. Logits max |diff| / max |ref| <= 1e-3 (fp32 compute: kernel sums in another order, TF32 off).
-2. Decode attention alone at long and odd lengths (T = 4099, 33 000; head dims 24/40/64), every kind and partition
+2. A replayed decode step the cache append refuses (NaN): raised by the next call, both steps undone, decoding
+   goes on as the reference's.
+3. Decode attention alone at long and odd lengths (T = 4099, 33 000; head dims 24/40/64), every kind and partition
    counts 1..16, against a float64 reference on the CPU of the same cache contents.
 """
 from __future__ import annotations
@@ -62,6 +64,45 @@ def check_executor() -> None:
                 record(f"executor {family} {kind}: decode graph captured once and replayed", 1.0, 0.0)
 
 
+def check_deferred_errors() -> None:
+    """A replayed decode step whose k holds NaN (a poisoned embedding row): the next call raises, both steps are
+    undone, and decoding goes on to give the reference's logits (check_values "deferred": pinned copies, events)."""
+    from caramba.runtime.quant import NonFiniteError
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", attention="decoupled", n_layers=2)).eval()
+    cuda, eager = caramba.compile(model, target="cuda"), caramba.compile(model, target="eager")
+    config = CacheConfig.of(eager.cache_layout, "q8_0", max_seq_len=64)
+    ex, ref = cuda.executor(config), eager.executor(config)
+    c_gpu, c_ref = ex.new_cache(1), ref.new_cache(1)
+    ids = torch.randint(1, 256, (1, 20), generator=torch.Generator().manual_seed(3))
+    ex.forward(ids[:, :5].cuda(), torch.arange(5)[None].cuda(), c_gpu)
+    ref.forward(ids[:, :5], torch.arange(5)[None], c_ref)
+    for t in range(5, 9):  # eager warm-up, capture, replays
+        ex.forward(ids[:, t:t + 1], torch.tensor([[t]]), c_gpu)
+        ref.forward(ids[:, t:t + 1], torch.tensor([[t]]), c_ref)
+    name = next(n for n in ex._prefill.graph.params if "embed" in n)
+    table = ex._prefill._params[[n for n in ex._prefill.graph.params].index(name)][1]
+    saved = table[0].clone()
+    table[0] = float("nan")
+    ex.forward(torch.tensor([[0]]), torch.tensor([[9]]), c_gpu)  # refused, reported late
+    table[0] = saved
+    raised = False
+    try:
+        ex.forward(ids[:, 9:10], torch.tensor([[10]]), c_gpu)
+    except NonFiniteError:
+        raised = True
+    record("deferred error raised by the next replayed step", 0.0 if raised else 1.0, 0.0)
+    record("both steps undone", 0.0 if c_gpu.lengths(0) == (9,) else 1.0, 0.0)
+    worst = 0.0
+    for t in range(9, 14):
+        got = ex.forward(ids[:, t:t + 1], torch.tensor([[t]]), c_gpu).cpu()
+        want = ref.forward(ids[:, t:t + 1], torch.tensor([[t]]), c_ref)
+        worst = max(worst, float((got - want).abs().max() / want.abs().max()))
+    ex.check()
+    record(f"decoding after the undo matches eager (replays {ex.stats['graph_replays']})", worst, 1e-3)
+
+
 def check_decode_attention() -> None:
     from caramba.codegen.triton import attention
     from caramba.ir.ops_cache import _cached_attention
@@ -104,6 +145,7 @@ def main() -> None:
     t0 = time.time()
     check_decode_attention()
     check_executor()
+    check_deferred_errors()
     bad = [r for r in RESULTS if not r[3]]
     print(f"\n{len(RESULTS) - len(bad)}/{len(RESULTS)} checks passed in {time.time() - t0:.0f} s")
     for name, err, tol, _ in bad:
