@@ -19,6 +19,7 @@ from caramba.passes.fuse_cached_attention import fuse_cached_attention
 from caramba.passes.fuse_decoupled_attention import fuse_decoupled_attention
 from caramba.passes.fuse_layer_norm import fuse_layer_norm
 from caramba.passes.fuse_linears import fuse_linears
+from caramba.passes.fuse_norm_linear import fuse_norm_linear
 from caramba.passes.fuse_rms_norm import fuse_rms_norm
 from caramba.passes.fuse_rope import fuse_rope
 from caramba.passes.fuse_swiglu import fuse_swiglu
@@ -43,6 +44,7 @@ FUSE_DECOUPLED_ATTENTION = Pass("fuse_decoupled_attention", fuse_decoupled_atten
 FUSE_SWIGLU = Pass("fuse_swiglu", fuse_swiglu)
 FUSE_LINEARS = Pass("fuse_linears", fuse_linears)
 FUSE_SWIGLU_LINEAR = Pass("fuse_swiglu_linear", fuse_swiglu_linear)
+FUSE_NORM_LINEAR = Pass("fuse_norm_linear", fuse_norm_linear)
 INSERT_KV_CACHE = Pass("insert_kv_cache", insert_kv_cache)
 INSERT_KV_DEQUANT = Pass("insert_kv_dequant", insert_kv_dequant)
 FUSE_CACHED_ATTENTION = Pass("fuse_cached_attention", fuse_cached_attention)
@@ -86,6 +88,9 @@ def pipeline_for(target: str) -> list[Pass]:
         *([FUSE_LINEARS] if target == "cuda" else []),
         # The down projection computes the activation it reads (cuda: the GEMV kernel's prologue).
         *([FUSE_SWIGLU_LINEAR] if target == "cuda" else []),
+        # A norm read by one product is folded into it (cuda: the GEMV scales by the row's rstd). After
+        # fuse_linears, which leaves the q|k|v and gate|up norms one reader each.
+        *([FUSE_NORM_LINEAR] if target == "cuda" else []),
         # The KV cache comes after this list, once a cache kind is chosen: see cache_pipeline_for.
         # Phase 3: cleanup after fusion. Fusions leave dead tables and duplicated views behind; CSE is safe now
         # that nothing pattern-matches across layers, and canonicalize + DCE tidy what CSE exposes.

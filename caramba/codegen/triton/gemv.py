@@ -14,12 +14,15 @@ launch nor a round trip through memory:
                        0 writes s, the residual stream, once
 Rounding of the norm fusions: the normed row is never formed, so its rounding to the norm's `dtype` (and the
 weight's placement, `weight_in_fp32`) is not reproduced; each product sees s·w·rstd in fp32, one rounding of y at
-the end. Against a float64 reference this is at least as close as the unfused ops (tests/codegen/test_norm_linear.py).
+the end: within the output dtype's rounding of a float64 reference, as the unfused ops (test_norm_linear.py).
 
 Measured (benchmarks/gemv.py, H100, CUDA-graph replays, cold L2): 51-105% of copy bandwidth against cuBLAS's
 45-93% over the 1b presets' weights at one row; with 8 rows the best of 36 tensor-core configurations beat cuBLAS
 by 0-7% and the default lost up to 15%, so more than one row goes to cuBLAS (torch's F.linear), as prefill does;
-the norm fusions then run the norms kernel and F.linear.
+the norm fusions then run the norms kernel and F.linear. Norm fusions (--norm, fp16, choose_norm's tiles): q|k|v
+8192x2048 14.6 us against 15.9 for add_rms_norm + GEMV (13.6 for the GEMV alone), gate|up 16384x2048 26.3 / 27.3
+(24.8); the head gains nothing (171.3 / 171.5). Decode step at 4k context, batch 1 (e2e_decode): 1b-dba 1.55 ->
+1.53 ms, 1b-gqa 1.26 -> 1.24 ms.
 
     linear(x, w, bias=None, *, config=None) -> Tensor   x (..., K) with one row (any layout with unit stride
                                                          along K), w (N, K) contiguous, bias (N,) or None;
@@ -27,7 +30,7 @@ the norm fusions then run the norms kernel and F.linear.
     swiglu_linear(gate, up, w, bias=None, *, config=None) -> Tensor
     rms_norm_linear(x, norm_weight, w, bias=None, *, eps, dtype, weight_in_fp32, config=None) -> Tensor
     add_rms_norm_linear(a, b, norm_weight, w, bias=None, *, eps, dtype, weight_in_fp32, config=None) -> (s, y)
-    choose(n, k): the launch configuration per shape
+    choose(n, k), choose_norm(n, k): the launch configuration per shape (plain and swiglu; norm fusions)
 """
 from __future__ import annotations
 
@@ -89,6 +92,7 @@ def _load_x(prologue: str, dtype: torch.dtype, nw_dtype: torch.dtype, masked: bo
     swiglu op's roundings (silu rounded to the dtype, then the product); or the norm's input s times the norm
     weight, s² summed into `ss` (for add_rms_norm s = x + u rounded to the dtype and stored by program 0)."""
     mask = ", mask=kmask, other=0.0" if masked else ""
+    store_mask = "kmask & first" if masked else "first"
 
     def load(ptr: str, dt: torch.dtype = dtype) -> str:
         return to_f32(f"tl.load({ptr} + k0 + rk{mask})", dt)
@@ -98,8 +102,7 @@ def _load_x(prologue: str, dtype: torch.dtype, nw_dtype: torch.dtype, masked: bo
                    f"act = {round_f32('g / (1.0 + tl.exp(-g))', dtype)}", f"x = {round_f32('act * u', dtype)}"],
         "rms_norm": [f"x = {load('x_ptr')}"],
         "add_rms_norm": [f"a = {load('x_ptr')}", f"b = {load('u_ptr')}", f"x = {round_f32('a + b', dtype)}",
-                         f"tl.store(s_ptr + k0 + rk, {from_f32('x', dtype)}, "
-                         f"mask={'kmask & first' if masked else 'first'})"],
+                         f"tl.store(s_ptr + k0 + rk, {from_f32('x', dtype)}, mask={store_mask})"],
     }[prologue]
     if prologue in _NORMS:
         lines += ["ss += x * x", f"x = x * {load('nw_ptr', nw_dtype)}"]
@@ -128,9 +131,19 @@ class Config:
 
 def choose(n: int, k: int) -> Config:
     """The launch configuration for an (N, K) weight, from the sweep of benchmarks/gemv.py on an H100 (2026-11-22,
-    the best of 36 per shape over the 1b presets' weights): (8, 1024) tiles, 8 warps, 2 stages. The norm fusions
-    use it too until their own sweep (benchmarks/gemv.py --norm) says otherwise."""
+    the best of 36 per shape over the 1b presets' weights): (8, 1024) tiles, 8 warps, 2 stages."""
     return Config(block_n=8, block_k=min(1024, max(64, next_pow2(k))), warps=8, stages=2)
+
+
+def choose_norm(n: int, k: int) -> Config:
+    """The launch configuration of the norm fusions, from benchmarks/gemv.py --norm on an H100 (fp16, one row, the
+    best of 54 per shape, then re-measured): 4 warps (8 lost 2-18%); (4, 512) tiles for the layers' products
+    (q|k|v 8192x2048: 14.5 us against 16.4 with the GEMV's (8, 1024, 8 warps) and 15.8 unfused; gate|up
+    16384x2048: 25.9 / 29.8 / 26.9); (8, 1024) tiles for the head (128256x2048: 169.8 us, unfused 169.9, (4, 512)
+    171.7), where the launch the fusion saves is lost in the weight's time."""
+    if n >= 65536:
+        return Config(block_n=8, block_k=min(1024, max(64, next_pow2(k))), warps=4, stages=2)
+    return Config(block_n=4, block_k=min(512, max(64, next_pow2(k))), warps=4, stages=2)
 
 
 @functools.lru_cache(maxsize=None)
@@ -216,7 +229,7 @@ def _launch(prologue: str, x: torch.Tensor, u: torch.Tensor | None, norm_weight:
             config: Config | None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """One row through the kernel: (s for add_rms_norm else None, y (..., N) in w's dtype)."""
     n, k = w.shape
-    cfg = config or choose(n, k)
+    cfg = config or (choose_norm(n, k) if prologue in _NORMS else choose(n, k))
     row = x if x.is_contiguous() else x.contiguous()
     u = row if u is None else (u if u.is_contiguous() else u.contiguous())
     nw = row if norm_weight is None else norm_weight.contiguous()
