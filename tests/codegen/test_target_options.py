@@ -38,14 +38,16 @@ def test_bad_target_options_are_refused_before_capture(model, target, options, m
 
 
 def test_cuda_options_reach_the_executor(model, monkeypatch):
-    """gemv=False sends every linear to torch (its reference op), graph_segments is kept for the capture, and a
+    """gemv=False sends every product (linear and the ops fused into one) to torch (their reference ops), graph_segments is kept for the capture, and a
     segment count below 1 is refused when the executor is built (TRITON_INTERPRET=1: the CPU runs the kernels)."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     cm = caramba.compile(model, target="cuda", target_options={"gemv": False, "graph_segments": 2})
     ex = cm.executor(CacheConfig.of(cm.cache_layout, "fp16", max_seq_len=32))
     assert ex.gemv is False and ex.graph_segments == 2
-    assert not any(st.impl.__module__.endswith("gemv") for st in ex._decode._steps if st.node.op == "linear")
+    products = [st for st in ex._decode._steps if "linear" in st.node.op]
+    assert {st.node.op for st in products} >= {"linear", "swiglu_linear", "add_rms_norm_linear"}
+    assert not any(st.impl.__module__.endswith("gemv") for st in products)
     bad = caramba.compile(model, target="cuda", target_options={"graph_segments": 0})
     with pytest.raises(ValueError, match="graph_segments must be >= 1"):
         bad.executor(CacheConfig.of(bad.cache_layout, "fp16", max_seq_len=32))

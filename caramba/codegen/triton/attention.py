@@ -48,7 +48,7 @@ within a row must fit in int32 (row and batch offsets are int64). The first call
 kernel and puts the NF4 table on the device: make it before capturing a CUDA graph (replays then only read
 lengths / window from their tensors).
 
-The fused combine (P > 1, _KNOBS["fused_combine"], on by default; off: a second launch, decode_combine, merges).
+The fused combine (P > 1, _KNOBS["fused_combine"], off by default: a second launch, decode_combine, merges).
 Each program stores its partials, then (a CTA barrier, so every thread's stores come first) adds 1 to its (row, head
 group)'s int32 counter with acq_rel semantics at gpu scope; the program that reads P - 1 is the last, so every
 partial is visible to it (its add acquires what the others' adds released): it merges all P partitions from the
@@ -60,7 +60,9 @@ first call of a shape must come before capture (as for compiling). Launches shar
 limit, and the second launch (its gap in the graph, its own tail) was a large part; end to end it was ~0.02 ms a
 step over 16 layers. Offline SASS (sm_90, triton 3.9): MEMBAR.GPU, ATOMG.ADD.STRONG.GPU, CCTL.IVALL (L1
 invalidated), the merge's loads ld.global.cg; registers not above the two-launch kernel's (144 vs 158 general
-fp16, 154 vs 161 wide q4_0 P=128). Not yet measured on a GPU: benchmarks/NOTES_attention.md says what to run.
+fp16, 154 vs 161 wide q4_0 P=128). Measured on an H100 (2026-11-22, decode_attention.py --combine fused,two): no
+gain for fp16 (0.028 against 0.029 ms at B=1 T=4k: the second launch was not the cost) and 3-14% slower on the wide
+path (the merging program reads P partial rows alone, at the tail), so the default is two launches.
 
 Decode with one query head per kv head (H == H_kv, the DBA presets), no ring, power-of-two head dims and every
 tensor q8_0 / q4_0 or a float kind (at least one quantized) takes the wide path (_wide_source): a program covers
@@ -483,7 +485,7 @@ class _VPart:
 # order (one dot of qblock features per block) instead of two dots of qblock / 2 features; prefetch carries the
 # scales one tile ahead in registers. fused_combine (both decode paths, P > 1): the last program of each (row, head
 # group) merges the partitions in the partial kernel's launch; off: the second launch decode_combine.
-_KNOBS = {"interleave_v": True, "prefetch": True, "fused_combine": True}
+_KNOBS = {"interleave_v": True, "prefetch": True, "fused_combine": False}
 
 
 def _blocked(t: _Tensor) -> bool:

@@ -197,8 +197,8 @@ class CudaExecutor(Executor):
                 return self._attention_impl(node, entry)
             if node in self._ropes:
                 return self._deferred_rope(node)
-            if node.op == "linear" and not self.gemv:
-                return None  # cuBLAS for every linear (target option gemv=False)
+            if node.op in _GEMV_OPS and not self.gemv:
+                return None  # their torch references: cuBLAS for every product (target option gemv=False)
             return self.kernels.launcher_for(node)
         return impl
 
@@ -352,6 +352,9 @@ class CudaExecutor(Executor):
         self.stats["captures"] += 1
         log.info("captured the decode step as a CUDA graph (batch %d)", g.batch)
 
+
+# ops whose one-row launch is gemv.py's GEMV; gemv=False keeps their torch references (cuBLAS)
+_GEMV_OPS = ("linear", "swiglu_linear", "rms_norm_linear", "add_rms_norm_linear")
 
 # check_values: "deferred" (a decode step's errors raised by the next call or check()), "step" (by its own call:
 # one sync a step), "off"
