@@ -105,7 +105,8 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--sweep", nargs="?", const="1,2,4,8,16,32,64,128", default="",
                     help="also time these partition counts per kind (tuning the model); alone: 1,2,4,..,128")
-    ap.add_argument("--combine", default="fused", help="split-K's combine: fused, two (a second launch) or fused,two")
+    ap.add_argument("--combine", default="", help="split-K's combine: fused, two (a second launch) or fused,two "
+                    "(default: attention.py's _KNOBS['fused_combine'], off)")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--lengths", default="4096,32768,131072")
     ap.add_argument("--dims", default="32-64-64,16-32-64")
@@ -144,7 +145,8 @@ def main() -> None:
         del k_s, k_g, v
         torch.cuda.empty_cache()
         results = {}
-        combines = args.combine.split(",")
+        combines = args.combine.split(",") if args.combine else \
+            ["fused" if attention._KNOBS["fused_combine"] else "two"]
         for kind in args.kinds.split(","):
             cache = filled_cache(b, t, dims, kind)
             # caches under ~4x L2 rotate over copies, so replays do not read from L2

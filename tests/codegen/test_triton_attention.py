@@ -302,7 +302,8 @@ def test_decode_wide_variants(knobs, kinds, monkeypatch):
 
 
 def test_decode_wide_float_kinds_only(monkeypatch):
-    """Every tensor a float kind takes the general path by default; the float knob sends it the wide way."""
+    """Every tensor a float kind (fp16, bf16, fp32 mixed) takes the wide path when the float knob is on (the
+    default)."""
     monkeypatch.setattr(A, "_WIDE_KNOBS", {**A._WIDE_KNOBS, "float": True})
     case = Case({"k_sem": "fp16", "k_geo": "bf16", "v": "fp32"}, WIDE_DBA, heads=2, kv_heads=2, prefix=[36, 9],
                 step=1)
@@ -339,7 +340,7 @@ def test_decode_wide_odd_heads_and_qblocks(kv_heads, qblock):
     run_decode(case, torch.float16, partitions=2, block_n=32)
 
 
-def test_decode_wide_is_not_taken_with_groups_rings_or_nf4():
+def test_decode_wide_is_not_taken_with_groups_rings_or_nf4(monkeypatch):
     gqa = Case({"k": "q8_0", "v": "q8_0"}, {"k": 32, "v": 32}, heads=4, kv_heads=2, prefix=[3], step=1)
     assert wide_plan(gqa, torch.float16, 32) is None
     nf4 = Case({"k": "nf4", "v": "q8_0"}, {"k": 32, "v": 32}, heads=2, kv_heads=2, prefix=[3], step=1)
@@ -347,7 +348,9 @@ def test_decode_wide_is_not_taken_with_groups_rings_or_nf4():
     straddling = Case({"k": "q8_0", "v": "q8_0"}, {"k": 24, "v": 32}, heads=2, kv_heads=2, prefix=[3], step=1)
     assert wide_plan(straddling, torch.float16, 32) is None
     floats = Case({"k": "fp16", "v": "fp16"}, {"k": 32, "v": 32}, heads=2, kv_heads=2, prefix=[3], step=1)
-    assert wide_plan(floats, torch.float16, 32) is None  # unless the float knob says so (below)
+    assert wide_plan(floats, torch.float16, 32) is not None  # the float knob is on (measured: see _WIDE_KNOBS)
+    monkeypatch.setattr(A, "_WIDE_KNOBS", {**A._WIDE_KNOBS, "float": False})
+    assert wide_plan(floats, torch.float16, 32) is None
     ringed = A._Tensor("k0", "q8_0", 32, 32, True)
     assert A._wide_plan((ringed, ringed), 1, 2, 4, 32) is None
     assert A.decode_heads_per_program((32, 64, 64), ("q8_0",) * 3, 32, 32) == 8

@@ -8,11 +8,13 @@ but no partition shorter than `min_keys` (a partition's fixed cost, the combine 
 online-softmax epilogue, must stay small next to its stream), and at most `max_partitions` (the combine reads P
 partial rows). On the general path (HP = 1) P then drops the partitions that whole key blocks leave empty at the
 bucket's length (even_split: B=1, 32 kv heads, 4k keys: 9 -> 8, as 64 tiles in spans of 8 leave the ninth
-empty); the wide path's tiles are a few keys, so it keeps the count. The wide path's constants (8 waves, partitions
-of at least 32 keys, at most 128) come from a sweep on an H100 (DBA 32/64/64, 32 heads, q8_0 and q4_0, 2026-11-22,
+empty); the wide path's tiles are a few keys, so it keeps the count, rounded down to a power of two. The wide
+path's constants (8 waves, partitions of at least 32 keys and at most 128; float caches 16 and 256) come from sweeps on an H100 (DBA 32/64/64, 32 heads, q8_0 and q4_0, 2026-11-22,
 benchmarks/decode_attention.py --sweep): B=1 T=4k ran 0.052 ms at the 16 partitions the former 256-key floor
 allowed (64 programs on 132 SMs) and 0.022 ms at 128; B=8 T=4k was within 10% from 12 to 32 partitions, B=32
-within 5% from 8 to 16, and the former 16 waves gave 66 partitions at B=8 (9% slower than 16). The key block is 64 keys for cache rows up to
+within 5% from 8 to 16 (9 ran 12% slower), and the former 16 waves gave 66 partitions at B=8 (9% slower than
+16). fp16 on the wide path at B=1: 256 partitions against 128: T=128k 0.46 against 0.51 ms, T=32k 0.13 against
+0.14, T=4k 0.029 against 0.032. The key block is 64 keys for cache rows up to
 256 bytes per head and 32 above (registers). Length buckets are powers of two (4k covers 2049..4096), so a
 decision holds for every length in its bucket; the decode CUDA graph is captured with the decision for
 max_seq_len's bucket and each partition takes its share of the row's current length in the kernel, so no recapture
@@ -83,12 +85,19 @@ def cost_model(key: ChunkKey, sm_count: int, *, waves: int = 2, min_keys: int = 
     programs = key.batch * max(1, key.kv_heads // hp)
     if hp > 1:  # the wide path's programs are small (5-6 an SM): several waves of them balance better
         waves, min_keys, max_partitions = wide_waves, wide_min_keys, wide_max_partitions
+        if all(k in FLOAT_KINDS for k in key.kinds):  # float rows are longer: shorter, more partitions
+            min_keys, max_partitions = min_keys // 2, max_partitions * 2
     want = math.ceil(waves * sm_count / programs)
     longest = max(1, key.length_bucket // min_keys)
     partitions = max(1, min(want, longest, max_partitions))
     if hp == 1:  # the general path's partitions are whole tiles of block_n keys: drop those left empty
         partitions = even_split(math.ceil(key.length_bucket / block_n), partitions)
+    else:  # powers of two (9 and 6 partitions ran 5-13% slower than 8 on the H100 at B=32 q8_0)
+        partitions = 1 << (partitions.bit_length() - 1)
     return Chunking(partitions, block_n)
+
+
+FLOAT_KINDS = ("fp16", "bf16", "fp32")
 
 
 def even_split(tiles: int, partitions: int) -> int:
