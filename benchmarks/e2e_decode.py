@@ -164,7 +164,8 @@ def bench_caramba(model, batch, context, steps, kind: str, variant: str = "full"
         graph = next(iter(ex._graphs.values())).graph  # the decode step's graph, replayed alone: device time only
         replay = timed_steps(lambda i: graph.replay(), steps, warmup=2)
         print(f"--- caramba {kind} {variant} B={batch}: {seconds * 1e3:.3f} ms a step, of which graph replay alone "
-              f"{replay * 1e3:.3f} ms (the rest: host time the GPU waited for: bookkeeping, input copies, launches) ---")
+              f"{replay * 1e3:.3f} ms (the rest: host time the GPU waited for: bookkeeping, input copies, "
+              f"launches) ---")
         print(f"--- caramba {kind} {variant} B={batch}: 8 decode steps, by device time ---")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
     return seconds, cache.spec.bytes_per_token

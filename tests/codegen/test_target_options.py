@@ -38,8 +38,9 @@ def test_bad_target_options_are_refused_before_capture(model, target, options, m
 
 
 def test_cuda_options_reach_the_executor(model, monkeypatch):
-    """gemv=False sends every product (linear and the ops fused into one) to torch (their reference ops), graph_segments is kept for the capture, and a
-    segment count below 1 is refused when the executor is built (TRITON_INTERPRET=1: the CPU runs the kernels)."""
+    """gemv=False sends every product (linear and the ops fused into one) to torch (their reference ops),
+    graph_segments is kept for the capture, and a segment count below 1 is refused when the executor is built;
+    check_values reaches the executor and is checked there (TRITON_INTERPRET=1: the CPU runs the kernels)."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     cm = caramba.compile(model, target="cuda", target_options={"gemv": False, "graph_segments": 2})

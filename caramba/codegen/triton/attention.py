@@ -744,9 +744,9 @@ class _Wide:
 # the numbers): wide = take it when the shapes allow; float = also when every tensor is a float kind (on an H100,
 # 2026-11-22, attention_variants.py --knobs float=1 with chunking.py's partitions: fp16 B=8/32 T=32k 93% -> 99-101%
 # of copy bandwidth, dims 16/32/64 B=8 80% -> 92%, B=1 T=128k 86% -> 97% and T=32k 79% -> 86% at 256 partitions,
-# B=1 T=4k and dims 16/32/64 at B=1 equal; the first sweep, before the finer split, had it slower); heads = most kv heads per program; bytes = code bytes
-# per thread per tile (R from it: small tiles keep registers low, so more programs per SM); prefetch, magic, words
-# as _Wide.
+# B=1 T=4k and dims 16/32/64 at B=1 equal; the first sweep, before the finer split, had it slower); heads = most
+# kv heads per program; bytes = code bytes per thread per tile (R from it: small tiles keep registers low, so more
+# programs per SM); prefetch, magic, words as _Wide.
 _WIDE_KNOBS: dict[str, Any] = {"wide": True, "float": True, "heads": 8, "bytes": 32, "magic": True,
                                "prefetch": True, "words": True, "lazy": 0.0}
 

@@ -9,13 +9,13 @@ online-softmax epilogue, must stay small next to its stream), and at most `max_p
 partial rows). On the general path (HP = 1) P then drops the partitions that whole key blocks leave empty at the
 bucket's length (even_split: B=1, 32 kv heads, 4k keys: 9 -> 8, as 64 tiles in spans of 8 leave the ninth
 empty); the wide path's tiles are a few keys, so it keeps the count, rounded down to a power of two. The wide
-path's constants (8 waves, partitions of at least 32 keys and at most 128; float caches 16 and 256) come from sweeps on an H100 (DBA 32/64/64, 32 heads, q8_0 and q4_0, 2026-11-22,
-benchmarks/decode_attention.py --sweep): B=1 T=4k ran 0.052 ms at the 16 partitions the former 256-key floor
-allowed (64 programs on 132 SMs) and 0.022 ms at 128; B=8 T=4k was within 10% from 12 to 32 partitions, B=32
-within 5% from 8 to 16 (9 ran 12% slower), and the former 16 waves gave 66 partitions at B=8 (9% slower than
-16). fp16 on the wide path at B=1: 256 partitions against 128: T=128k 0.46 against 0.51 ms, T=32k 0.13 against
-0.14, T=4k 0.029 against 0.032. The key block is 64 keys for cache rows up to
-256 bytes per head and 32 above (registers). Length buckets are powers of two (4k covers 2049..4096), so a
+path's constants (8 waves, partitions of at least 32 keys and at most 128; float caches 16 and 256) come from
+sweeps on an H100 (DBA 32/64/64, 32 heads, q8_0 and q4_0, 2026-11-22, benchmarks/decode_attention.py --sweep):
+B=1 T=4k ran 0.052 ms at the 16 partitions the former 256-key floor allowed (64 programs on 132 SMs) and 0.022
+ms at 128; B=8 T=4k was within 10% from 12 to 32 partitions, B=32 within 5% from 8 to 16 (9 ran 12% slower), and
+the former 16 waves gave 66 partitions at B=8 (9% slower than 16). fp16 on the wide path at B=1: 256 partitions
+against 128: T=128k 0.46 against 0.51 ms, T=32k 0.13 against 0.14, T=4k 0.029 against 0.032. The key block is 64
+keys for cache rows up to 256 bytes per head and 32 above (registers). Length buckets are powers of two (4k covers 2049..4096), so a
 decision holds for every length in its bucket; the decode CUDA graph is captured with the decision for
 max_seq_len's bucket and each partition takes its share of the row's current length in the kernel, so no recapture
 is needed as T grows.
