@@ -20,10 +20,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="target cuda's kernels need triton (pip install triton)")
 
 from caramba.codegen.triton import gemv  # noqa: E402
-from caramba.ir import DType, get_op  # noqa: E402
+from caramba.ir import DType  # noqa: E402
+from tests.codegen.kernel_helpers import BF16, DEVICE, F16, F32, assert_product, randn, reference  # noqa: E402
 
-DEVICE = "cuda" if os.environ["TRITON_INTERPRET"] == "0" and torch.cuda.is_available() else "cpu"
-F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 EPS = 1e-5
 CONFIGS = [None, gemv.Config(4, 64, 4, 2), gemv.Config(16, 256, 8, 3)]
 
@@ -31,16 +30,6 @@ CONFIGS = [None, gemv.Config(4, 64, 4, 2), gemv.Config(16, 256, 8, 3)]
 def configs(k: int) -> list[gemv.Config | None]:
     """Every tile shape on narrow rows; the default on wide ones (the interpreter is slow on many small tiles)."""
     return CONFIGS if k <= 100 else [None]
-
-
-def randn(*shape, dtype=F32, scale=1.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
-
-
-def reference(op: str, *inputs, **attrs):
-    opdef = get_op(op)
-    return opdef.impl(*inputs, **opdef.full_attrs(attrs))
 
 
 def norm_weight(kind: str, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
@@ -62,10 +51,8 @@ def exact(s: torch.Tensor, nw: torch.Tensor, w: torch.Tensor, bias: torch.Tensor
 def assert_close_to_exact(y: torch.Tensor, want: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
     """Within the output dtype's rounding of float64 (fp32: of its sums), as the unfused reference is."""
     tol = torch.finfo(dtype).eps * (2.0 if dtype != F32 else 64.0)
-    scale = max(want.abs().max().item(), 1.0)
-    assert (ref.double() - want).abs().max().item() <= tol * scale  # the reference itself is that close
-    assert (y.double() - want).abs().max().item() <= tol * scale
-    torch.testing.assert_close(y, ref, rtol=2 * tol, atol=2 * tol * scale)
+    assert (ref.double() - want).abs().max().item() <= tol * max(want.abs().max().item(), 1.0)  # so is the reference
+    assert_product(y, want, ref, dtype)
 
 
 @pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)

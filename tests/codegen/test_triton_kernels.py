@@ -30,28 +30,18 @@ from caramba.codegen.triton.norms import (add_layer_norm, add_rms_norm, layer_no
                                           rms_norm_fp32)
 from caramba.codegen.triton.rope import rope  # noqa: E402
 from caramba.codegen.triton.swiglu import swiglu  # noqa: E402
-from caramba.ir import DType, get_op  # noqa: E402
+from caramba.ir import DType  # noqa: E402
 from caramba.runtime.kv_cache import CacheOverflowError, CachedTensor, CacheSpec, KVCache  # noqa: E402
 from caramba.runtime.quant import parse_kind  # noqa: E402
 from caramba.runtime.quant import NonFiniteError  # noqa: E402
 
-DEVICE = "cuda" if os.environ["TRITON_INTERPRET"] == "0" and torch.cuda.is_available() else "cpu"
-F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+from tests.codegen.kernel_helpers import BF16, DEVICE, F16, F32, assert_product, randn, reference  # noqa: E402
+
 ROW_SHAPES = [(1, 24), (3, 7, 100), (300, 24), (2, 200)]  # one row, odd widths, many rows
-
-
-def randn(*shape, dtype=F32, scale=1.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
 
 
 def poisoned(shape, dtype):
     return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
-
-
-def reference(op: str, *inputs, **attrs):
-    opdef = get_op(op)
-    return opdef.impl(*inputs, **opdef.full_attrs(attrs))
 
 
 def check(out: torch.Tensor, ref: torch.Tensor, exact: torch.Tensor, ulps: float = 2,
@@ -240,11 +230,7 @@ def test_gemv_one_row_against_float64(dtype, n, k, bias):
     exact = x.double() @ w.double().T + (b.double() if bias else 0)
     assert y.shape == (1, 1, n) and y.dtype == dtype and bool(torch.isfinite(y).all())
     # fp32 sums in another order, one rounding to the output dtype at the end
-    tol = torch.finfo(dtype).eps * (1.0 if dtype != F32 else 64.0)
-    scale = max(exact.abs().max().item(), 1.0)
-    assert (y.double() - exact).abs().max().item() <= tol * scale
-    ref = reference("linear", x, w, b)
-    torch.testing.assert_close(y, ref, rtol=2 * tol, atol=2 * tol * scale)
+    assert_product(y, exact, reference("linear", x, w, b), dtype, ulps=1.0)
 
 
 def test_gemv_tile_configurations_and_strided_row():
@@ -272,11 +258,7 @@ def test_swiglu_linear_computes_the_activation_in_the_loop(dtype):
         act = (g * torch.sigmoid(g)).to(dtype).double() * up.double()  # silu rounded to the dtype first
         exact = act.to(dtype).double() @ w.double().T
         assert y.shape == (rows, 1, n) and y.dtype == dtype
-        tol = torch.finfo(dtype).eps * (2.0 if dtype != F32 else 64.0)
-        scale = max(exact.abs().max().item(), 1.0)
-        assert (y.double() - exact).abs().max().item() <= tol * scale
-        ref = reference("swiglu_linear", gate, up, w)
-        torch.testing.assert_close(y, ref, rtol=2 * tol, atol=2 * tol * scale)
+        assert_product(y, exact, reference("swiglu_linear", gate, up, w), dtype)
 
 
 def test_gemv_hands_what_it_does_not_take_to_f_linear():
