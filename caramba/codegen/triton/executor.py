@@ -182,9 +182,7 @@ class CudaExecutor(Executor):
             first[id(s.cache)] = (c, starts, n + 1)
         for c, starts, n in first.values():
             _undo(c, starts, n)
-        from caramba.codegen.triton.kv_append import error_for
-
-        err = error_for(bits)
+        err = self.kernels.error_for(bits)
         raise type(err)(f"{err} (decode step at positions {step.starts}; it and the {len(undone) - 1} step(s) run "
                         f"after it were undone)")
 

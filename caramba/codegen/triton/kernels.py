@@ -76,6 +76,11 @@ def raise_if_error(flag: torch.Tensor | None) -> None:
         _module("kv_append").raise_if_error(flag)
 
 
+def error_for(bits: int) -> Exception:
+    """What raise_if_error raises for a flag holding `bits` (nonzero), read by the caller (asynchronously)."""
+    return _module("kv_append").error_for(bits)
+
+
 def _views(lc: Any, names: Sequence[str]):
     from caramba.codegen.triton.attention import CacheView
 
