@@ -7,13 +7,15 @@ One query token per row against a cache of k_sem, k_geo, v with 32 heads (H_kv =
 (sem, geo, v). Peers on the same fp16 data: eager ((q_s·k_sᵀ)·s_s + (q_g·k_gᵀ)·s_g, fp32 softmax, ·v), sdpa_cat
 (F.scaled_dot_product_attention on [q_s·s_s ‖ q_g·s_g] and [k_s ‖ k_g] with scale 1), compiled (torch.compile of
 eager). caramba reads a KVCache of the given kind through codegen/triton (dequantising in registers, split-K),
-timed as replays of a CUDA graph holding the call (the executor replays the decode step so); peers as launched.
+timed as replays of a CUDA graph holding >= 8 calls in a row (the executor replays the decode step, ~8 kernels a
+layer, so: one call's time without a graph launch each), the time per call; peers as launched.
 limit = bytes the kernel must read (cache codes + scales of every valid position, q, out) / measured copy
 bandwidth; "% copy bw" = limit / caramba time. Times are medians of triton.testing.do_bench (ms); caramba's caches
-under 256 MB rotate over up to 8 copies (one graph each) so that replays do not read them from L2. --batches,
+under 256 MB rotate over up to 8 copies (in the graph's calls) so that replays do not read them from L2. --batches,
 --lengths, --dims pick part of the grid. --combine fused,two times split-K's combine both ways (attention.py's
-_KNOBS["fused_combine"]: the partitions' last program merges them, or a second launch), one row each;
---sweep [P,...] also times the given partition counts. Prints a markdown table last.
+_KNOBS["fused_combine"]: the partitions' last program merges them, or a second launch), one row each; --pdl
+on,off times the kernels launched with and without programmatic dependent launch (jit_helpers); --sweep [P,...]
+also times the given partition counts. Prints a markdown table last.
 
     python benchmarks/decode_attention.py --batches 1,8 --lengths 4096,32768 --kinds fp16,q8_0,q4_0 \
         --combine fused,two --sweep 4,8,12,16,32 --no-compile
@@ -77,19 +79,32 @@ def filled_cache(b: int, t: int, dims: tuple[int, int, int], kind: str) -> KVCac
     return cache
 
 
-def graphed(fn):
-    """fn captured in a CUDA graph (as the executor runs the decode step): replays time the GPU work, not
-    Python's launch overhead."""
+CALLS = 8  # calls a graph holds at least
+
+
+def graphed(fns):
+    """The calls `fns` (in turn, repeated to >= CALLS) captured in one CUDA graph, as the executor runs the decode
+    step: (replay, calls). Replays time the GPU work, not Python's launch overhead nor the graph's own launch."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
+        for fn in fns:
             fn()
     torch.cuda.current_stream().wait_stream(stream)
+    calls = list(fns) * math.ceil(CALLS / len(fns))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+        for fn in calls:
+            fn()
+    return graph.replay, len(calls)
+
+
+def per_call(fns, **bench) -> float:
+    """ms per call of the graph of `fns` (graphed), the median of do_bench."""
+    from triton.testing import do_bench
+
+    replay, calls = graphed(fns)
+    return do_bench(replay, return_mode="median", **bench) / calls
 
 
 def kernel_bytes(cache: KVCache, b: int, t: int, dims) -> int:
@@ -107,6 +122,8 @@ def main() -> None:
                     help="also time these partition counts per kind (tuning the model); alone: 1,2,4,..,128")
     ap.add_argument("--combine", default="", help="split-K's combine: fused, two (a second launch) or fused,two "
                     "(default: attention.py's _KNOBS['fused_combine'], off)")
+    ap.add_argument("--pdl", default="on", help="on, off or on,off: kernels launched with programmatic dependent "
+                    "launch (jit_helpers.pdl; on: where the GPU and Triton support it)")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--lengths", default="4096,32768,131072")
     ap.add_argument("--dims", default="32-64-64,16-32-64")
@@ -114,6 +131,7 @@ def main() -> None:
     from triton.testing import do_bench
 
     from caramba.codegen.triton import attention, kernels
+    from caramba.codegen.triton.jit_helpers import pdl_enabled
 
     torch.manual_seed(0)
     bw = copy_bandwidth()
@@ -153,24 +171,25 @@ def main() -> None:
             copies = max(1, min(8, math.ceil(ROTATE_BYTES / (b * t * cache.spec.bytes_per_token_per_layer))))
             caches = [cache] + [filled_cache(b, t, dims, kind) for _ in range(copies - 1)]
             limit = kernel_bytes(cache, b, t, dims) / bw * 1e3
-            for combine in combines:
-                label = kind if len(combines) == 1 else f"{kind} {combine}"
+            pdls = args.pdl.split(",")
+            for combine, pdl in itertools.product(combines, pdls):
+                label = " ".join([kind, *([combine] if len(combines) > 1 else []),
+                                  *([f"pdl={pdl}"] if len(pdls) > 1 else [])])
                 saved = attention._KNOBS["fused_combine"]
                 attention._KNOBS["fused_combine"] = combine == "fused"  # read when each graph is captured
                 try:
-                    replays = [graphed(kernels.bench_decode(c.layers[0], q_s, q_g, s_s, s_g, HEADS)) for c in caches]
-                    turn = itertools.cycle(replays)
-                    run = (lambda: next(turn)()) if copies > 1 else replays[0]
-                    results[label] = (do_bench(run, warmup=25, rep=100, return_mode="median"), limit)
-                    if args.sweep:
-                        sweep = {p: do_bench(graphed(kernels.bench_decode(cache.layers[0], q_s, q_g, s_s, s_g, HEADS,
-                                                                          p)), warmup=10, rep=50, return_mode="median")
-                                 for p in map(int, args.sweep.split(","))}
-                        print(f"  sweep B={b} T={t} {label}: " +
-                              ", ".join(f"P={p} {ms:.4f}" for p, ms in sweep.items()), flush=True)
+                    with pdl_enabled(pdl == "on"):  # read at each launch, so when the graph is captured
+                        calls = [kernels.bench_decode(c.layers[0], q_s, q_g, s_s, s_g, HEADS) for c in caches]
+                        results[label] = (per_call(calls, warmup=25, rep=100), limit)
+                        if args.sweep:
+                            sweep = {p: per_call([kernels.bench_decode(c.layers[0], q_s, q_g, s_s, s_g, HEADS, p)
+                                                  for c in caches], warmup=10, rep=50)
+                                     for p in map(int, args.sweep.split(","))}
+                            print(f"  sweep B={b} T={t} {label}: " +
+                                  ", ".join(f"P={p} {ms:.4f}" for p, ms in sweep.items()), flush=True)
                 finally:
                     attention._KNOBS["fused_combine"] = saved
-                del replays, run
+                del calls
             del cache, caches
             torch.cuda.empty_cache()
         rows.append((b, t, dims, (peer_ms, results)))

@@ -129,7 +129,8 @@ def bench_peer(model, batch, context, steps, compiled: bool) -> float:
 # caramba variants (--variants): what each leaves out, to measure what each part brings
 VARIANTS = {"full": ({}, ()), "nogemv": ({"gemv": False}, ()), "base": ({"gemv": False}, ("fuse_linears",)),
             "segments4": ({"graph_segments": 4}, ()),
-            "checkstep": ({"check_values": "step"}, ())}  # the error flag read in each step's call (a sync a step)
+            "checkstep": ({"check_values": "step"}, ()),  # the error flag read in each step's call (a sync a step)
+            "nopdl": ({"pdl": False}, ())}  # kernels launched without programmatic dependent launch
 
 
 def bench_caramba(model, batch, context, steps, kind: str, variant: str = "full") -> tuple[float, int]:

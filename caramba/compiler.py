@@ -160,7 +160,9 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
     (com.microsoft GroupQueryAttention), mode (auto/concat/scatter/shadow/contrib), threads;
     cuda cuda_graphs, gemv (one-row linears through the GEMV kernel rather than cuBLAS; default on),
     graph_segments (CUDA graphs the decode step is captured as; 1), check_values (when the cache append's error
-    bits are read: "deferred" by the next call, the default; "step" by each step's own call; "off").
+    bits are read: "deferred" by the next call, the default; "step" by each step's own call; "off"), pdl (kernels
+    launched with programmatic dependent launch on Hopper and later GPUs: each starts during the previous one's
+    tail; default on).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"caramba.compile expects a torch.nn.Module, got {type(model).__name__}")
@@ -198,7 +200,7 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
 # What each target's executor accepts as target_options (passed to its factory in runtime/executor.py).
 TARGET_OPTIONS: dict[str, dict[str, type]] = {
     "onnx": {"ort_contrib": bool, "mode": str, "threads": int},
-    "cuda": {"cuda_graphs": bool, "gemv": bool, "graph_segments": int, "check_values": str},
+    "cuda": {"cuda_graphs": bool, "gemv": bool, "graph_segments": int, "check_values": str, "pdl": bool},
     "eager": {}, "metal": {},
 }
 

@@ -101,6 +101,7 @@ from typing import Any, Sequence
 import torch
 
 from caramba.codegen.triton import source
+from caramba.codegen.triton.jit_helpers import PDL_PROLOGUE, pdl_kwargs
 from caramba.errors import CarambaError
 from caramba.runtime.quant import NF4_LEVELS, SCALE_DTYPE, code_width, n_blocks, parse_kind
 
@@ -327,7 +328,10 @@ def _signature(spec: _Spec, queries: list[str], tail: list[str]) -> list[str]:
 
 
 def _def(name: str, params: list[str]) -> str:
-    return f"\n\n@triton.jit\ndef {name}(\n    " + ",\n    ".join(params) + ",\n):\n"
+    """The kernel's def line, with the PDL constexpr, and its PDL prologue (jit_helpers): every kernel here waits
+    for the previous one before its first load (q, the lengths and the cache row just appended are its outputs)."""
+    return f"\n\n@triton.jit\ndef {name}(\n    " + ",\n    ".join(params) + ",\n    PDL: tl.constexpr,\n):\n" + \
+        PDL_PROLOGUE
 
 
 def _load_call(t: _Tensor, keys: str, feats: str, mask: str) -> str:
@@ -375,7 +379,8 @@ _DECODE_PROLOGUE = '''    b = tl.program_id(0).to(tl.int64)
 _COMBINE = '''
 
 @triton.jit
-def decode_combine(ws, ws_sb, ws_sh, ws_sp, out, o_sb, o_sh):
+def decode_combine(ws, ws_sb, ws_sh, ws_sp, out, o_sb, o_sh, PDL: tl.constexpr):
+$PDL_PROLOGUE
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     parts = tl.arange(0, $BLOCK_P)
@@ -708,7 +713,7 @@ def _decode_source(spec: _Spec) -> tuple[str, list[str]]:
     body += _decode_epilogue(spec)
     text = _header(spec, "decode") + _def("decode_partial", params) + body
     if spec.partitions > 1 and not spec.fused:
-        text += source.render(_COMBINE, **subs)
+        text += source.render(_COMBINE, PDL_PROLOGUE=PDL_PROLOGUE.rstrip(), **subs)
     return text, params
 
 
@@ -1079,7 +1084,7 @@ def _wide_source(spec: _Spec) -> tuple[str, list[str]]:
                 CDT=spec.dtype)
     text = _header(spec, "decode") + _def("decode_partial", params) + body
     if spec.partitions > 1 and not spec.fused:
-        text += source.render(_COMBINE, **subs)
+        text += source.render(_COMBINE, PDL_PROLOGUE=PDL_PROLOGUE.rstrip(), **subs)
     return text, params
 
 
@@ -1408,12 +1413,13 @@ def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cache
     grid = (batch, kv_heads // wide.heads if wide else kv_heads, partitions)
     if fused:
         args["counters"] = _counters(device, batch * grid[1])
-    mod.decode_partial[grid](*(args[n] for n in params), **options)
+    pdl = pdl_kwargs(device)
+    mod.decode_partial[grid](*(args[n] for n in params), **options, **pdl)
     if partitions > 1 and not fused:
         # the combine holds P x d_v partials: more warps for many partitions (the wide path takes up to 128)
         warps = min(8, max(1, _pow2(partitions, least=2) * vt.block // 1024))
         mod.decode_combine[(batch, heads)](ws, ws.stride(0), ws.stride(1), ws.stride(2), out, out.stride(0),
-                                           out.stride(1), num_warps=warps)
+                                           out.stride(1), num_warps=warps, **pdl)
     return out
 
 
@@ -1470,5 +1476,6 @@ def prefill_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cach
         args.update({f"q{i}": x, f"q{i}_sb": x.stride(0), f"q{i}_sh": x.stride(1), f"q{i}_ss": x.stride(2)})
     for t, view, x in zip(tensors, views, exact):
         args.update(_buffer_args(t, view, x))
-    mod.prefill[(math.ceil(n_q / block_m), batch, heads)](*(args[n] for n in params), **_launch_options(spec))
+    mod.prefill[(math.ceil(n_q / block_m), batch, heads)](*(args[n] for n in params), **_launch_options(spec),
+                                                          **pdl_kwargs(device))
     return out

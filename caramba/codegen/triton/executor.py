@@ -79,7 +79,7 @@ class CudaExecutor(Executor):
 
     def __init__(self, program: CachedProgram, vocab_size: int, device: torch.device, *,
                  cuda_graphs: bool | None = None, gemv: bool = True,
-                 graph_segments: int = GRAPH_SEGMENTS, check_values: str = "deferred") -> None:
+                 graph_segments: int = GRAPH_SEGMENTS, check_values: str = "deferred", pdl: bool = True) -> None:
         super().__init__(program, vocab_size, device)
         from caramba.codegen.triton import kernels
 
@@ -88,6 +88,7 @@ class CudaExecutor(Executor):
         if graph_segments < 1:
             raise InputError(f"target option graph_segments must be >= 1, got {graph_segments}")
         self.graph_segments = graph_segments
+        self.pdl = pdl  # kernels launched with programmatic dependent launch where supported (jit_helpers.pdl)
         weights = _to_device({**program.prefill.weights, **program.decode.weights}, self.device)
         self._windows: dict[int, torch.Tensor] = {}  # id(cache) -> (n_layers, batch) int32 window starts
         # rope nodes whose only reader is a cache append (k, through its head-merging views): the append kernel
@@ -115,6 +116,12 @@ class CudaExecutor(Executor):
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Inputs may live on the CPU (as the Generator makes them) or on the device; the bookkeeping reads the
         CPU copy, so a decode step never waits for the GPU before it is launched."""
+        from caramba.codegen.triton.jit_helpers import pdl_enabled
+
+        with pdl_enabled(self.pdl):  # launches and captures alike
+            return self._step(input_ids, positions, cache)
+
+    def _step(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         self._step_memo = None  # (positions, starts, ready) of the step being run: see _starts_ready
         starts = positions[:, 0].tolist()
         n_new = positions.shape[1]

@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from caramba.codegen.triton import norms, source
-from caramba.codegen.triton.jit_helpers import HELPERS, TL_DTYPE, from_f32, next_pow2, round_f32, to_f32
+from caramba.codegen.triton.jit_helpers import (HELPERS, PDL_TRIGGER, PDL_WAIT, TL_DTYPE, from_f32, next_pow2,
+                                                pdl_kwargs, round_f32, to_f32)
 from caramba.codegen.triton.swiglu import swiglu
 from caramba.ir.types import DType
 
@@ -52,7 +53,8 @@ $HELPERS
 
 @triton.jit
 def $NAME(x_ptr, u_ptr, nw_ptr, w_ptr, b_ptr, s_ptr, y_ptr, N, K, swn, eps, HAS_BIAS: tl.constexpr,
-          EVEN_K: tl.constexpr):
+          EVEN_K: tl.constexpr, PDL: tl.constexpr):
+$TRIGGER
     rn = tl.program_id(0) * $BLOCK_N + tl.arange(0, $BLOCK_N)
     nmask = rn < N
     rn_in = tl.where(nmask, rn, 0).to(tl.int64)  # rows past N read row 0 (never stored): unmasked weight loads
@@ -60,7 +62,20 @@ def $NAME(x_ptr, u_ptr, nw_ptr, w_ptr, b_ptr, s_ptr, y_ptr, N, K, swn, eps, HAS_
     w_ptrs = w_ptr + rn_in[:, None] * swn + rk[None, :]
     acc = tl.zeros([$BLOCK_N, $BLOCK_K], dtype=tl.float32)
 $INIT
-    for k0 in range(0, K, $BLOCK_K):
+    # the first K tile, peeled: its weights are read before waiting on the kernel that writes the row (PDL)
+    if EVEN_K:
+        w = tl.load(w_ptrs)
+    else:
+        w = tl.load(w_ptrs, mask=(rk < K)[None, :], other=0.0)
+$WAIT
+    if EVEN_K:
+$LOAD_X0
+    else:
+        kmask = rk < K
+$LOAD_X0_MASKED
+    acc += w.to(tl.float32) * x[None, :]
+    w_ptrs += $BLOCK_K
+    for k0 in range($BLOCK_K, K, $BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs)
 $LOAD_X
@@ -87,26 +102,28 @@ _WHAT = {"x": "x", "swiglu": "swiglu(gate, up)", "rms_norm": "rms_norm(x), rstd 
 _NORMS = ("rms_norm", "add_rms_norm")
 
 
-def _load_x(prologue: str, dtype: torch.dtype, nw_dtype: torch.dtype, masked: bool) -> str:
+def _load_x(prologue: str, dtype: torch.dtype, nw_dtype: torch.dtype, masked: bool, at: str = "k0 + rk",
+            indent: int = 12) -> str:
     """Source for the row at the K tile k0 as fp32 (`x`): read as is; the swiglu activation of gate and up with the
     swiglu op's roundings (silu rounded to the dtype, then the product); or the norm's input s times the norm
-    weight, s² summed into `ss` (for add_rms_norm s = x + u rounded to the dtype and stored by program 0)."""
+    weight, s² summed into `ss` (for add_rms_norm s = x + u rounded to the dtype and stored by program 0).
+    at: the tile's offsets (the peeled first tile's are rk)."""
     mask = ", mask=kmask, other=0.0" if masked else ""
     store_mask = "kmask & first" if masked else "first"
 
     def load(ptr: str, dt: torch.dtype = dtype) -> str:
-        return to_f32(f"tl.load({ptr} + k0 + rk{mask})", dt)
+        return to_f32(f"tl.load({ptr} + {at}{mask})", dt)
     lines = {
         "x": [f"x = {load('x_ptr')}"],
         "swiglu": [f"g = {load('x_ptr')}", f"u = {load('u_ptr')}",
                    f"act = {round_f32('g / (1.0 + tl.exp(-g))', dtype)}", f"x = {round_f32('act * u', dtype)}"],
         "rms_norm": [f"x = {load('x_ptr')}"],
         "add_rms_norm": [f"a = {load('x_ptr')}", f"b = {load('u_ptr')}", f"x = {round_f32('a + b', dtype)}",
-                         f"tl.store(s_ptr + k0 + rk, {from_f32('x', dtype)}, mask={store_mask})"],
+                         f"tl.store(s_ptr + {at}, {from_f32('x', dtype)}, mask={store_mask})"],
     }[prologue]
     if prologue in _NORMS:
         lines += ["ss += x * x", f"x = x * {load('nw_ptr', nw_dtype)}"]
-    return "\n".join(" " * 12 + line for line in lines)
+    return "\n".join(" " * indent + line for line in lines)
 
 
 def _init(prologue: str, block_k: int) -> str:
@@ -154,7 +171,9 @@ def _kernel(prologue: str, x_dtype: torch.dtype, nw_dtype: torch.dtype | None, o
         _TEMPLATE, INIT=_init(prologue, block_k), X_DTYPE=TL_DTYPE[x_dtype], DTYPE=TL_DTYPE[out_dtype],
         BLOCK_N=block_n, BLOCK_K=block_k, WHAT=_WHAT[prologue], NAME=_NAME[prologue], HELPERS=HELPERS,
         LOAD_X=_load_x(prologue, x_dtype, nw_dtype, False), LOAD_X_MASKED=_load_x(prologue, x_dtype, nw_dtype, True),
-        SCALE=_scale(prologue))
+        LOAD_X0=_load_x(prologue, x_dtype, nw_dtype, False, "rk", 8),
+        LOAD_X0_MASKED=_load_x(prologue, x_dtype, nw_dtype, True, "rk", 8), SCALE=_scale(prologue),
+        TRIGGER=PDL_TRIGGER.rstrip("\n"), WAIT=PDL_WAIT.rstrip("\n"))
     return source.load(text, "gemv").kernel
 
 
@@ -239,5 +258,6 @@ def _launch(prologue: str, x: torch.Tensor, u: torch.Tensor | None, norm_weight:
                      cfg.block_k)
     kernel[(-(-n // cfg.block_n),)](row, u, nw, w, bias if bias is not None else w, s if s is not None else y, y, n,
                                     k, w.stride(0), float(eps), HAS_BIAS=bias is not None,
-                                    EVEN_K=k % cfg.block_k == 0, num_warps=cfg.warps, num_stages=cfg.stages)
+                                    EVEN_K=k % cfg.block_k == 0, num_warps=cfg.warps, num_stages=cfg.stages,
+                                    **pdl_kwargs(x.device))
     return s, y

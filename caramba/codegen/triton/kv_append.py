@@ -42,7 +42,8 @@ from dataclasses import dataclass
 import torch
 
 from caramba.codegen.triton import source
-from caramba.codegen.triton.jit_helpers import HELPERS, check_float, from_f32, next_pow2, round_f32, to_f32
+from caramba.codegen.triton.jit_helpers import (HELPERS, PDL_PROLOGUE, check_float, from_f32, next_pow2, pdl_kwargs,
+                                                round_f32, to_f32)
 from caramba.runtime.kv_cache import CacheOverflowError
 from caramba.runtime.quant import (NF4_LEVELS, SCALE_DTYPE, CacheKind, NonFiniteError, check_qblock, code_width,
                                    n_blocks, parse_kind)
@@ -275,7 +276,8 @@ def _layer_kernel(parts: tuple[_Part, ...]):
     text = (f'"""caramba kv_append: {len(parts)} cached tensor(s) of one layer in one launch."""\n'
             "import triton\nimport triton.language as tl\n" + HELPERS +
             "".join(_part_source(p, i) for i, p in enumerate(parts)) +
-            "\n\n@triton.jit\ndef kv_append(starts_ptr, err_ptr, T, S, " + ", ".join(names) + "):\n"
+            "\n\n@triton.jit\ndef kv_append(starts_ptr, err_ptr, T, S, " + ", ".join(names) +
+            ", PDL: tl.constexpr):\n" + PDL_PROLOGUE +
             "    pid = tl.program_id(0)\n    which = tl.program_id(1)\n" + "\n".join(calls) +
             "\n\n\nkernel = kv_append  # the name profilers show\n")
     return source.load(text, "kv_append").kernel
@@ -409,7 +411,7 @@ def _launch(prepared: list[tuple[_Part, dict]], x: torch.Tensor, starts: torch.T
         args += [info["args"][a] for a in order]
     grid = (max(p[1]["programs"] for p in prepared), len(prepared))
     _layer_kernel(tuple(p[0] for p in prepared))[grid](starts, error if error is not None else starts, n_new,
-                                                       seqs.pop(), *args, num_warps=4)
+                                                       seqs.pop(), *args, num_warps=4, **pdl_kwargs(dev))
 
 
 def error_flag(device: torch.device | str) -> torch.Tensor:

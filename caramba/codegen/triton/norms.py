@@ -22,8 +22,8 @@ from typing import Sequence
 import torch
 
 from caramba.codegen.triton import source
-from caramba.codegen.triton.jit_helpers import (HELPERS, check_float, from_f32, next_pow2, num_warps, round_f32,
-                                                rows_per_program, to_f32)
+from caramba.codegen.triton.jit_helpers import (HELPERS, PDL_PROLOGUE, check_float, from_f32, next_pow2,
+                                                num_warps, pdl_kwargs, round_f32, rows_per_program, to_f32)
 from caramba.ir.types import DType
 
 MAX_WIDTH = 32768
@@ -34,7 +34,9 @@ import triton.language as tl
 $HELPERS
 
 @triton.jit
-def $NAME(a_ptr, b_ptr, w_ptr, bias_ptr, s_ptr, y_ptr, n_rows, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+def $NAME(a_ptr, b_ptr, w_ptr, bias_ptr, s_ptr, y_ptr, n_rows, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+          PDL: tl.constexpr):
+$PDL_PROLOGUE
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)[:, None]  # (ROWS, 1)
     cols = tl.arange(0, BLOCK)[None, :]  # (1, BLOCK)
     keep = cols < $D
@@ -76,7 +78,7 @@ def _kernel(name: str, x_dtype: torch.dtype, w_dtype: torch.dtype | None, b_dtyp
     load_a = load("a_ptr", x_dtype, "offs", "mask")
     text = source.render(
         _TEMPLATE, NAME=name, D=d, X_DTYPE=x_dtype, W_DTYPE=w_dtype, B_DTYPE=b_dtype, OUT_DTYPE=out_dtype,
-        HELPERS=HELPERS, LOAD_A=load_a, ADD=add, CENTER=center,
+        HELPERS=HELPERS, PDL_PROLOGUE=PDL_PROLOGUE.rstrip(), LOAD_A=load_a, ADD=add, CENTER=center,
         ROUND_S=round_f32(f"x + {load('b_ptr', x_dtype, 'offs', 'mask')}", x_dtype),
         STORE_S=from_f32("x", x_dtype),
         W_IN_FP32=w_dtype is not None and w_in_fp32, W_AFTER=w_dtype is not None and not w_in_fp32,
@@ -129,7 +131,8 @@ def _run(name: str, a: torch.Tensor, b: torch.Tensor | None, w: torch.Tensor | N
     rows = rows_per_program(block)
     kernel[(math.ceil(n_rows / rows),)](a, a if b is None else b, a if w is None else w,
                                         a if bias is None else bias, a if s is None else s, y, n_rows, float(eps),
-                                        ROWS=rows, BLOCK=block, num_warps=num_warps(rows * block))
+                                        ROWS=rows, BLOCK=block, num_warps=num_warps(rows * block),
+                                        **pdl_kwargs(a.device))
     return s, y
 
 

@@ -21,8 +21,8 @@ import math
 import torch
 
 from caramba.codegen.triton import source
-from caramba.codegen.triton.jit_helpers import (HELPERS, check_float, from_f32, next_pow2, num_warps, round_f32,
-                                                rows_per_program, to_f32)
+from caramba.codegen.triton.jit_helpers import (HELPERS, PDL_PROLOGUE, check_float, from_f32, next_pow2,
+                                                num_warps, pdl_kwargs, round_f32, rows_per_program, to_f32)
 
 _TEMPLATE = '''"""caramba rope: d=$D, rotary_dim=$R, interleaved=$INTERLEAVED, x $X_DTYPE, tables $C_DTYPE -> $OUT_DTYPE."""
 import triton
@@ -31,7 +31,8 @@ $HELPERS
 
 @triton.jit
 def rope(x_ptr, cos_ptr, sin_ptr, y_ptr, n_rows, n1, n2,
-           sx0, sx1, sx2, sc0, sc1, sc2, ss0, ss1, ss2, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+           sx0, sx1, sx2, sc0, sc1, sc2, ss0, ss1, ss2, ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+$PDL_PROLOGUE
     row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS))[:, None]  # (ROWS, 1) over (n0, n1, n2), int32 math
     i0, i1, i2 = (row // (n1 * n2)).to(tl.int64), ((row // n2) % n1).to(tl.int64), (row % n2).to(tl.int64)
     j = tl.arange(0, BLOCK)[None, :]  # (1, BLOCK)
@@ -66,7 +67,7 @@ def _kernel(x_dtype: torch.dtype, c_dtype: torch.dtype, s_dtype: torch.dtype, ou
 
     text = source.render(
         _TEMPLATE, D=d, R=r, HALF=r // 2, INTERLEAVED=interleaved, X_DTYPE=x_dtype,
-        C_DTYPE=f"{c_dtype}/{s_dtype}", OUT_DTYPE=out_dtype, HELPERS=HELPERS,
+        C_DTYPE=f"{c_dtype}/{s_dtype}", OUT_DTYPE=out_dtype, HELPERS=HELPERS, PDL_PROLOGUE=PDL_PROLOGUE.rstrip(),
         LOAD_X=load("x_row + j", x_dtype, f"live & (j < {d})"),
         LOAD_XP=load("x_row + partner", x_dtype, "live & rot"),
         LOAD_COS=load("cos_ptr + i0 * sc0 + i1 * sc1 + i2 * sc2 + j", c_dtype, "live & rot"),
@@ -118,5 +119,5 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, rotary_dim: i
     kernel = _kernel(x.dtype, cos.dtype, sin.dtype, out_dtype, d, rotary_dim, interleaved)
     kernel[(math.ceil(n_rows / rows),)](x4, c4, s4, out, n_rows, x4.shape[1], x4.shape[2], *x4.stride()[:3],
                                         *c4.stride()[:3], *s4.stride()[:3], ROWS=rows, BLOCK=block,
-                                        num_warps=num_warps(rows * block))
+                                        num_warps=num_warps(rows * block), **pdl_kwargs(x.device))
     return out

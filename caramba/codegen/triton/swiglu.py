@@ -13,7 +13,8 @@ import functools
 import torch
 
 from caramba.codegen.triton import source
-from caramba.codegen.triton.jit_helpers import HELPERS, check_float, from_f32, round_f32, to_f32
+from caramba.codegen.triton.jit_helpers import (HELPERS, PDL_PROLOGUE, check_float, from_f32, pdl_kwargs,
+                                                round_f32, to_f32)
 
 BLOCK = 2048
 
@@ -23,7 +24,8 @@ import triton.language as tl
 $HELPERS
 
 @triton.jit
-def swiglu(g_ptr, u_ptr, y_ptr, n, width, g_rs, u_rs, BLOCK: tl.constexpr):
+def swiglu(g_ptr, u_ptr, y_ptr, n, width, g_rs, u_rs, BLOCK: tl.constexpr, PDL: tl.constexpr):
+$PDL_PROLOGUE
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     row = offs // width
@@ -42,6 +44,7 @@ kernel = swiglu  # the name profilers show
 def _kernel(g_dtype: torch.dtype, u_dtype: torch.dtype, out_dtype: torch.dtype):
     text = source.render(
         _TEMPLATE, G_DTYPE=g_dtype, U_DTYPE=u_dtype, OUT_DTYPE=out_dtype, HELPERS=HELPERS,
+        PDL_PROLOGUE=PDL_PROLOGUE.rstrip(),
         LOAD_G=to_f32("tl.load(g_ptr + row * g_rs + col, mask=mask, other=0.0)", g_dtype),
         LOAD_U=to_f32("tl.load(u_ptr + row * u_rs + col, mask=mask, other=0.0)", u_dtype),
         ROUND_ACT=round_f32("g / (1.0 + tl.exp(-g))", g_dtype),
@@ -67,7 +70,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = N
         width = gate.shape[-1] if gate.dim() else 1
         g, u = _rows(gate, width), _rows(up, width)
         _kernel(gate.dtype, up.dtype, out_dtype)[(-(-n // BLOCK),)](g, u, out, n, width, g.stride(0), u.stride(0),
-                                                                   BLOCK=BLOCK, num_warps=8)
+                                                                   BLOCK=BLOCK, num_warps=8,
+                                                                   **pdl_kwargs(gate.device))
     return out
 
 
