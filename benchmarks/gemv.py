@@ -3,11 +3,14 @@
     python benchmarks/gemv.py                 # every shape, the default configuration and a sweep of others
     python benchmarks/gemv.py --no-sweep      # default configuration only
     python benchmarks/gemv.py --norm          # add_rms_norm_linear against add_rms_norm + GEMV, with a sweep
+    python benchmarks/gemv.py --pdl off       # the kernels launched without programmatic dependent launch
 
 Shapes: the 1b presets' fused projections (fuse_linears): DBA q_sem|k_sem|q_geo|k_geo|v 8192x2048, GQA q|k|v
 3072x2048, o 2048x2048, gate|up 16384x2048, down 2048x8192, the tied head 128256x2048. Each call reads a different
 copy of the weight (copies rotate, >= 512 MB in all, so L2 holds none of them) and the calls are replayed from a
-CUDA graph, as in caramba's decode step; the time per call is the median of the replays over the calls per replay.
+CUDA graph, as in caramba's decode step (with programmatic dependent launch, as there, unless --pdl off: each
+call's start overlaps the previous one's tail); the time per call is the median of the replays over the calls per
+replay.
 Each configuration is checked against a float64 product first. Columns: microseconds per call, and the weight's
 bytes over that time as a fraction of measured copy bandwidth.
 
@@ -30,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from decode_attention import copy_bandwidth  # noqa: E402  (this folder is on sys.path when run)
 from caramba.codegen.triton import gemv, norms  # noqa: E402
+from caramba.codegen.triton.jit_helpers import pdl_enabled  # noqa: E402
 
 SHAPES = {"dba qkv": (8192, 2048), "gqa qkv": (3072, 2048), "o": (2048, 2048), "gate|up": (16384, 2048),
           "down": (2048, 8192), "head": (128256, 2048)}
@@ -130,12 +134,18 @@ def main() -> None:
     ap.add_argument("--shapes", help="comma-separated names (default: every shape; with --norm the normed ones)")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--norm", action="store_true", help="add_rms_norm_linear against add_rms_norm + GEMV")
+    ap.add_argument("--pdl", choices=("on", "off"), default="on", help="programmatic dependent launch (jit_helpers)")
     args = ap.parse_args()
+    with pdl_enabled(args.pdl == "on"):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     names = args.shapes.split(",") if args.shapes else list(NORMED if args.norm else SHAPES)
     bench = bench_norm_shape if args.norm else bench_shape
     keys = ("gemv", "norm+gemv", "default", "best") if args.norm else ("cuBLAS", "default", "best")
     bw = copy_bandwidth()
-    print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {bw / 1e12:.2f} TB/s; pdl {args.pdl}", flush=True)
     table = []
     for name in names:
         n, k = SHAPES[name]
