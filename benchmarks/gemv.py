@@ -88,6 +88,7 @@ def sweep(name: str, fn, ref: torch.Tensor, calls: int, cfgs: list[gemv.Config])
         except Exception as e:  # noqa: BLE001  a configuration the compiler refuses (shared memory): skip it
             print(f"  {name} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
+        print(f"  {name} {cfg or 'default'}: {t * 1e6:.1f} us", flush=True)
         if cfg is None:
             out["default"] = t
         elif t < out.get("best", float("inf")):

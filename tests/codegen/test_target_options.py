@@ -31,6 +31,7 @@ def test_ort_contrib_reaches_the_onnx_executor_and_generates_as_eager(model):
     ("eager", {"threads": 2}, "its options: none"),
     ("cuda", {"graph_segments": 2.0}, "graph_segments' must be int"),
     ("cuda", {"check_values": False}, "check_values' must be str"),
+    ("cuda", {"pdl": "off"}, "pdl' must be bool"),
 ])
 def test_bad_target_options_are_refused_before_capture(model, target, options, message):
     with pytest.raises(ValueError, match=message):
@@ -57,3 +58,25 @@ def test_cuda_options_reach_the_executor(model, monkeypatch):
     bad = caramba.compile(model, target="cuda", target_options={"check_values": "never"})
     with pytest.raises(ValueError, match="check_values must be one of deferred, step, off"):
         bad.executor(CacheConfig.of(bad.cache_layout, "fp16", max_seq_len=32))
+
+
+@pytest.mark.parametrize("pdl", [True, False])
+def test_cuda_option_pdl_holds_for_every_launch_of_the_executor(model, monkeypatch, pdl):
+    """pdl=False: every kernel of the executor's steps launches with programmatic dependent launch off (the
+    kernels ask jit_helpers.pdl, which answers False within the executor's pdl_enabled(False)); the default asks
+    with it on (then the GPU and Triton decide: off on the CPU)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from caramba.codegen.triton import jit_helpers
+
+    asked = []
+    real = jit_helpers.pdl
+    monkeypatch.setattr(jit_helpers, "pdl", lambda device: asked.append(jit_helpers._PDL_ON.get()) or real(device))
+    cm = caramba.compile(model, target="cuda", target_options={} if pdl else {"pdl": False})
+    ex = cm.executor(CacheConfig.of(cm.cache_layout, "fp16", max_seq_len=32))
+    assert ex.pdl is pdl
+    cache = ex.new_cache(1)
+    ex.forward(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], cache)
+    ex.forward(torch.tensor([[4]]), torch.tensor([[3]]), cache)
+    assert len(asked) > 5 and set(asked) == {pdl}
+    assert jit_helpers._PDL_ON.get() is True  # restored after each call

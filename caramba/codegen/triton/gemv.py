@@ -16,13 +16,16 @@ Rounding of the norm fusions: the normed row is never formed, so its rounding to
 weight's placement, `weight_in_fp32`) is not reproduced; each product sees s·w·rstd in fp32, one rounding of y at
 the end: within the output dtype's rounding of a float64 reference, as the unfused ops (test_norm_linear.py).
 
-Measured (benchmarks/gemv.py, H100, CUDA-graph replays, cold L2): 51-105% of copy bandwidth against cuBLAS's
-45-93% over the 1b presets' weights at one row; with 8 rows the best of 36 tensor-core configurations beat cuBLAS
-by 0-7% and the default lost up to 15%, so more than one row goes to cuBLAS (torch's F.linear), as prefill does;
-the norm fusions then run the norms kernel and F.linear. Norm fusions (--norm, fp16, choose_norm's tiles): q|k|v
-8192x2048 14.6 us against 15.9 for add_rms_norm + GEMV (13.6 for the GEMV alone), gate|up 16384x2048 26.3 / 27.3
-(24.8); the head gains nothing (171.3 / 171.5). Decode step at 4k context, batch 1 (e2e_decode): 1b-dba 1.55 ->
-1.53 ms, 1b-gqa 1.26 -> 1.24 ms.
+Programmatic dependent launch (jit_helpers): the first K tile's weights are read before the program waits for
+the kernel that writes the row, so a GEMV's weight stream starts during the previous kernel's tail.
+
+Measured (benchmarks/gemv.py, H100, CUDA-graph replays of chained calls, cold L2, 2026-11-22): with PDL 69-105% of
+copy bandwidth (o 2048x2048 69%, q|k|v 8192x2048 89%, gate|up 94%, the head 105%) against 56-105% without it and
+cuBLAS's 44-94%; with 8 rows the best of 36 tensor-core configurations beat cuBLAS by 0-7% and the default lost up
+to 15% (an earlier session), so more than one row goes to cuBLAS (torch's F.linear), as prefill does; the norm
+fusions then run the norms kernel and F.linear. Norm fusions (--norm, fp16, PDL, choose_norm's tiles): q|k|v
+8192x2048 13.1 us against 13.9 for add_rms_norm + GEMV (12.3 for the GEMV alone), gate|up 16384x2048 24.8 / 25.3
+(23.8); the head 168.0 / 169.5 (167.7).
 
     linear(x, w, bias=None, *, config=None) -> Tensor   x (..., K) with one row (any layout with unit stride
                                                          along K), w (N, K) contiguous, bias (N,) or None;
@@ -153,14 +156,11 @@ def choose(n: int, k: int) -> Config:
 
 
 def choose_norm(n: int, k: int) -> Config:
-    """The launch configuration of the norm fusions, from benchmarks/gemv.py --norm on an H100 (fp16, one row, the
-    best of 54 per shape, then re-measured): 4 warps (8 lost 2-18%); (4, 512) tiles for the layers' products
-    (q|k|v 8192x2048: 14.5 us against 16.4 with the GEMV's (8, 1024, 8 warps) and 15.8 unfused; gate|up
-    16384x2048: 25.9 / 29.8 / 26.9); (8, 1024) tiles for the head (128256x2048: 169.8 us, unfused 169.9, (4, 512)
-    171.7), where the launch the fusion saves is lost in the weight's time."""
-    if n >= 65536:
-        return Config(block_n=8, block_k=min(1024, max(64, next_pow2(k))), warps=4, stages=2)
-    return Config(block_n=4, block_k=min(512, max(64, next_pow2(k))), warps=4, stages=2)
+    """The launch configuration of the norm fusions, from benchmarks/gemv.py --norm on an H100 with programmatic
+    dependent launch (fp16, one row, 2026-11-22, third session): (8, 1024) tiles, 4 warps, 2 stages for every
+    shape (q|k|v 8192x2048: 13.1 us against 13.8 with the former (4, 512); 3072x2048: 5.6 / 6.1; gate|up 16384x2048:
+    24.8 / 25.4; the head 168.0; 8 warps lost 2-18% in the session before)."""
+    return Config(block_n=8, block_k=min(1024, max(64, next_pow2(k))), warps=4, stages=2)
 
 
 @functools.lru_cache(maxsize=None)

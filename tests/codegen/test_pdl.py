@@ -1,0 +1,118 @@
+"""Programmatic dependent launch (jit_helpers): when kernels launch with it, and that every kernel that can be
+launched with it waits for the previous kernel before it reads or writes anything.
+
+A kernel launched with launch_pdl=True may start while the previous one still runs; correctness rests on each of
+its programs calling gdc_wait before touching what an earlier kernel writes (only the GEMV's first weight tile is
+read before). The GPU side (bit-identical logits with and without it, 40 replayed steps) is benchmarks/gpu_check.py;
+here: the gate (a CUDA GPU of capability >= 9, a Triton that has it, not the interpreter, not switched off) and the
+rendered source of every kernel a decode model runs.
+"""
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="target cuda's kernels need triton (pip install triton)")
+
+import caramba  # noqa: E402
+from caramba.codegen.triton import jit_helpers, source  # noqa: E402
+from caramba.models import Transformer, preset  # noqa: E402
+from caramba.runtime.executor import CacheConfig  # noqa: E402
+
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A CUDA GPU of the given capability, outside the interpreter (only the gate is asked, nothing launches)."""
+    def install(capability):
+        jit_helpers._pdl_supported.cache_clear()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: capability)
+        monkeypatch.setattr(source, "interpreting", lambda: False)
+    yield install
+    jit_helpers._pdl_supported.cache_clear()
+
+
+def test_on_for_hopper_with_a_triton_that_has_it(fake_gpu):
+    fake_gpu((9, 0))
+    assert jit_helpers.pdl(CUDA)
+    assert jit_helpers.pdl_kwargs(CUDA) == {"PDL": True, "launch_pdl": True}
+    with jit_helpers.pdl_enabled(False):  # the cuda target option pdl=False
+        assert not jit_helpers.pdl(CUDA)
+        assert jit_helpers.pdl_kwargs(CUDA) == {"PDL": False}  # no launch_pdl: older Tritons do not know it
+        with jit_helpers.pdl_enabled(True):
+            assert jit_helpers.pdl(CUDA)
+        assert not jit_helpers.pdl(CUDA)
+    assert jit_helpers.pdl(CUDA)
+
+
+def test_off_before_hopper_on_the_cpu_and_in_the_interpreter(fake_gpu, monkeypatch):
+    fake_gpu((8, 0))
+    assert not jit_helpers.pdl(CUDA)
+    jit_helpers._pdl_supported.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
+    monkeypatch.setattr(source, "interpreting", lambda: True)
+    assert not jit_helpers.pdl(CUDA)
+    assert jit_helpers.pdl_kwargs(torch.device("cpu")) == {"PDL": False}
+
+
+def test_off_with_a_triton_without_it(fake_gpu, monkeypatch):
+    import triton.language.extra.cuda as tl_cuda
+
+    fake_gpu((9, 0))
+    monkeypatch.delattr(tl_cuda, "gdc_wait")
+    assert not jit_helpers.pdl(CUDA)
+
+
+def _kernels(path: Path) -> list[ast.FunctionDef]:
+    tree = ast.parse(path.read_text())
+    return [f for f in tree.body if isinstance(f, ast.FunctionDef)
+            and any(a.arg == "PDL" for a in f.args.args)]
+
+
+def _calls(node: ast.AST) -> list[str]:
+    return [ast.unparse(c.func) for c in ast.walk(node) if isinstance(c, ast.Call)]
+
+
+def test_every_kernel_a_decode_step_runs_waits_before_it_touches_memory(tmp_path, monkeypatch):
+    """The kernels a DBA model runs (prefill and decode, q8_0 and fp16 caches, one row and three: GEMV, fused norm
+    GEMVs, norms, RoPE, the cache append, decode and prefill attention and split-K's combine): each launchable
+    kernel takes the PDL constexpr and, under `if PDL:`, calls gdc_wait; no load or store comes before the wait
+    except the GEMV's first weight tile (w_ptrs)."""
+    monkeypatch.setenv("CARAMBA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(source, "_LOADED", {})  # render and write every kernel again, into tmp_path
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", attention="decoupled", n_layers=1)).eval()
+    cm = caramba.compile(model, target="cuda")
+    for kind, batch, partitions in (("q8_0", 1, 3), ("fp16", 3, None)):
+        ex = cm.executor(CacheConfig.of(cm.cache_layout, kind, max_seq_len=16), partitions=partitions)
+        cache = ex.new_cache(batch)
+        ids = torch.randint(0, 256, (batch, 6))
+        ex.forward(ids[:, :5], torch.arange(5)[None].expand(batch, -1), cache)
+        ex.forward(ids[:, 5:], torch.full((batch, 1), 5), cache)
+        ex.check()
+    files = sorted((tmp_path / "triton").glob("*.py"))
+    kernels = {f.name: _kernels(f) for f in files}
+    assert {name.split("_")[0] for name in kernels} >= {"gemv", "rope", "kv", "decode", "prefill"}
+    assert all(kernels.values()), f"kernel files without a PDL kernel: {[n for n, k in kernels.items() if not k]}"
+    combines = 0
+    for name, defs in kernels.items():
+        for fn in defs:
+            combines += fn.name == "decode_combine"
+            guarded = [s for s in ast.walk(fn) if isinstance(s, ast.If) and ast.unparse(s.test) == "PDL"]
+            assert any("tl.extra.cuda.gdc_wait" in _calls(s) for s in guarded), f"{name}:{fn.name} never waits"
+            # statements of the body before the wait: no memory access but the GEMV's first weight tile
+            for stmt in fn.body:
+                if stmt in guarded and "tl.extra.cuda.gdc_wait" in _calls(stmt):
+                    break
+                touched = [c for c in _calls(stmt) if c in ("tl.load", "tl.store", "tl.atomic_add")]
+                if touched:
+                    assert fn.name.startswith("gemv") and "w_ptrs" in ast.unparse(stmt), \
+                        f"{name}:{fn.name} accesses memory before gdc_wait: {ast.unparse(stmt)[:120]}"
+    assert combines, "no split-K combine was rendered"
