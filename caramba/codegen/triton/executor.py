@@ -33,6 +33,8 @@ pinned host memory asynchronously and is read during the next call, while the GP
 waits for the GPU, and an error is raised one call late (or by check()), with the failed step and every step since
 undone. The Generator calls check() after its per-token host read, so its errors come before the token is used.
 "step" reads the flag in each step's own call (one sync a step); "off" reads nothing. Prefill always reports at once.
+Launches: within forward, kernels launch with programmatic dependent launch where the GPU supports it (target
+option pdl, default on; jit_helpers.pdl_enabled), captures included: the graph keeps the programmatic edges.
 Nothing in the decode graph depends on the cache length as a shape (the decode entry has no `past`-shaped value:
 checked when the executor is built), so the graph is never recaptured as the cache grows. Partitions for
 split-K are fixed per (batch, longest length) by choose_chunking's cuda plan; each partition takes its share of
