@@ -8,9 +8,9 @@
 Shapes: the 1b presets' fused projections (fuse_linears): DBA q_sem|k_sem|q_geo|k_geo|v 8192x2048, GQA q|k|v
 3072x2048, o 2048x2048, gate|up 16384x2048, down 2048x8192, the tied head 128256x2048. Each call reads a different
 copy of the weight (copies rotate, >= 512 MB in all, so L2 holds none of them) and the calls are replayed from a
-CUDA graph, as in caramba's decode step (with programmatic dependent launch, as there, unless --pdl off: each
-call's start overlaps the previous one's tail); the time per call is the median of the replays over the calls per
-replay.
+CUDA graph, as in caramba's decode step (with programmatic dependent launch and the weights declared constant, as
+there, unless --pdl off: each call's start overlaps the previous one's tail); the time per call is the median of
+the replays over the calls per replay.
 Each configuration is checked against a float64 product first. Columns: microseconds per call, and the weight's
 bytes over that time as a fraction of measured copy bandwidth.
 
@@ -104,8 +104,8 @@ def bench_shape(name: str, ws: list[torch.Tensor], sweep_all: bool) -> tuple[dic
     ref = x.double() @ ws[0].double().T
     calls = calls_for(ws)
     row = {"cuBLAS": graph_time(lambda i: F.linear(x, ws[i % len(ws)]), calls)}
-    found = sweep(name, lambda cfg, i: gemv.linear(x, ws[i % len(ws)], config=cfg), ref, calls,
-                  configs() if sweep_all else [])
+    found = sweep(name, lambda cfg, i: gemv.linear(x, ws[i % len(ws)], config=cfg, constant_weight=True), ref,
+                  calls, configs() if sweep_all else [])
     cfg = found.pop("config", None)
     return {**row, **found}, cfg
 
@@ -121,10 +121,11 @@ def bench_norm_shape(name: str, ws: list[torch.Tensor],
     ref = (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + EPS) * nw.double()) @ ws[0].double().T
     attrs = {"eps": EPS, "dtype": torch.float16}
     calls = calls_for(ws)
-    row = {"gemv": graph_time(lambda i: gemv.linear(a, ws[i % len(ws)]), calls),
-           "norm+gemv": graph_time(lambda i: gemv.linear(norms.add_rms_norm(a, b, nw, **attrs)[1], ws[i % len(ws)]),
-                                   calls)}
-    found = sweep(name, lambda cfg, i: gemv.add_rms_norm_linear(a, b, nw, ws[i % len(ws)], **attrs, config=cfg)[1],
+    row = {"gemv": graph_time(lambda i: gemv.linear(a, ws[i % len(ws)], constant_weight=True), calls),
+           "norm+gemv": graph_time(lambda i: gemv.linear(norms.add_rms_norm(a, b, nw, **attrs)[1], ws[i % len(ws)],
+                                                         constant_weight=True), calls)}
+    found = sweep(name, lambda cfg, i: gemv.add_rms_norm_linear(a, b, nw, ws[i % len(ws)], **attrs, config=cfg,
+                                                                constant_weight=True)[1],
                   ref, calls, configs(tall=True) if sweep_all else [])
     cfg = found.pop("config", None)
     return {**row, **found}, cfg

@@ -80,11 +80,18 @@ def _calls(node: ast.AST) -> list[str]:
     return [ast.unparse(c.func) for c in ast.walk(node) if isinstance(c, ast.Call)]
 
 
+def _waits(fn: ast.FunctionDef) -> list[ast.If]:
+    """The top-level `if PDL...:` statements of a kernel that call gdc_wait."""
+    return [s for s in fn.body if isinstance(s, ast.If) and ast.unparse(s.test).startswith("PDL")
+            and "tl.extra.cuda.gdc_wait" in _calls(s)]
+
+
 def test_every_kernel_a_decode_step_runs_waits_before_it_touches_memory(tmp_path, monkeypatch):
     """The kernels a DBA model runs (prefill and decode, q8_0 and fp16 caches, one row and three: GEMV, fused norm
     GEMVs, norms, RoPE, the cache append, decode and prefill attention and split-K's combine): each launchable
-    kernel takes the PDL constexpr and, under `if PDL:`, calls gdc_wait; no load or store comes before the wait
-    except the GEMV's first weight tile (w_ptrs)."""
+    kernel takes the PDL constexpr and calls gdc_wait under it before any load, store or atomic; the GEMV alone
+    reads its first weight tile (w_ptrs) before its second wait, taken instead of the first when the executor says
+    the weight is a parameter (CONST_W), which it does for every product of the model."""
     monkeypatch.setenv("CARAMBA_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(source, "_LOADED", {})  # render and write every kernel again, into tmp_path
     torch.manual_seed(0)
@@ -97,22 +104,27 @@ def test_every_kernel_a_decode_step_runs_waits_before_it_touches_memory(tmp_path
         ex.forward(ids[:, :5], torch.arange(5)[None].expand(batch, -1), cache)
         ex.forward(ids[:, 5:], torch.full((batch, 1), 5), cache)
         ex.check()
+        products = [st for st in ex._decode._steps if st.node.op.endswith("linear")]
+        assert len(products) >= 4 and all(st.impl.keywords == {"constant_weight": True} for st in products)
     files = sorted((tmp_path / "triton").glob("*.py"))
     kernels = {f.name: _kernels(f) for f in files}
     assert {name.split("_")[0] for name in kernels} >= {"gemv", "rope", "kv", "decode", "prefill"}
     assert all(kernels.values()), f"kernel files without a PDL kernel: {[n for n, k in kernels.items() if not k]}"
-    combines = 0
+    names = set()
     for name, defs in kernels.items():
         for fn in defs:
-            combines += fn.name == "decode_combine"
-            guarded = [s for s in ast.walk(fn) if isinstance(s, ast.If) and ast.unparse(s.test) == "PDL"]
-            assert any("tl.extra.cuda.gdc_wait" in _calls(s) for s in guarded), f"{name}:{fn.name} never waits"
-            # statements of the body before the wait: no memory access but the GEMV's first weight tile
-            for stmt in fn.body:
-                if stmt in guarded and "tl.extra.cuda.gdc_wait" in _calls(stmt):
-                    break
+            names.add(fn.name)
+            waits = _waits(fn)
+            assert waits, f"{name}:{fn.name} never waits"
+            gemv = fn.name.startswith("gemv")
+            assert len(waits) == (2 if gemv else 1), f"{name}:{fn.name}: {len(waits)} waits"
+            for stmt in fn.body[:fn.body.index(waits[-1])]:
                 touched = [c for c in _calls(stmt) if c in ("tl.load", "tl.store", "tl.atomic_add")]
-                if touched:
-                    assert fn.name.startswith("gemv") and "w_ptrs" in ast.unparse(stmt), \
-                        f"{name}:{fn.name} accesses memory before gdc_wait: {ast.unparse(stmt)[:120]}"
-    assert combines, "no split-K combine was rendered"
+                if not touched:
+                    continue
+                assert fn.body.index(stmt) > fn.body.index(waits[0]) and gemv and "w_ptrs" in ast.unparse(stmt), \
+                    f"{name}:{fn.name} accesses memory before gdc_wait: {ast.unparse(stmt)[:120]}"
+            if gemv:
+                assert [ast.unparse(w.test) for w in waits] == ["PDL and (not CONST_W)", "PDL and CONST_W"]
+    assert {"decode_combine", "decode_partial", "prefill", "kv_append", "rope"} <= names
+    assert {"gemv_add_rms_norm", "gemv_swiglu"} <= names

@@ -42,6 +42,7 @@ the row's current length in the kernel.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable
 
@@ -197,6 +198,8 @@ class CudaExecutor(Executor):
 
     # -- kernels per node -----------------------------------------------------------------------------------------
     def _impl_for(self, entry: str) -> Callable[[Node], Callable | None]:
+        params = {id(v) for v in getattr(self.program, entry).params.values()}
+
         def impl(node: Node) -> Callable | None:
             if node.op == "kv_append":
                 return self._append_impl(node, entry)
@@ -206,7 +209,11 @@ class CudaExecutor(Executor):
                 return self._deferred_rope(node)
             if node.op in _GEMV_OPS and not self.gemv:
                 return None  # their torch references: cuBLAS for every product (target option gemv=False)
-            return self.kernels.launcher_for(node)
+            launch = self.kernels.launcher_for(node)
+            if launch is not None and node.op in _GEMV_OPS and id(node.inputs[_GEMV_OPS[node.op]]) in params:
+                # a weight no kernel writes: the GEMV may read its first tile before waiting for the previous kernel
+                launch = functools.partial(launch, constant_weight=True)
+            return launch
         return impl
 
     def window(self, cache: KVCache) -> torch.Tensor:
@@ -361,7 +368,7 @@ class CudaExecutor(Executor):
 
 
 # ops whose one-row launch is gemv.py's GEMV; gemv=False keeps their torch references (cuBLAS)
-_GEMV_OPS = ("linear", "swiglu_linear", "rms_norm_linear", "add_rms_norm_linear")
+_GEMV_OPS = {"linear": 1, "swiglu_linear": 2, "rms_norm_linear": 2, "add_rms_norm_linear": 3}  # op: weight input
 
 # check_values: "deferred" (a decode step's errors raised by the next call or check()), "step" (by its own call:
 # one sync a step), "off"

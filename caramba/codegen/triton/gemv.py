@@ -16,8 +16,10 @@ Rounding of the norm fusions: the normed row is never formed, so its rounding to
 weight's placement, `weight_in_fp32`) is not reproduced; each product sees s·w·rstd in fp32, one rounding of y at
 the end: within the output dtype's rounding of a float64 reference, as the unfused ops (test_norm_linear.py).
 
-Programmatic dependent launch (jit_helpers): the first K tile's weights are read before the program waits for
-the kernel that writes the row, so a GEMV's weight stream starts during the previous kernel's tail.
+Programmatic dependent launch (jit_helpers): with constant_weight=True (the executor passes it when the weight is
+a graph parameter, which no kernel writes) the first K tile's weights are read before the program waits for the
+kernel that writes the row, so a GEMV's weight stream starts during the previous kernel's tail; otherwise the
+program waits first.
 
 Measured (benchmarks/gemv.py, H100, CUDA-graph replays of chained calls, cold L2, 2026-11-22): with PDL 69-105% of
 copy bandwidth (o 2048x2048 69%, q|k|v 8192x2048 89%, gate|up 94%, the head 105%) against 56-105% without it and
@@ -44,8 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from caramba.codegen.triton import norms, source
-from caramba.codegen.triton.jit_helpers import (HELPERS, PDL_TRIGGER, PDL_WAIT, TL_DTYPE, from_f32, next_pow2,
-                                                pdl_kwargs, round_f32, to_f32)
+from caramba.codegen.triton.jit_helpers import (HELPERS, PDL_TRIGGER, TL_DTYPE, from_f32, next_pow2, pdl_kwargs,
+                                                round_f32, to_f32)
 from caramba.codegen.triton.swiglu import swiglu
 from caramba.ir.types import DType
 
@@ -56,7 +58,7 @@ $HELPERS
 
 @triton.jit
 def $NAME(x_ptr, u_ptr, nw_ptr, w_ptr, b_ptr, s_ptr, y_ptr, N, K, swn, eps, HAS_BIAS: tl.constexpr,
-          EVEN_K: tl.constexpr, PDL: tl.constexpr):
+          EVEN_K: tl.constexpr, PDL: tl.constexpr, CONST_W: tl.constexpr):
 $TRIGGER
     rn = tl.program_id(0) * $BLOCK_N + tl.arange(0, $BLOCK_N)
     nmask = rn < N
@@ -65,12 +67,15 @@ $TRIGGER
     w_ptrs = w_ptr + rn_in[:, None] * swn + rk[None, :]
     acc = tl.zeros([$BLOCK_N, $BLOCK_K], dtype=tl.float32)
 $INIT
-    # the first K tile, peeled: its weights are read before waiting on the kernel that writes the row (PDL)
+    # the first K tile, peeled: a constant weight's is read before waiting on the kernel that writes the row (PDL)
+    if PDL and not CONST_W:  # a weight some kernel may write: wait first (jit_helpers)
+        tl.extra.cuda.gdc_wait()
     if EVEN_K:
         w = tl.load(w_ptrs)
     else:
         w = tl.load(w_ptrs, mask=(rk < K)[None, :], other=0.0)
-$WAIT
+    if PDL and CONST_W:  # wait for the previous kernel's writes (jit_helpers)
+        tl.extra.cuda.gdc_wait()
     if EVEN_K:
 $LOAD_X0
     else:
@@ -173,7 +178,7 @@ def _kernel(prologue: str, x_dtype: torch.dtype, nw_dtype: torch.dtype | None, o
         LOAD_X=_load_x(prologue, x_dtype, nw_dtype, False), LOAD_X_MASKED=_load_x(prologue, x_dtype, nw_dtype, True),
         LOAD_X0=_load_x(prologue, x_dtype, nw_dtype, False, "rk", 8),
         LOAD_X0_MASKED=_load_x(prologue, x_dtype, nw_dtype, True, "rk", 8), SCALE=_scale(prologue),
-        TRIGGER=PDL_TRIGGER.rstrip("\n"), WAIT=PDL_WAIT.rstrip("\n"))
+        TRIGGER=PDL_TRIGGER.rstrip("\n"))
     return source.load(text, "gemv").kernel
 
 
@@ -203,49 +208,50 @@ def norm_supported(x: torch.Tensor, norm_weight: torch.Tensor, w: torch.Tensor, 
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-           config: Config | None = None) -> torch.Tensor:
-    """The linear op: x @ w.T (+ bias), shaped (..., N); through the kernel when `supported`, else F.linear."""
+           config: Config | None = None, constant_weight: bool = False) -> torch.Tensor:
+    """The linear op: x @ w.T (+ bias), shaped (..., N); through the kernel when `supported`, else F.linear.
+    constant_weight: no kernel writes w (a parameter): with PDL its first tile is read before the wait."""
     if not supported(x, w, bias):
         return F.linear(x, w, bias)
-    return _launch("x", x, None, None, w, bias, 0.0, config)[1]
+    return _launch("x", x, None, None, w, bias, 0.0, config, constant_weight)[1]
 
 
 def swiglu_linear(gate: torch.Tensor, up: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  config: Config | None = None) -> torch.Tensor:
+                  config: Config | None = None, constant_weight: bool = False) -> torch.Tensor:
     """The swiglu_linear op: linear(swiglu(gate, up), w, bias). One row: the kernel computes the activation of
     each K tile as it streams w; otherwise the swiglu kernel, then linear."""
     if gate.shape != up.shape or gate.dtype != up.dtype or not supported(gate, w, bias):
-        return linear(swiglu(gate, up), w, bias, config=config)
-    return _launch("swiglu", gate, up, None, w, bias, 0.0, config)[1]
+        return linear(swiglu(gate, up), w, bias, config=config, constant_weight=constant_weight)
+    return _launch("swiglu", gate, up, None, w, bias, 0.0, config, constant_weight)[1]
 
 
 def rms_norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
                     *, eps: float, dtype: DType | torch.dtype | None = None, weight_in_fp32: bool = False,
-                    config: Config | None = None) -> torch.Tensor:
+                    config: Config | None = None, constant_weight: bool = False) -> torch.Tensor:
     """The rms_norm_linear op: linear(rms_norm_fp32(x, norm_weight), w, bias). One row: the kernel (rstd applied
     to the dot products); otherwise the norms kernel, then linear."""
     if not norm_supported(x, norm_weight, w, bias, dtype, weight_in_fp32):
         normed = norms.rms_norm_fp32(x, norm_weight, eps=eps, dtype=dtype, weight_in_fp32=weight_in_fp32)
-        return linear(normed, w, bias, config=config)
-    return _launch("rms_norm", x, None, norm_weight, w, bias, eps, config)[1]
+        return linear(normed, w, bias, config=config, constant_weight=constant_weight)
+    return _launch("rms_norm", x, None, norm_weight, w, bias, eps, config, constant_weight)[1]
 
 
 def add_rms_norm_linear(a: torch.Tensor, b: torch.Tensor, norm_weight: torch.Tensor, w: torch.Tensor,
                         bias: torch.Tensor | None = None, *, eps: float, dtype: DType | torch.dtype | None = None,
-                        weight_in_fp32: bool = False,
-                        config: Config | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        weight_in_fp32: bool = False, config: Config | None = None,
+                        constant_weight: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The add_rms_norm_linear op: (s, linear(rms_norm_fp32(s, norm_weight), w, bias)) with s = a + b in a's
     dtype. One row: the kernel (program 0 writes s); otherwise the add_rms_norm kernel, then linear."""
     if a.shape != b.shape or a.dtype != b.dtype or not norm_supported(a, norm_weight, w, bias, dtype,
                                                                        weight_in_fp32):
         s, normed = norms.add_rms_norm(a, b, norm_weight, eps=eps, dtype=dtype, weight_in_fp32=weight_in_fp32)
-        return s, linear(normed, w, bias, config=config)
-    return _launch("add_rms_norm", a, b, norm_weight, w, bias, eps, config)
+        return s, linear(normed, w, bias, config=config, constant_weight=constant_weight)
+    return _launch("add_rms_norm", a, b, norm_weight, w, bias, eps, config, constant_weight)
 
 
 def _launch(prologue: str, x: torch.Tensor, u: torch.Tensor | None, norm_weight: torch.Tensor | None,
-            w: torch.Tensor, bias: torch.Tensor | None, eps: float,
-            config: Config | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+            w: torch.Tensor, bias: torch.Tensor | None, eps: float, config: Config | None,
+            constant_weight: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
     """One row through the kernel: (s for add_rms_norm else None, y (..., N) in w's dtype)."""
     n, k = w.shape
     cfg = config or (choose_norm(n, k) if prologue in _NORMS else choose(n, k))
@@ -259,5 +265,5 @@ def _launch(prologue: str, x: torch.Tensor, u: torch.Tensor | None, norm_weight:
     kernel[(-(-n // cfg.block_n),)](row, u, nw, w, bias if bias is not None else w, s if s is not None else y, y, n,
                                     k, w.stride(0), float(eps), HAS_BIAS=bias is not None,
                                     EVEN_K=k % cfg.block_k == 0, num_warps=cfg.warps, num_stages=cfg.stages,
-                                    **pdl_kwargs(x.device))
+                                    CONST_W=constant_weight, **pdl_kwargs(x.device))
     return s, y

@@ -47,9 +47,6 @@ PDL_PROLOGUE = """    if PDL:  # programmatic dependent launch: the next kernel 
 PDL_TRIGGER = """    if PDL:  # programmatic dependent launch: the next kernel may start (jit_helpers)
         tl.extra.cuda.gdc_launch_dependents()
 """
-PDL_WAIT = """    if PDL:  # wait for the previous kernel's writes (jit_helpers)
-        tl.extra.cuda.gdc_wait()
-"""
 _PDL_ON: contextvars.ContextVar[bool] = contextvars.ContextVar("caramba_pdl", default=True)
 
 
