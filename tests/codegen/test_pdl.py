@@ -3,7 +3,7 @@ launched with it waits for the previous kernel before it reads or writes anythin
 
 A kernel launched with launch_pdl=True may start while the previous one still runs; correctness rests on each of
 its programs calling gdc_wait before touching what an earlier kernel writes (only the GEMV's first weight tile is
-read before). The GPU side (bit-identical logits with and without it, 40 replayed steps) is benchmarks/gpu_check.py;
+read before, and only for a weight the executor knows is a parameter). The GPU side (bit-identical logits with and without it, 40 replayed steps) is benchmarks/gpu_check.py;
 here: the gate (a CUDA GPU of capability >= 9, a Triton that has it, not the interpreter, not switched off) and the
 rendered source of every kernel a decode model runs.
 """
