@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 
 import torch
@@ -64,9 +65,9 @@ def pdl_enabled(on: bool):
 def pdl(device: torch.device) -> bool:
     """Whether kernels on `device` launch with PDL now: enabled, a CUDA GPU of compute capability >= 9 and a Triton
     with gdc_wait and launch_pdl; never under TRITON_INTERPRET=1."""
-    if not _PDL_ON.get() or device.type != "cuda" or not torch.cuda.is_available():
+    if not _PDL_ON.get() or device.type != "cuda":
         return False
-    return _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
+    return _pdl_supported(device.index)  # a CUDA tensor's device has an index; None: the current device
 
 
 def pdl_kwargs(device: torch.device) -> dict:
@@ -76,15 +77,13 @@ def pdl_kwargs(device: torch.device) -> dict:
     return {"PDL": True, "launch_pdl": True} if flag else {"PDL": False}
 
 
-@functools.lru_cache(maxsize=None)
-def _pdl_supported(index: int) -> bool:
+@functools.lru_cache(maxsize=None)  # asked at every launch: the device and Triton do not change
+def _pdl_supported(index: int | None) -> bool:
     from caramba.codegen.triton.source import interpreting
 
-    if interpreting() or torch.cuda.get_device_capability(index)[0] < 9:
+    if interpreting() or not torch.cuda.is_available() or torch.cuda.get_device_capability(index)[0] < 9:
         return False
     try:
-        import dataclasses
-
         import triton.language.extra.cuda as tl_cuda
         from triton.backends.nvidia.compiler import CUDAOptions
     except ImportError:
