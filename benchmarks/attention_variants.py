@@ -7,7 +7,8 @@ choices of caramba/codegen/triton/attention.py, in one run (device time is scarc
 beside the current one as "before". Configurations: DBA (B=1, 32 heads, dims 32/64/64, as
 benchmarks/decode_attention.py; dba8x32k: B=8; dbas*: dims 16/32/64) and GQA (B=8, H=32, H_kv=8, d=128); kinds
 fp16, q8_0, q4_0, nf4; partitions from the chunking cost model under each variant's knobs (--parts: multiples of
-it). Each variant is checked (rel. L2 error vs float64 of the same cache at T=4099) before it is timed. Prints
+it). Each variant is checked (rel. L2 error vs float64 of the same cache at T=4099) before it is timed, as the
+per-call time of a CUDA graph of >= 8 calls in a row (decode_attention.graphed). Prints
 one line per measurement and a markdown table last: ms, GB/s of bytes the kernel must read, % of copy bandwidth,
 and speedup over the best fp16 peer (eager / sdpa_cat, as launched) where measured. The knob fused_combine=0 is
 split-K's two-launch combine (decode_combine) against the default, where the partitions' last program merges them:
@@ -184,9 +185,9 @@ def main() -> None:
                     t0 = time.time()
                     got = call(mod, small, names, qsm, scales, kv_heads, 3, bn)()
                     err = float((got.double() - want).norm() / want.norm())
-                    run = DA.graphed(call(mod, cache, names, q, scales, kv_heads, n_parts, bn))
-                    ms = do_bench(run, warmup=25, rep=args.rep, return_mode="median")
-                    ms2 = do_bench(run, warmup=10, rep=args.rep, return_mode="median")
+                    run, calls = DA.graphed([call(mod, cache, names, q, scales, kv_heads, n_parts, bn)])
+                    ms = do_bench(run, warmup=25, rep=args.rep, return_mode="median") / calls
+                    ms2 = do_bench(run, warmup=10, rep=args.rep, return_mode="median") / calls
                     ok = err < 2e-3
                     line = (f"{cname} {kind:5s} P={n_parts:3d} {label:28s} err {err:.1e}{'' if ok else ' FAIL'} "
                             f"{ms:.4f}/{ms2:.4f} ms {nbytes / ms / 1e6:7.0f} GB/s {nbytes / ms * 1e3 / bw:5.0%} copy"

@@ -2,6 +2,7 @@
 script is what runs them compiled, with CUDA graphs). Run on the device machine:
 
     python benchmarks/gpu_check.py            # prints one line per check and a summary table; exit 1 on failure
+    python benchmarks/gpu_check.py attention  # only some: attention, executor, deferred, pdl
 
 1. Executor: tiny models of the three attention families, compiled for "cuda" (fp32), against target "eager"
    (the reference interpreter on the CPU) at every step: a 13-token prefill, then 40 decode steps replayed from
@@ -12,8 +13,9 @@ script is what runs them compiled, with CUDA graphs). Run on the device machine:
 3. Programmatic dependent launch (jit_helpers.pdl): on where the GPU supports it; a 4-layer model decoding 40 steps
    at batch 1 (the GEMV path) and 4 gives the same logits bit for bit with and without it (a kernel reading
    before its gdc_wait what the previous kernel writes would show as a difference), and the reference's.
-4. Decode attention alone at long and odd lengths (T = 4099, 33 000; head dims 24/40/64), every kind and partition
-   counts 1..16, against a float64 reference on the CPU of the same cache contents.
+4. Decode attention alone at long and odd lengths (T = 4099, 33 000; head dims 24/40/64/128; H = H_kv 8 and 16
+   take the wide path, q8_0 / q4_0 keys with fp16 queries through its integer dot products), every kind and
+   partition counts 1..16, against a float64 reference on the CPU of the same cache contents.
 """
 from __future__ import annotations
 
@@ -146,7 +148,7 @@ def check_decode_attention() -> None:
     from caramba.ir.ops_cache import _cached_attention
 
     for kind in ("fp16", "bf16", "q8_0", "q4_0", "nf4"):
-        for t, d, heads, kv_heads in ((4099, 24, 6, 2), (33000, 64, 8, 8), (1000, 40, 4, 1)):
+        for t, d, heads, kv_heads in ((4099, 24, 6, 2), (33000, 64, 8, 8), (1000, 40, 4, 1), (2053, 128, 16, 16)):
             torch.manual_seed(2)
             spec = CacheSpec.standard(1, 2, t, kv_heads * d, kind, device="cuda")
             cache = KVCache(spec)
@@ -181,10 +183,14 @@ def main() -> None:
 
     print(f"triton {triton.__version__}", flush=True)
     t0 = time.time()
-    check_decode_attention()
-    check_executor()
-    check_deferred_errors()
-    check_pdl()
+    checks = {"attention": check_decode_attention, "executor": check_executor, "deferred": check_deferred_errors,
+              "pdl": check_pdl}
+    chosen = sys.argv[1:] or list(checks)
+    unknown = [c for c in chosen if c not in checks]
+    if unknown:
+        sys.exit(f"gpu_check: unknown check(s) {unknown}; choose from {list(checks)} (none: all)")
+    for name in chosen:
+        checks[name]()
     bad = [r for r in RESULTS if not r[3]]
     print(f"\n{len(RESULTS) - len(bad)}/{len(RESULTS)} checks passed in {time.time() - t0:.0f} s")
     for name, err, tol, _ in bad:

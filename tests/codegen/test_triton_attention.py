@@ -282,13 +282,14 @@ def test_decode_wide_every_kind(kinds, dtype):
     3 partitions."""
     case = Case(kinds, WIDE_DBA, heads=4, kv_heads=4, prefix=[36, 0, 129], step=1)
     plan = wide_plan(case, dtype, 64)
-    assert plan is not None and plan.heads == 4
+    assert plan is not None and plan.heads == 4 and plan.idot and plan.idot8  # fp16 / bf16: integer key products
     run_decode(case, dtype, partitions=3, block_n=64)
 
 
 @pytest.mark.parametrize("knobs", [{"magic": False}, {"prefetch": False}, {"magic": False, "prefetch": False},
                                    {"heads": 2, "bytes": 512}, {"heads": 1, "bytes": 16}, {"words": False},
-                                   {"words": False, "prefetch": False, "bytes": 256}])
+                                   {"words": False, "prefetch": False, "bytes": 256},
+                                   {"idot": False, "idot8": False}, {"idot": False, "words": False}])
 @pytest.mark.parametrize("kinds", WIDE_KINDS[:3])
 def test_decode_wide_variants(knobs, kinds, monkeypatch):
     """The wide path's source and tile choices compute the same function: conversion instead of the bits, without
@@ -299,6 +300,78 @@ def test_decode_wide_variants(knobs, kinds, monkeypatch):
     assert wide_plan(case, torch.float16, 32).heads == knobs.get("heads", 4)
     for partitions in (1, 4):
         run_decode(case, torch.float16, partitions=partitions, block_n=32)
+
+
+@pytest.mark.parametrize("name", sorted(A._DP4A))
+def test_dp4a_helpers_sum_the_products_of_the_four_bytes(name):
+    """The interpreter's dp4a_<ab> (shifts and masks, what CI runs) against numpy: c + the four byte products, a's
+    bytes signed (s) or not (u), b's likewise; the GPU's helper is the one PTX instruction of the same types."""
+    text = "import triton\nimport triton.language as tl\n" + A._dp4a_helpers(True) + f"""
+
+@triton.jit
+def probe(a, b, c, out, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(out + i, dp4a_{name}(tl.load(a + i), tl.load(b + i), tl.load(c + i)))
+"""
+    mod = source.load(text, "dp4a_probe")
+    gen = torch.Generator().manual_seed(3)
+    a, b = (torch.randint(-2 ** 31, 2 ** 31 - 1, (64,), dtype=torch.int32, generator=gen) for _ in range(2))
+    a[:4] = torch.tensor([-1, 0x7F7F7F7F, -0x7F7F7F80, 0x01FF80FF], dtype=torch.int32)  # all 0xFF, 127s, 128s
+    c = torch.randint(-10 ** 6, 10 ** 6, (64,), dtype=torch.int32, generator=gen)
+    out = torch.empty(64, dtype=torch.int32)
+    mod.probe[(1,)](a.to(DEVICE), b.to(DEVICE), c.to(DEVICE), out.to(DEVICE), N=64)
+
+    def byte(x, k, signed):
+        u = (x.long() >> (8 * k)) & 255
+        return u - 256 * (u >= 128) if signed else u
+    want = c.long() + sum(byte(a, k, name[0] == "s") * byte(b, k, name[1] == "s") for k in range(4))
+    assert torch.equal(out.long(), want)
+    ta, tb = A._DP4A[name]
+    gpu = A._dp4a_helpers(False)
+    assert f"def dp4a_{name}(a, b, c):\n    return tl.inline_asm_elementwise(\"dp4a.{ta}.{tb} " in gpu
+
+
+@pytest.mark.parametrize("kinds", WIDE_KINDS[:3])
+def test_decode_wide_integer_key_products_with_extreme_queries(kinds):
+    """q as 16-bit integers per (head, qblock segment): a segment of zeros (its scale 0), one of a single large
+    value among tiny ones, and a head of values near fp16's largest still match float64 (the rounding is 2^-16 of
+    each segment's largest |q|)."""
+    case = Case(kinds, WIDE_DBA, heads=4, kv_heads=4, prefix=[60, 17], step=1)
+    q = case.queries(torch.float16)
+    q[0][0, 0] = 0.0  # k_sem of head 0: every segment zero
+    q[1][0, 1, 0, :32] = 1e-3  # k_geo of head 1, first segment: one large value among tiny ones
+    q[1][0, 1, 0, 5] = 6.0
+    q[1][1, 2] = q[1][1, 2] * 0.0 + 3e4 * torch.sign(q[1][1, 2])  # large: scores saturate the softmax
+    q[0][1, 2] = 0.0
+    k, v = case.views()
+    out = poisoned(2, 4, 64, dtype=torch.float16)
+    A.decode_attention([x[:, :, 0] for x in q], k, v, case.rows(case.layer.lengths), scales=case.scales(),
+                       kv_heads=4, partitions=2, out=out, block_n=32)
+    assert not out.isnan().any()
+    atol, rtol = TOL64[torch.float16]
+    torch.testing.assert_close(out[:, :, None].double(), case.reference64(q, case.scales()), atol=atol, rtol=rtol)
+
+
+def test_decode_wide_reads_unaligned_codes_as_bytes():
+    """Codes whose buffer is not 4-byte aligned (a view one byte in) cannot be read as int32 words: the launch falls
+    back to the byte loads and conversion products, with the same result."""
+    case = Case({"k_sem": "q8_0", "k_geo": "q4_0", "v": "q8_0"}, WIDE_DBA, heads=4, kv_heads=4, prefix=[40, 9],
+                step=1)
+    k, v = case.views()
+    shifted = []
+    for view in (*k, v):
+        codes = view.codes
+        raw = torch.empty(codes.numel() + 1, dtype=codes.dtype, device=codes.device)[1:].view(codes.shape)
+        raw.copy_(codes)
+        assert raw.data_ptr() % 4
+        shifted.append(A.CacheView(raw, view.scales, view.ring, view.kind, view.features, view.qblock,
+                                   view.capacity))
+    assert not A._words_aligned(shifted) and A._words_aligned((*k, v))
+    q = case.queries(torch.float16)
+    out = poisoned(2, 4, 64, dtype=torch.float16)
+    A.decode_attention([x[:, :, 0] for x in q], shifted[:2], shifted[2], case.rows(case.layer.lengths),
+                       scales=case.scales(), kv_heads=4, partitions=1, out=out, block_n=32)
+    assert_matches(out[:, :, None], case, q, case.scales())
 
 
 def test_decode_wide_float_kinds_only(monkeypatch):

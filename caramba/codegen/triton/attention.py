@@ -743,6 +743,8 @@ class _Wide:
     prefetch: bool
     words: bool = False
     lazy: float = 0.0  # > 0: rescale the accumulators only when a stream's max grew by more than this (log2 units)
+    idot: bool = False  # q4_0 keys: scores as integer dot products (dp4a) against q in 16-bit integers
+    idot8: bool = False  # the same for q8_0 keys
 
 
 # Source and tile choices of the wide path (benchmarks/attention_variants.py times them, NOTES_attention.md has
@@ -753,7 +755,8 @@ class _Wide:
 # kv heads per program; bytes = code bytes per thread per tile (R from it: small tiles keep registers low, so more
 # programs per SM); prefetch, magic, words as _Wide.
 _WIDE_KNOBS: dict[str, Any] = {"wide": True, "float": True, "heads": 8, "bytes": 32, "magic": True,
-                               "prefetch": True, "words": True, "lazy": 0.0}
+                               "prefetch": True, "words": True, "lazy": 0.0, "idot": True,
+                               "idot8": True}
 
 
 def _wide_kind(t: _Tensor) -> bool:
@@ -787,7 +790,8 @@ def _wide_plan(tensors: Sequence[_Tensor], group: int, kv_heads: int, num_warps:
     row = sum(hp * _head_bytes(t) for t in tensors)
     rows = min(max(1, block_n // streams), _floor2(max(1, _WIDE_KNOBS["bytes"] * threads // (streams * row))))
     return _Wide(hp, streams, rows, bool(_WIDE_KNOBS["magic"]), bool(_WIDE_KNOBS["prefetch"]),
-                 bool(_WIDE_KNOBS["words"]) and bool(_WIDE_KNOBS["magic"]), float(_WIDE_KNOBS["lazy"]))
+                 bool(_WIDE_KNOBS["words"]) and bool(_WIDE_KNOBS["magic"]), float(_WIDE_KNOBS["lazy"]),
+                 bool(_WIDE_KNOBS["idot"]), bool(_WIDE_KNOBS["idot8"]))
 
 
 def _words(t: _Tensor, w: _Wide) -> bool:
@@ -795,10 +799,24 @@ def _words(t: _Tensor, w: _Wide) -> bool:
     return w.words and t.kind == "q4_0" and _wide_geometry(t)[2] % 4 == 0
 
 
+def _idot(t: _Tensor, spec: _Spec) -> bool:
+    """A q8_0 / q4_0 key tensor whose scores the wide path sums as integer dot products: the knob, fp16 / bf16
+    queries (their own rounding is of the order of q16's; fp32 queries keep the exact products) and segments of
+    whole 32-bit words (q8_0: >= 4 features, q4_0: >= 8)."""
+    w = spec.wide
+    on = bool(w) and (w.idot if t.kind == "q4_0" else w.idot8 if t.kind == "q8_0" else False)
+    return on and spec.dtype != "tl.float32" and t in spec.keys and _wide_geometry(t)[2] % 4 == 0
+
+
+def _as_words(t: _Tensor, spec: _Spec) -> bool:
+    """Codes loaded as int32 words (q4_0 words, or integer dot products)."""
+    return _words(t, spec.wide) or _idot(t, spec)
+
+
 def _words_aligned(views: Sequence[CacheView]) -> bool:
-    """Every q4_0 buffer's base and strides in whole 32-bit words (else the byte loads)."""
+    """Every q8_0 / q4_0 buffer's base and strides in whole 32-bit words (else the byte loads)."""
     return all(v.codes.data_ptr() % 4 == 0 and v.codes.stride(0) % 4 == 0 and v.codes.stride(1) % 4 == 0
-               for v in views if v.kind == "q4_0")
+               for v in views if v.kind in ("q8_0", "q4_0"))
 
 
 def decode_heads_per_program(head_dims: Sequence[int], kinds: Sequence[str], kv_heads: int, heads: int,
@@ -834,7 +852,7 @@ def _wide_setup(spec: _Spec, w: _Wide) -> str:
         lines += [f"    blk_{p} = tl.arange(0, {n_blk})",
                   f"    e_{p} = tl.arange(0, {bb})",
                   f"    co_{p} = (hg * {n_blk} + blk_{p})[:, None] * {bb} + e_{p}[None, :]"]
-        if _words(t, w):  # in int32 words
+        if _as_words(t, spec):  # in int32 words
             lines.append(f"    co_{p} = (hg * {n_blk} + tl.arange(0, {n_blk}))[:, None] * {bb // 4} + "
                          f"tl.arange(0, {bb // 4})[None, :]")
         if t.kind in ("q8_0", "q4_0"):  # each segment's qblock (heads below a qblock share one)
@@ -843,7 +861,9 @@ def _wide_setup(spec: _Spec, w: _Wide) -> str:
             continue
         c = spec.scales[i] * _LOG2E
         qrow = f"q{i} + b * q{i}_sb + (hg * {w.heads} + blk_{p} // {nb})[:, None] * q{i}_sh"
-        if _words(t, w):
+        if _idot(t, spec):
+            lines += _idot_setup(t, i, w, qrow, c)
+        elif _words(t, w):
             wq = bb // 4
             lines.append(f"    ew_{p} = tl.arange(0, {wq})")
             col = f"((blk_{p} % {nb}) * {seg})[:, None] + 8 * ew_{p}[None, :]"
@@ -868,13 +888,86 @@ def _wide_setup(spec: _Spec, w: _Wide) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Integer dot products of the keys' scores (_idot): per (head, qblock segment), q becomes 16-bit integers
+# q16 = round(q · QMAX / max|q|) split into a signed high byte and an unsigned low byte (q16 = 256·hi + lo), each
+# packed four to an int32 word in the order of the code bytes it meets (q8_0: byte k of a word is feature 4w + k;
+# q4_0: the low nibbles of a word's bytes are features 8w + 2k, the high nibbles 8w + 2k + 1). A word of codes then
+# costs two dp4a (q8_0) or two masks and four dp4a (q4_0, codes 0..15 with -8 taken out per segment as
+# 8·Σ q16): the sum over a segment is exact in int32 (|Σ| <= seg · 128 · QMAX < 2^31 for seg <= 256), converted
+# once, times the key's block scale and the segment's max|q| / QMAX · scale · log2(e). The only rounding is q's
+# to 16 bits per segment (relative 2^-16 of the segment's largest |q|). Under TRITON_INTERPRET=1 (no inline asm)
+# the dp4a helpers are the same integer sums written with shifts and masks, so the interpreter checks the whole
+# kernel but the one instruction.
+_QMAX = 32767
+_DP4A = {"ss": ("s32", "s32"), "su": ("s32", "u32"), "us": ("u32", "s32"), "uu": ("u32", "u32")}
+
+
+def _dp4a_helpers(interpret: bool) -> str:
+    """dp4a_xy(a, b, c) = c + Σ_k byte_k(a) · byte_k(b), x/y: s = signed bytes, u = unsigned."""
+    out = []
+    for name, (ta, tb) in _DP4A.items():
+        if interpret:
+            def byte(v: str, signed: bool) -> str:
+                return f"(({v} << (24 - 8 * k)) >> 24)" if signed else f"(({v} >> (8 * k)) & 255)"
+            body = ("    for k in tl.static_range(4):\n"
+                    f"        c += {byte('a', name[0] == 's')} * {byte('b', name[1] == 's')}\n    return c")
+        else:
+            body = (f'    return tl.inline_asm_elementwise("dp4a.{ta}.{tb} $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], '
+                    f'dtype=tl.int32, is_pure=True, pack=1)')
+        out.append(f"\n\n@triton.jit\ndef dp4a_{name}(a, b, c):\n{body}\n")
+    return "".join(out)
+
+
+def _idot_setup(t: _Tensor, i: int, w: _Wide, qrow: str, c: float) -> list[str]:
+    """q term i as packed 16-bit integers per segment: qh{i}_g / ql{i}_g (NB, words) int32, the per-segment factor
+    qf{i} back to scores in log2 units and (q4_0) the offset zq{i} = 8 · Σ q16."""
+    p = t.prefix
+    nb, seg, bb = _wide_geometry(t)
+    per = 4 if t.kind == "q8_0" else 8  # features per word
+    groups = [list(range(4))] if t.kind == "q8_0" else [[0, 2, 4, 6], [1, 3, 5, 7]]
+    lines = [f"    ew_{p} = tl.arange(0, {bb // 4})",
+             f"    qcol{i} = ((blk_{p} % {nb}) * {seg})[:, None] + {per} * ew_{p}[None, :]"]
+    lines += [f"    qt{i}_{j} = tl.load({qrow} + qcol{i} + {j}).to(tl.float32)" for j in range(per)]
+    qa = f"tl.max(tl.abs(qt{i}_0), 1)"
+    for j in range(1, per):
+        qa = f"tl.maximum({qa}, tl.max(tl.abs(qt{i}_{j}), 1))"
+    lines += [f"    qa{i} = {qa}",
+              f"    qinv{i} = tl.where(qa{i} > 0, {float(_QMAX)!r} / tl.where(qa{i} > 0, qa{i}, 1.0), 0.0)",
+              f"    qf{i} = qa{i} * {c / _QMAX!r}"]
+    for j in range(per):
+        lines += [f"    qt{i}_{j} = qt{i}_{j} * qinv{i}[:, None]",
+                  f"    qi{i}_{j} = (qt{i}_{j} + tl.where(qt{i}_{j} < 0, -0.5, 0.5)).to(tl.int32)"]
+    for g, js in enumerate(groups):
+        hi = " | ".join(f"(((qi{i}_{j} >> 8) & 255) << {8 * k})" for k, j in enumerate(js))
+        lo = " | ".join(f"((qi{i}_{j} & 255) << {8 * k})" for k, j in enumerate(js))
+        lines += [f"    qh{i}_{g} = {hi}", f"    ql{i}_{g} = {lo}"]
+    if t.kind == "q4_0":
+        lines.append(f"    zq{i} = 8 * tl.sum(" + " + ".join(f"qi{i}_{j}" for j in range(per)) + ", 1)")
+    else:
+        lines.append(f"    zq{i} = tl.zeros([{w.heads * nb}], tl.int32)")
+    return lines
+
+
+def _idot_scores(t: _Tensor, i: int, c: str) -> list[str]:
+    """d_<prefix> (R, L, NB, words) int32: each code word's products with q16, summed (before the segment sum)."""
+    p = t.prefix
+    q = lambda x: f"{x}[None, None, :, :]"  # noqa: E731
+    if t.kind == "q8_0":
+        return [f"        d_{p} = dp4a_ss({c}, {q(f'qh{i}_0')}, 0) << 8",
+                f"        d_{p} = dp4a_su({c}, {q(f'ql{i}_0')}, d_{p})"]
+    return [f"        ne_{p} = {c} & 0x0F0F0F0F",
+            f"        no_{p} = ({c} >> 4) & 0x0F0F0F0F",
+            f"        d_{p} = dp4a_us(no_{p}, {q(f'qh{i}_1')}, dp4a_us(ne_{p}, {q(f'qh{i}_0')}, 0)) << 8",
+            f"        d_{p} = dp4a_uu(no_{p}, {q(f'ql{i}_1')}, dp4a_uu(ne_{p}, {q(f'ql{i}_0')}, d_{p}))"]
+
+
 def _wide_loads(spec: _Spec, base: str, mask: str, sfx: str, indent: str) -> str:
     """Loads of every tensor's codes (R, L, NB, bb) and scales (R, L, NB) for the tile of keys base + kt."""
     lines = []
     for t in spec.tensors:
         p = t.prefix
         other = "0" if t.kind in ("q8_0", "q4_0") else "0.0"
-        if _words(t, spec.wide):
+        if _as_words(t, spec):
             lines.append(f"{indent}c_{p}{sfx} = tl.load({p}_codes.to(tl.pointer_type(tl.int32)) + (b * {p}_c_sb + "
                          f"{base} * {p}_c_sj) // 4 + kt[:, :, None, None] * ({p}_c_sj // 4) + "
                          f"co_{p}[None, None, :, :], mask={mask}[:, :, None, None], other=0)")
@@ -935,7 +1028,10 @@ def _wide_body(spec: _Spec, w: _Wide, sfx: str) -> str:
         p = t.prefix
         nb = _wide_geometry(t)[0]
         x = _wide_decode_codes(t, w, f"c_{p}{sfx}")
-        if _words(t, w):
+        if _idot(t, spec):
+            lines += _idot_scores(t, i, f"c_{p}{sfx}")
+            part = f"(tl.sum(d_{p}, 3) - zq{i}[None, None, :]).to(tl.float32) * qf{i}[None, None, :]"
+        elif _words(t, w):
             part = ("tl.sum(" + " + ".join(f"{x[f'w{j}']} * qw{i}_{j}[None, None, :, :]" for j in range(8))
                     + f", 3) - qs{i}[None, None, :]")
         elif t.kind == "q4_0":
@@ -1082,7 +1178,8 @@ def _wide_source(spec: _Spec) -> tuple[str, list[str]]:
     body += _wide_epilogue(spec, w)
     subs = dict(P=spec.partitions, BLOCK_P=_pow2(spec.partitions, least=2), BLOCK_DV=spec.v.block, DV=spec.v.dim,
                 CDT=spec.dtype)
-    text = _header(spec, "decode") + _def("decode_partial", params) + body
+    helpers = _dp4a_helpers(spec.interpret) if any(_idot(t, spec) for t in spec.keys) else ""
+    text = _header(spec, "decode") + helpers + _def("decode_partial", params) + body
     if spec.partitions > 1 and not spec.fused:
         text += source.render(_COMBINE, PDL_PROLOGUE=PDL_PROLOGUE.rstrip(), **subs)
     return text, params
@@ -1388,8 +1485,8 @@ def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cache
     capacity = _ring_capacity(views, (*keys, vt), residual_len, batch, device)
     options = _DECODE_OPTIONS_OVERRIDE or {"num_warps": warps, "num_stages": stages}
     wide = _wide_plan((*keys, vt), group, kv_heads, options["num_warps"], block_n)
-    if wide and wide.words and not _words_aligned((*k, v)):
-        wide = dataclasses.replace(wide, words=False)
+    if wide and (wide.words or wide.idot or wide.idot8) and not _words_aligned((*k, v)):
+        wide = dataclasses.replace(wide, words=False, idot=False, idot8=False)
     fused = partitions > 1 and bool(_KNOBS["fused_combine"])
     spec = _Spec(keys, vt, tuple(float(s) for s in scales), group, _DTYPES[q[0].dtype], residual_len, capacity,
                  partitions, 16, block_n, source.interpreting(), wide, fused)

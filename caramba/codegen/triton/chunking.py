@@ -8,13 +8,16 @@ but no partition shorter than `min_keys` (a partition's fixed cost, the combine 
 online-softmax epilogue, must stay small next to its stream), and at most `max_partitions` (the combine reads P
 partial rows). On the general path (HP = 1) P then drops the partitions that whole key blocks leave empty at the
 bucket's length (even_split: B=1, 32 kv heads, 4k keys: 9 -> 8, as 64 tiles in spans of 8 leave the ninth
-empty); the wide path's tiles are a few keys, so it keeps the count, rounded down to a power of two. The wide
-path's constants (8 waves, partitions of at least 32 keys and at most 128; float caches 16 and 256) come from
-sweeps on an H100 (DBA 32/64/64, 32 heads, q8_0 and q4_0, 2026-11-22, benchmarks/decode_attention.py --sweep):
-B=1 T=4k ran 0.052 ms at the 16 partitions the former 256-key floor allowed (64 programs on 132 SMs) and 0.022
-ms at 128; B=8 T=4k was within 10% from 12 to 32 partitions, B=32 within 5% from 8 to 16 (9 ran 12% slower), and
-the former 16 waves gave 66 partitions at B=8 (9% slower than 16). fp16 on the wide path at B=1: 256 partitions
-against 128: T=128k 0.46 against 0.51 ms, T=32k 0.13 against 0.14, T=4k 0.029 against 0.032. The key block is 64
+empty); the wide path's tiles are a few keys, so it keeps the count, rounded down to a power of two (float
+caches) or to a power of two or 3 x one (smooth_floor; q8_0 / q4_0). The wide path's constants for q8_0 / q4_0
+(12 waves, partitions of at least 32 keys and at most 192) come from sweeps on an H100 (DBA 32/64/64 and
+16/32/64, 32 heads, benchmarks/attention_variants.py --knobs P=0.5,P=1.5,P=2, 2026-12-06) after the keys' integer
+dot products (attention.py, _idot) changed the kernels' registers: B=8 T=32k 48 partitions against 32 / 64,
+q8_0 0.500 against 0.584 / 0.515 ms, q4_0 0.348 against 0.363 / 0.373; B=32 12 against 8 / 16, q8_0 1.98 against
+2.32 / 2.03, q4_0 1.31 against 1.40 / 1.41; B=1 192 against 128 / 256, q4_0 0.058 against 0.065 / 0.063 ms (the
+earlier sweep, 2026-11-22: B=1 T=4k ran 0.052 ms at 16 partitions and 0.022 ms at 128). Float caches: 8 waves,
+16 to 256 keys, powers of two: fp16 on the wide path at B=1, 256 partitions against 128: T=128k 0.46 against
+0.51 ms, T=32k 0.13 against 0.14, T=4k 0.029 against 0.032. The key block is 64
 keys for cache rows up to 256 bytes per head and 32 above (registers). Length buckets are powers of two (4k covers 2049..4096), so a
 decision holds for every length in its bucket; the decode CUDA graph is captured with the decision for
 max_seq_len's bucket and each partition takes its share of the row's current length in the kernel, so no recapture
@@ -77,24 +80,33 @@ def bucket(length: int) -> int:
 
 
 def cost_model(key: ChunkKey, sm_count: int, *, waves: int = 2, min_keys: int = 256,
-               max_partitions: int = 64, wide_waves: int = 8, wide_min_keys: int = 32,
-               wide_max_partitions: int = 128) -> Chunking:
+               max_partitions: int = 64, wide_waves: int = 12, wide_min_keys: int = 32,
+               wide_max_partitions: int = 192) -> Chunking:
     bytes_per_key = max(key.head_dims) * 2
     block_n = 64 if bytes_per_key <= 256 else 32
     hp = heads_per_program(key)
     programs = key.batch * max(1, key.kv_heads // hp)
-    if hp > 1:  # the wide path's programs are small (5-6 an SM): several waves of them balance better
+    floats = all(k in FLOAT_KINDS for k in key.kinds)
+    if hp > 1:  # the wide path's programs are small (3-6 an SM): several waves of them balance better
         waves, min_keys, max_partitions = wide_waves, wide_min_keys, wide_max_partitions
-        if all(k in FLOAT_KINDS for k in key.kinds):  # float rows are longer: shorter, more partitions
-            min_keys, max_partitions = min_keys // 2, max_partitions * 2
+        if floats:  # float rows are longer: 8 waves of shorter partitions, up to 256
+            waves, min_keys, max_partitions = 8, min_keys // 2, 256
     want = math.ceil(waves * sm_count / programs)
     longest = max(1, key.length_bucket // min_keys)
     partitions = max(1, min(want, longest, max_partitions))
     if hp == 1:  # the general path's partitions are whole tiles of block_n keys: drop those left empty
         partitions = even_split(math.ceil(key.length_bucket / block_n), partitions)
-    else:  # powers of two (9 and 6 partitions ran 5-13% slower than 8 on the H100 at B=32 q8_0)
+    elif floats:  # powers of two
         partitions = 1 << (partitions.bit_length() - 1)
+    else:  # powers of two or 3 x a power of two (48 and 12 beat 32, 64 and 8, 16 on the H100)
+        partitions = smooth_floor(partitions)
     return Chunking(partitions, block_n)
+
+
+def smooth_floor(n: int) -> int:
+    """The largest 2^k or 3·2^k that is <= n (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, ...)."""
+    p = 1 << (max(1, n).bit_length() - 1)
+    return p * 3 // 2 if p >= 2 and p * 3 // 2 <= n else p
 
 
 FLOAT_KINDS = ("fp16", "bf16", "fp32")
