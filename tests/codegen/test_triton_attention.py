@@ -374,6 +374,27 @@ def test_decode_wide_reads_unaligned_codes_as_bytes():
     assert_matches(out[:, :, None], case, q, case.scales())
 
 
+def test_register_cap_is_asked_for_wide_quantized_launches_of_enough_head_groups(monkeypatch):
+    """maxnreg (4 programs an SM instead of 3 for q4_0 on an H100) goes with launches of >= 32 (row, head group)
+    pairs reading q4_0 (or q8_0, knob maxnreg8, off); never for the general path, float caches, or the interpreter
+    (which has no registers)."""
+    monkeypatch.setattr(A, "_has_maxnreg", lambda: True)
+    monkeypatch.setattr(A, "_WIDE_KNOBS", {**A._WIDE_KNOBS, "maxnreg4": 128, "maxnreg8": 0})
+
+    def spec(kinds, interpret=False, wide=True):
+        ts = [A._Tensor(p, k, 64, 32, False) for p, k in zip(("k0", "k1", "v"), kinds)]
+        plan = A._wide_plan(ts, 1, 32, 4, 64) if wide else None
+        return A._Spec(tuple(ts[:2]), ts[2], (0.1, 0.1), 1, "tl.float16", 0, 0, 8, 16, 64, interpret, plan)
+    assert A._register_cap(spec(("q4_0", "q8_0", "q8_0")), 32) == {"maxnreg": 128}
+    assert A._register_cap(spec(("q4_0",) * 3), 4) == {}  # B=1: the partitions set the waves
+    assert A._register_cap(spec(("q8_0",) * 3), 64) == {}  # maxnreg8 off
+    assert A._register_cap(spec(("fp16",) * 3), 64) == {}
+    assert A._register_cap(spec(("q4_0",) * 3, interpret=True), 64) == {}
+    assert A._register_cap(spec(("q4_0",) * 3, wide=False), 64) == {}
+    monkeypatch.setattr(A, "_has_maxnreg", lambda: False)  # an older Triton: no option, no error
+    assert A._register_cap(spec(("q4_0",) * 3), 64) == {}
+
+
 def test_decode_wide_float_kinds_only(monkeypatch):
     """Every tensor a float kind (fp16, bf16, fp32 mixed) takes the wide path when the float knob is on (the
     default)."""

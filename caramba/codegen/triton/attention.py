@@ -70,8 +70,10 @@ HP = 8 adjacent kv heads, so each load is a contiguous run of the token row (16-
 L streams x R keys, each stream with its own online softmax; no tl.dot (one query row would waste 15 of 16
 rows of a tensor-core tile): scores are products summed per qblock segment times the scale once, v's scale is
 folded into the probability, codes become fp32 through their bits (3 + c/128, 2 + n/8) with the affine offset
-taken out per block, the next tile's loads are issued before this tile's math. grid (B, H_kv / HP, P); the
-chunking cost model counts HP heads a program. Measured on an H200 (benchmarks/NOTES_attention.md, CUDA-graph
+taken out per block, the next tile's loads are issued before this tile's math. With fp16 / bf16 queries the
+scores of q8_0 / q4_0 keys are integer dot products instead (dp4a through inline PTX: q rounded to 16-bit
+integers per qblock segment, two bytes against each code word; _idot, exact in int32, an emulation of the same
+sums under the interpreter). grid (B, H_kv / HP, P); the chunking cost model counts HP heads a program. Measured on an H200 (benchmarks/NOTES_attention.md, CUDA-graph
 replays, DBA 32/64/64, 32k keys): B=1 q8_0 0.082 ms (general path 0.150), q4_0 0.078 (0.162); B=8 at 68
 partitions q8_0 0.51 (0.80), q4_0 0.41 (0.90). Other shapes take the general path below.
 
@@ -753,10 +755,14 @@ class _Wide:
 # of copy bandwidth, dims 16/32/64 B=8 80% -> 92%, B=1 T=128k 86% -> 97% and T=32k 79% -> 86% at 256 partitions,
 # B=1 T=4k and dims 16/32/64 at B=1 equal; the first sweep, before the finer split, had it slower); heads = most
 # kv heads per program; bytes = code bytes per thread per tile (R from it: small tiles keep registers low, so more
-# programs per SM); prefetch, magic, words as _Wide.
+# programs per SM); prefetch, magic, words, idot (q4_0 keys), idot8 (q8_0 keys) as _Wide; maxnreg4 / maxnreg8:
+# the register cap of launches reading q4_0 / q8_0 (_register_cap; 0: none). idot on the H100 (2026-12-06,
+# attention_variants.py --knobs idot8=0;idot=0, the same partitions): q4_0 B=8 T=32k 0.410 -> 0.363 ms, B=32
+# 1.60 -> 1.40, dims 16/32/64 B=8 0.333 -> 0.246; q8_0 at first 4% slower at B >= 8 (0.543 -> 0.565) until the
+# partitions were re-swept for its lower register count (80 against 96): 0.500 at 48 (chunking.py).
 _WIDE_KNOBS: dict[str, Any] = {"wide": True, "float": True, "heads": 8, "bytes": 32, "magic": True,
                                "prefetch": True, "words": True, "lazy": 0.0, "idot": True,
-                               "idot8": True}
+                               "idot8": True, "maxnreg4": 128, "maxnreg8": 0}
 
 
 def _wide_kind(t: _Tensor) -> bool:
@@ -797,6 +803,29 @@ def _wide_plan(tensors: Sequence[_Tensor], group: int, kv_heads: int, num_warps:
 def _words(t: _Tensor, w: _Wide) -> bool:
     """q4_0 read as int32 words: the knob, and segments of whole words (>= 8 features)."""
     return w.words and t.kind == "q4_0" and _wide_geometry(t)[2] % 4 == 0
+
+
+def _register_cap(spec: _Spec, groups: int) -> dict[str, int]:
+    """Launch option capping the wide kernel's registers (`maxnreg`) when a q4_0 tensor is read (knob maxnreg4) or
+    else a q8_0 one (maxnreg8), so more programs fit an SM, for launches of at least 32 (row, head group) pairs;
+    {} when off, when interpreting, or when this Triton has no such option. Measured on an H100 (DBA 32/64/64 q4_0,
+    2026-12-06): 128 registers (150 uncapped: 4 programs an SM instead of 3, no spills in the loop) took B=8 T=32k
+    from 0.347 to 0.334 ms and B=32 from 1.31 to 1.28; at B=1 (4 head groups, the partitions set the waves) it
+    lost 8% at the model's 192 partitions."""
+    if spec.wide is None or spec.interpret or groups < 32:
+        return {}
+    kinds = {t.kind for t in spec.tensors}
+    cap = int(_WIDE_KNOBS["maxnreg4"] if "q4_0" in kinds else _WIDE_KNOBS["maxnreg8"] if "q8_0" in kinds else 0)
+    return {"maxnreg": cap} if cap and _has_maxnreg() else {}
+
+
+@functools.lru_cache(maxsize=None)
+def _has_maxnreg() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "maxnreg" in {f.name for f in dataclasses.fields(CUDAOptions)}
 
 
 def _idot(t: _Tensor, spec: _Spec) -> bool:
@@ -1490,6 +1519,7 @@ def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cache
     fused = partitions > 1 and bool(_KNOBS["fused_combine"])
     spec = _Spec(keys, vt, tuple(float(s) for s in scales), group, _DTYPES[q[0].dtype], residual_len, capacity,
                  partitions, 16, block_n, source.interpreting(), wide, fused)
+    options = {**options, **_register_cap(spec, batch * kv_heads // wide.heads if wide else 0)}
     out = _check_out(out, (batch, heads, vt.dim), q[0])
     ws = out
     if partitions > 1:
