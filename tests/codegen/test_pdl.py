@@ -42,10 +42,12 @@ def fake_gpu(monkeypatch):
 def test_on_for_hopper_with_a_triton_that_has_it(fake_gpu):
     fake_gpu((9, 0))
     assert jit_helpers.pdl(CUDA)
-    assert jit_helpers.pdl_kwargs(CUDA) == {"PDL": True, "launch_pdl": True}
+    # compiled launches also name FMA fusion (Triton 3.10 turns its default off; the kernels were checked with it)
+    assert jit_helpers.pdl_kwargs(CUDA) == {"PDL": True, "launch_pdl": True, "enable_fp_fusion": True}
     with jit_helpers.pdl_enabled(False):  # the cuda target option pdl=False
         assert not jit_helpers.pdl(CUDA)
-        assert jit_helpers.pdl_kwargs(CUDA) == {"PDL": False}  # no launch_pdl: older Tritons do not know it
+        # no launch_pdl: older Tritons do not know it
+        assert jit_helpers.pdl_kwargs(CUDA) == {"PDL": False, "enable_fp_fusion": True}
         with jit_helpers.pdl_enabled(True):
             assert jit_helpers.pdl(CUDA)
         assert not jit_helpers.pdl(CUDA)

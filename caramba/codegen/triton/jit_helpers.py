@@ -71,10 +71,19 @@ def pdl(device: torch.device) -> bool:
 
 
 def pdl_kwargs(device: torch.device) -> dict:
-    """The keywords a launch on `device` passes: the kernel's PDL constexpr and, when on, launch_pdl (left out when
-    off: older Tritons do not know it)."""
+    """The keywords every launch on `device` passes: the kernel's PDL constexpr and, when on, launch_pdl (left out
+    when off: older Tritons do not know it); compiled (not interpreted) also enable_fp_fusion=True, a multiply and an
+    add into one FMA as every Triton up to 3.9 does by default and as the kernels were checked on the GPU (Triton
+    3.9 warns that 3.10 turns the default off)."""
     flag = pdl(device)
-    return {"PDL": True, "launch_pdl": True} if flag else {"PDL": False}
+    fusion = {"enable_fp_fusion": True} if device.type == "cuda" and not _interpreting() else {}
+    return {"PDL": True, "launch_pdl": True, **fusion} if flag else {"PDL": False, **fusion}
+
+
+def _interpreting() -> bool:
+    from caramba.codegen.triton.source import interpreting
+
+    return interpreting()
 
 
 @functools.lru_cache(maxsize=None)  # asked at every launch: the device and Triton do not change
