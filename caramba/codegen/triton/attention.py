@@ -73,9 +73,11 @@ folded into the probability, codes become fp32 through their bits (3 + c/128, 2 
 taken out per block, the next tile's loads are issued before this tile's math. With fp16 / bf16 queries the
 scores of q8_0 / q4_0 keys are integer dot products instead (dp4a through inline PTX: q rounded to 16-bit
 integers per qblock segment, two bytes against each code word; _idot, exact in int32, an emulation of the same
-sums under the interpreter). grid (B, H_kv / HP, P); the chunking cost model counts HP heads a program. Measured on an H200 (benchmarks/NOTES_attention.md, CUDA-graph
-replays, DBA 32/64/64, 32k keys): B=1 q8_0 0.082 ms (general path 0.150), q4_0 0.078 (0.162); B=8 at 68
-partitions q8_0 0.51 (0.80), q4_0 0.41 (0.90). Other shapes take the general path below.
+sums under the interpreter). grid (B, H_kv / HP, P); the chunking cost model counts HP heads a program. Measured
+on an H200 (benchmarks/NOTES_attention.md, CUDA-graph replays, DBA 32/64/64, 32k keys): B=1 q8_0 0.082 ms
+(general path 0.150), q4_0 0.078 (0.162); B=8 at 68 partitions q8_0 0.51 (0.80), q4_0 0.41 (0.90); with the
+integer key products on an H100 (benchmarks/RESULTS.md, fourth session): B=8 q8_0 0.477 ms (99% of copy
+bandwidth), q4_0 0.346. Other shapes take the general path below.
 
 Decode reads block-scaled heads of whole blocks (head dim a multiple of a power-of-two qblock; qblock >= 16 for
 q8_0, >= 32 for 4-bit kinds) through the blocked path: contiguous code vectors per (key, block), one scale per
