@@ -43,11 +43,11 @@ def test_on_for_hopper_with_a_triton_that_has_it(fake_gpu):
     fake_gpu((9, 0))
     assert jit_helpers.pdl(CUDA)
     # compiled launches also name FMA fusion (Triton 3.10 turns its default off; the kernels were checked with it)
-    assert jit_helpers.pdl_kwargs(CUDA) == {"PDL": True, "launch_pdl": True, "enable_fp_fusion": True}
+    assert jit_helpers.launch_kwargs(CUDA) == {"PDL": True, "launch_pdl": True, "enable_fp_fusion": True}
     with jit_helpers.pdl_enabled(False):  # the cuda target option pdl=False
         assert not jit_helpers.pdl(CUDA)
         # no launch_pdl: older Tritons do not know it
-        assert jit_helpers.pdl_kwargs(CUDA) == {"PDL": False, "enable_fp_fusion": True}
+        assert jit_helpers.launch_kwargs(CUDA) == {"PDL": False, "enable_fp_fusion": True}
         with jit_helpers.pdl_enabled(True):
             assert jit_helpers.pdl(CUDA)
         assert not jit_helpers.pdl(CUDA)
@@ -61,7 +61,7 @@ def test_off_before_hopper_on_the_cpu_and_in_the_interpreter(fake_gpu, monkeypat
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
     monkeypatch.setattr(source, "interpreting", lambda: True)
     assert not jit_helpers.pdl(CUDA)
-    assert jit_helpers.pdl_kwargs(torch.device("cpu")) == {"PDL": False}
+    assert jit_helpers.launch_kwargs(torch.device("cpu")) == {"PDL": False}
 
 
 def test_off_with_a_triton_without_it(fake_gpu, monkeypatch):

@@ -378,7 +378,7 @@ def test_register_cap_is_asked_for_wide_quantized_launches_of_enough_head_groups
     """maxnreg (4 programs an SM instead of 3 for q4_0 on an H100) goes with launches of >= 32 (row, head group)
     pairs reading q4_0 (or q8_0, knob maxnreg8, off); never for the general path, float caches, or the interpreter
     (which has no registers)."""
-    monkeypatch.setattr(A, "_has_maxnreg", lambda: True)
+    monkeypatch.setattr(A, "cuda_option", lambda name: name == "maxnreg")
     monkeypatch.setattr(A, "_WIDE_KNOBS", {**A._WIDE_KNOBS, "maxnreg4": 128, "maxnreg8": 0})
 
     def spec(kinds, interpret=False, wide=True):
@@ -391,7 +391,7 @@ def test_register_cap_is_asked_for_wide_quantized_launches_of_enough_head_groups
     assert A._register_cap(spec(("fp16",) * 3), 64) == {}
     assert A._register_cap(spec(("q4_0",) * 3, interpret=True), 64) == {}
     assert A._register_cap(spec(("q4_0",) * 3, wide=False), 64) == {}
-    monkeypatch.setattr(A, "_has_maxnreg", lambda: False)  # an older Triton: no option, no error
+    monkeypatch.setattr(A, "cuda_option", lambda name: False)  # an older Triton: no option, no error
     assert A._register_cap(spec(("q4_0",) * 3), 64) == {}
 
 

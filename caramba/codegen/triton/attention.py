@@ -105,7 +105,7 @@ from typing import Any, Sequence
 import torch
 
 from caramba.codegen.triton import source
-from caramba.codegen.triton.jit_helpers import PDL_PROLOGUE, pdl_kwargs
+from caramba.codegen.triton.jit_helpers import PDL_PROLOGUE, cuda_option, launch_kwargs
 from caramba.errors import CarambaError
 from caramba.runtime.quant import NF4_LEVELS, SCALE_DTYPE, code_width, n_blocks, parse_kind
 
@@ -818,16 +818,7 @@ def _register_cap(spec: _Spec, groups: int) -> dict[str, int]:
         return {}
     kinds = {t.kind for t in spec.tensors}
     cap = int(_WIDE_KNOBS["maxnreg4"] if "q4_0" in kinds else _WIDE_KNOBS["maxnreg8"] if "q8_0" in kinds else 0)
-    return {"maxnreg": cap} if cap and _has_maxnreg() else {}
-
-
-@functools.lru_cache(maxsize=None)
-def _has_maxnreg() -> bool:
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-    except ImportError:
-        return False
-    return "maxnreg" in {f.name for f in dataclasses.fields(CUDAOptions)}
+    return {"maxnreg": cap} if cap and cuda_option("maxnreg") else {}
 
 
 def _idot(t: _Tensor, spec: _Spec) -> bool:
@@ -893,7 +884,7 @@ def _wide_setup(spec: _Spec, w: _Wide) -> str:
         c = spec.scales[i] * _LOG2E
         qrow = f"q{i} + b * q{i}_sb + (hg * {w.heads} + blk_{p} // {nb})[:, None] * q{i}_sh"
         if _idot(t, spec):
-            lines += _idot_setup(t, i, w, qrow, c)
+            lines += _idot_setup(t, i, qrow, c)
         elif _words(t, w):
             wq = bb // 4
             lines.append(f"    ew_{p} = tl.arange(0, {wq})")
@@ -949,7 +940,7 @@ def _dp4a_helpers(interpret: bool) -> str:
     return "".join(out)
 
 
-def _idot_setup(t: _Tensor, i: int, w: _Wide, qrow: str, c: float) -> list[str]:
+def _idot_setup(t: _Tensor, i: int, qrow: str, c: float) -> list[str]:
     """q term i as packed 16-bit integers per segment: qh{i}_g / ql{i}_g (NB, words) int32, the per-segment factor
     qf{i} back to scores in log2 units and (q4_0) the offset zq{i} = 8 · Σ q16."""
     p = t.prefix
@@ -974,8 +965,6 @@ def _idot_setup(t: _Tensor, i: int, w: _Wide, qrow: str, c: float) -> list[str]:
         lines += [f"    qh{i}_{g} = {hi}", f"    ql{i}_{g} = {lo}"]
     if t.kind == "q4_0":
         lines.append(f"    zq{i} = 8 * tl.sum(" + " + ".join(f"qi{i}_{j}" for j in range(per)) + ", 1)")
-    else:
-        lines.append(f"    zq{i} = tl.zeros([{w.heads * nb}], tl.int32)")
     return lines
 
 
@@ -1061,7 +1050,8 @@ def _wide_body(spec: _Spec, w: _Wide, sfx: str) -> str:
         x = _wide_decode_codes(t, w, f"c_{p}{sfx}")
         if _idot(t, spec):
             lines += _idot_scores(t, i, f"c_{p}{sfx}")
-            part = f"(tl.sum(d_{p}, 3) - zq{i}[None, None, :]).to(tl.float32) * qf{i}[None, None, :]"
+            dot = f"tl.sum(d_{p}, 3)" + (f" - zq{i}[None, None, :]" if t.kind == "q4_0" else "")
+            part = f"({dot}).to(tl.float32) * qf{i}[None, None, :]"
         elif _words(t, w):
             part = ("tl.sum(" + " + ".join(f"{x[f'w{j}']} * qw{i}_{j}[None, None, :, :]" for j in range(8))
                     + f", 3) - qs{i}[None, None, :]")
@@ -1542,7 +1532,7 @@ def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cache
     grid = (batch, kv_heads // wide.heads if wide else kv_heads, partitions)
     if fused:
         args["counters"] = _counters(device, batch * grid[1])
-    pdl = pdl_kwargs(device)
+    pdl = launch_kwargs(device)
     mod.decode_partial[grid](*(args[n] for n in params), **options, **pdl)
     if partitions > 1 and not fused:
         # the combine holds P x d_v partials: more warps for many partitions (the wide path takes up to 128)
@@ -1606,5 +1596,5 @@ def prefill_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cach
     for t, view, x in zip(tensors, views, exact):
         args.update(_buffer_args(t, view, x))
     mod.prefill[(math.ceil(n_q / block_m), batch, heads)](*(args[n] for n in params), **_launch_options(spec),
-                                                          **pdl_kwargs(device))
+                                                          **launch_kwargs(device))
     return out

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from caramba.codegen.triton import norms, source
-from caramba.codegen.triton.jit_helpers import (HELPERS, PDL_TRIGGER, TL_DTYPE, from_f32, next_pow2, pdl_kwargs,
+from caramba.codegen.triton.jit_helpers import (HELPERS, PDL_TRIGGER, TL_DTYPE, from_f32, next_pow2, launch_kwargs,
                                                 round_f32, to_f32)
 from caramba.codegen.triton.swiglu import swiglu
 from caramba.ir.types import DType
@@ -265,5 +265,5 @@ def _launch(prologue: str, x: torch.Tensor, u: torch.Tensor | None, norm_weight:
     kernel[(-(-n // cfg.block_n),)](row, u, nw, w, bias if bias is not None else w, s if s is not None else y, y, n,
                                     k, w.stride(0), float(eps), HAS_BIAS=bias is not None,
                                     EVEN_K=k % cfg.block_k == 0, num_warps=cfg.warps, num_stages=cfg.stages,
-                                    CONST_W=constant_weight, **pdl_kwargs(x.device))
+                                    CONST_W=constant_weight, **launch_kwargs(x.device))
     return s, y

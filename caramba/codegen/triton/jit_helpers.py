@@ -15,6 +15,8 @@ import functools
 
 import torch
 
+from caramba.codegen.triton import source
+
 # Spliced after `import triton.language as tl` in every template that converts dtypes.
 HELPERS = '''
 @triton.jit
@@ -70,34 +72,35 @@ def pdl(device: torch.device) -> bool:
     return _pdl_supported(device.index)  # a CUDA tensor's device has an index; None: the current device
 
 
-def pdl_kwargs(device: torch.device) -> dict:
+def launch_kwargs(device: torch.device) -> dict:
     """The keywords every launch on `device` passes: the kernel's PDL constexpr and, when on, launch_pdl (left out
     when off: older Tritons do not know it); compiled (not interpreted) also enable_fp_fusion=True, a multiply and an
     add into one FMA as every Triton up to 3.9 does by default and as the kernels were checked on the GPU (Triton
     3.9 warns that 3.10 turns the default off)."""
     flag = pdl(device)
-    fusion = {"enable_fp_fusion": True} if device.type == "cuda" and not _interpreting() else {}
+    fusion = {"enable_fp_fusion": True} if device.type == "cuda" and not source.interpreting() else {}
     return {"PDL": True, "launch_pdl": True, **fusion} if flag else {"PDL": False, **fusion}
 
 
-def _interpreting() -> bool:
-    from caramba.codegen.triton.source import interpreting
-
-    return interpreting()
+@functools.lru_cache(maxsize=None)
+def cuda_option(name: str) -> bool:
+    """Whether this Triton's CUDA backend takes launch/compile option `name` (launch_pdl, maxnreg, ...)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return name in {f.name for f in dataclasses.fields(CUDAOptions)}
 
 
 @functools.lru_cache(maxsize=None)  # asked at every launch: the device and Triton do not change
 def _pdl_supported(index: int | None) -> bool:
-    from caramba.codegen.triton.source import interpreting
-
-    if interpreting() or not torch.cuda.is_available() or torch.cuda.get_device_capability(index)[0] < 9:
+    if source.interpreting() or not torch.cuda.is_available() or torch.cuda.get_device_capability(index)[0] < 9:
         return False
     try:
         import triton.language.extra.cuda as tl_cuda
-        from triton.backends.nvidia.compiler import CUDAOptions
     except ImportError:
         return False
-    return hasattr(tl_cuda, "gdc_wait") and "launch_pdl" in {f.name for f in dataclasses.fields(CUDAOptions)}
+    return hasattr(tl_cuda, "gdc_wait") and cuda_option("launch_pdl")
 
 
 TL_DTYPE: dict[torch.dtype, str] = {torch.float32: "tl.float32", torch.float16: "tl.float16",

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from caramba.codegen.triton import source
-from caramba.codegen.triton.jit_helpers import (HELPERS, PDL_PROLOGUE, check_float, from_f32, next_pow2, pdl_kwargs,
+from caramba.codegen.triton.jit_helpers import (HELPERS, PDL_PROLOGUE, check_float, from_f32, next_pow2, launch_kwargs,
                                                 round_f32, to_f32)
 from caramba.runtime.kv_cache import CacheOverflowError
 from caramba.runtime.quant import (NF4_LEVELS, SCALE_DTYPE, CacheKind, NonFiniteError, check_qblock, code_width,
@@ -411,7 +411,7 @@ def _launch(prepared: list[tuple[_Part, dict]], x: torch.Tensor, starts: torch.T
         args += [info["args"][a] for a in order]
     grid = (max(p[1]["programs"] for p in prepared), len(prepared))
     _layer_kernel(tuple(p[0] for p in prepared))[grid](starts, error if error is not None else starts, n_new,
-                                                       seqs.pop(), *args, num_warps=4, **pdl_kwargs(dev))
+                                                       seqs.pop(), *args, num_warps=4, **launch_kwargs(dev))
 
 
 def error_flag(device: torch.device | str) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 
 from caramba.codegen.triton import source
 from caramba.codegen.triton.jit_helpers import (HELPERS, PDL_PROLOGUE, check_float, from_f32, next_pow2,
-                                                num_warps, pdl_kwargs, round_f32, rows_per_program, to_f32)
+                                                num_warps, launch_kwargs, round_f32, rows_per_program, to_f32)
 from caramba.ir.types import DType
 
 MAX_WIDTH = 32768
@@ -132,7 +132,7 @@ def _run(name: str, a: torch.Tensor, b: torch.Tensor | None, w: torch.Tensor | N
     kernel[(math.ceil(n_rows / rows),)](a, a if b is None else b, a if w is None else w,
                                         a if bias is None else bias, a if s is None else s, y, n_rows, float(eps),
                                         ROWS=rows, BLOCK=block, num_warps=num_warps(rows * block),
-                                        **pdl_kwargs(a.device))
+                                        **launch_kwargs(a.device))
     return s, y
 
 

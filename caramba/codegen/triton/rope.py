@@ -22,7 +22,7 @@ import torch
 
 from caramba.codegen.triton import source
 from caramba.codegen.triton.jit_helpers import (HELPERS, PDL_PROLOGUE, check_float, from_f32, next_pow2,
-                                                num_warps, pdl_kwargs, round_f32, rows_per_program, to_f32)
+                                                num_warps, launch_kwargs, round_f32, rows_per_program, to_f32)
 
 _TEMPLATE = '''"""caramba rope: d=$D, rotary_dim=$R, interleaved=$INTERLEAVED, x $X_DTYPE, tables $C_DTYPE -> $OUT_DTYPE."""
 import triton
@@ -119,5 +119,5 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, rotary_dim: i
     kernel = _kernel(x.dtype, cos.dtype, sin.dtype, out_dtype, d, rotary_dim, interleaved)
     kernel[(math.ceil(n_rows / rows),)](x4, c4, s4, out, n_rows, x4.shape[1], x4.shape[2], *x4.stride()[:3],
                                         *c4.stride()[:3], *s4.stride()[:3], ROWS=rows, BLOCK=block,
-                                        num_warps=num_warps(rows * block), **pdl_kwargs(x.device))
+                                        num_warps=num_warps(rows * block), **launch_kwargs(x.device))
     return out

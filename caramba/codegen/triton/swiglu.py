@@ -13,7 +13,7 @@ import functools
 import torch
 
 from caramba.codegen.triton import source
-from caramba.codegen.triton.jit_helpers import (HELPERS, PDL_PROLOGUE, check_float, from_f32, pdl_kwargs,
+from caramba.codegen.triton.jit_helpers import (HELPERS, PDL_PROLOGUE, check_float, from_f32, launch_kwargs,
                                                 round_f32, to_f32)
 
 BLOCK = 2048
@@ -71,7 +71,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, out: torch.Tensor | None = N
         g, u = _rows(gate, width), _rows(up, width)
         _kernel(gate.dtype, up.dtype, out_dtype)[(-(-n // BLOCK),)](g, u, out, n, width, g.stride(0), u.stride(0),
                                                                    BLOCK=BLOCK, num_warps=8,
-                                                                   **pdl_kwargs(gate.device))
+                                                                   **launch_kwargs(gate.device))
     return out
 
 
