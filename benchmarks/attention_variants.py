@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caramba.codegen.triton import attention as A  # noqa: E402
 from caramba.codegen.triton.chunking import ChunkKey, cost_model  # noqa: E402
 from caramba.runtime.kv_cache import CacheSpec, KVCache  # noqa: E402
-from caramba.runtime.quant import dequantize  # noqa: E402
+from caramba.ir.quant import dequantize  # noqa: E402
 
 import decode_attention as DA  # noqa: E402  (peers, copy bandwidth, graph capture)
 
@@ -50,7 +50,7 @@ def make_cache(b, t, dims, heads, kv_heads, kind, filled=True):
     names = ["k_sem", "k_geo", "v"] if len(dims) == 3 else ["k", "v"]
     spec = CacheSpec.build(1, b, t, {n: (kv_heads * d, kind) for n, d in zip(names, dims)}, device="cuda")
     cache = KVCache(spec)
-    for store in cache.layers[0].stores.values():
+    for store in (cache.view(0, n) for n in cache.spec.names):
         if store.codes.dtype.is_floating_point:
             store.codes.normal_()
         elif store.codes.dtype == torch.int8:
@@ -81,7 +81,7 @@ def reference(cache, names, q, scales, kv_heads):
 
 def call(mod, cache, names, q, scales, kv_heads, partitions, block_n):
     layer = cache.layers[0]
-    views = [mod.CacheView.of(layer, n) for n in names]
+    views = [layer.view(n) for n in names]
     b, h = q[0].shape[:2]
     dv = views[-1].features // kv_heads
     lengths = torch.tensor(layer.lengths, dtype=torch.int32, device="cuda")

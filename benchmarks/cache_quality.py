@@ -32,6 +32,7 @@ import caramba  # noqa: E402
 from caramba.models import load  # noqa: E402
 from caramba.runtime.cache_policy import ProbeSettings, probe_run  # noqa: E402
 from caramba.runtime.executor import CacheConfig  # noqa: E402
+from caramba.runtime.kv_cache import CacheSpec  # noqa: E402
 from train_tiny import stdlib_split  # noqa: E402
 
 KINDS = {
@@ -120,7 +121,7 @@ def main() -> None:
         delta = nll - ref_nll
         diffs = torch.cat(rows[name]) - ref_rows
         se = float(diffs.std() / math.sqrt(diffs.numel())) if diffs.numel() > 1 else math.nan
-        spec = ex.config.spec(layout, 1)
+        spec = CacheSpec.for_config(layout, ex.config, 1)
         target = TARGETS.get(name)
         verdict = "" if target is None else f"ΔNLL <= {target}: {'met' if delta <= target else 'MISSED'}"
         kl = "reference" if name == "fp16" else f"{kl_sum / steps:.2e}"

@@ -66,7 +66,7 @@ def filled_cache(b: int, t: int, dims: tuple[int, int, int], kind: str) -> KVCac
     ds, dg, dv = dims
     spec = CacheSpec.decoupled(1, b, t, HEADS * ds, HEADS * dg, HEADS * dv, kind, device="cuda")
     cache = KVCache(spec)
-    for store in cache.layers[0].stores.values():
+    for store in (cache.view(0, n) for n in cache.spec.names):
         if store.codes.dtype.is_floating_point:
             store.codes.normal_()
         else:

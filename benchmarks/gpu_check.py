@@ -72,7 +72,7 @@ def check_executor() -> None:
 def check_deferred_errors() -> None:
     """A replayed decode step whose k holds NaN (a poisoned embedding row): the next call raises, both steps are
     undone, and decoding goes on to give the reference's logits (check_values "deferred": pinned copies, events)."""
-    from caramba.runtime.quant import NonFiniteError
+    from caramba.ir.quant import NonFiniteError
 
     torch.manual_seed(0)
     model = Transformer(preset("tiny", attention="decoupled", n_layers=2)).eval()
@@ -159,16 +159,16 @@ def check_decode_attention() -> None:
             q = torch.randn(2, heads, d, device="cuda", dtype=torch.float16)
             scale = 1 / math.sqrt(d)
             cpu = KVCache(CacheSpec.standard(1, 2, t, kv_heads * d, kind))
-            for name, store in cache.layers[0].stores.items():
-                cpu.layers[0].stores[name].codes.copy_(store.codes.cpu())
+            for name, store in ((n, cache.view(0, n)) for n in cache.spec.names):
+                cpu.view(0, name).codes.copy_(store.codes.cpu())
                 if store.scales is not None:
-                    cpu.layers[0].stores[name].scales.copy_(store.scales.cpu())
+                    cpu.view(0, name).scales.copy_(store.scales.cpu())
             cpu.layers[0].lengths = list(lens)
             want = _cached_attention(q.double().cpu()[:, :, None], torch.tensor(lens)[:, None] - 1,
                                      torch.tensor(lens), scale=scale, layer=0, names=["k", "v"],
                                      kinds=[kind, kind], qblock=32, residual_len=0, kv_heads=kv_heads,
                                      v_head_dim=d, partitions=1, state=cpu)[:, :, 0]
-            views = [attention.CacheView.of(cache.layers[0], n) for n in ("k", "v")]
+            views = [cache.view(0, n) for n in ("k", "v")]
             lengths = torch.tensor(lens, dtype=torch.int32, device="cuda")
             for p in (1, 3, 16):
                 out = attention.decode_attention([q], views[:1], views[1], lengths, scales=[scale],

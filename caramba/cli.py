@@ -97,7 +97,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
     cache_kind = parse_cache_kind(args.cache_kind)
     kinds = cache_kind.values() if isinstance(cache_kind, dict) else [cache_kind]
-    from caramba.runtime.quant import parse_kind
+    from caramba.ir.quant import parse_kind
 
     for k in kinds:  # a typo costs no compile
         parse_kind(k)
@@ -220,6 +220,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from caramba.models.presets import PRESETS
     from caramba.models.sources import load_model
     from caramba.runtime.executor import CacheConfig
+    from caramba.runtime.kv_cache import CacheSpec
     from caramba.runtime.generate_config import GenerateConfig
     from caramba.runtime.generator import Generator
     from caramba.tokenizer import TOKENIZER_FILE, load_tokenizer
@@ -259,12 +260,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cm = caramba.compile(model, target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len)
     config = GenerateConfig(**settings, eos_token_id=eos, max_seq_len=args.max_seq_len or cm.max_positions)
     layout = cm.cache_layout
-    fp16_bytes = CacheConfig.of(layout, "fp16", max_seq_len=config.max_seq_len).spec(layout, 1).nbytes
+    fp16 = CacheConfig.of(layout, "fp16", max_seq_len=config.max_seq_len)
+    fp16_bytes = CacheSpec.for_config(layout, fp16, 1).nbytes
     if not auto and config.cache_budget_mb is not None:
         from caramba.runtime.cache_candidates import budget_bytes
 
-        need = CacheConfig.of(layout, config.cache_kind, max_seq_len=config.max_seq_len, qblock=config.cache_qblock,
-                              residual_len=config.cache_residual_len).spec(layout, 1).nbytes
+        need = CacheSpec.for_config(layout, CacheConfig.of(
+            layout, config.cache_kind, max_seq_len=config.max_seq_len, qblock=config.cache_qblock,
+            residual_len=config.cache_residual_len), 1).nbytes
         if need > budget_bytes(config.cache_budget_mb):
             raise ValueError(f"--cache-kind {args.cache_kind}: the KV cache for {config.max_seq_len} tokens takes "
                              f"{need:,} bytes, over --cache-budget-mb {config.cache_budget_mb:g} "

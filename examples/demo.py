@@ -19,6 +19,7 @@ import caramba
 from caramba.models import count_parameters
 from caramba.models.sources import load_model
 from caramba.runtime.executor import CacheConfig
+from caramba.runtime.kv_cache import CacheSpec
 from caramba.runtime.generate_config import GenerateConfig
 from caramba.runtime.generator import Generator
 from caramba.tokenizer import ByteTokenizer
@@ -78,7 +79,7 @@ def main() -> None:
 
     s = gen.stats
     layout = cm.cache_layout
-    fp16 = CacheConfig.of(layout, "fp16", max_seq_len=config.max_seq_len).spec(layout, 1).nbytes
+    fp16 = CacheSpec.for_config(layout, CacheConfig.of(layout, "fp16", max_seq_len=config.max_seq_len), 1).nbytes
     print(f"\n{s.new_tokens} tokens: {s.tokens_per_s:.1f} tok/s overall, {s.decode_tokens_per_s:.1f} tok/s decode "
           f"(prefill of {s.prompt_tokens} tokens {1e3 * s.prefill_seconds:.0f} ms) on {cm.target}, "
           f"{torch.get_num_threads()} thread(s)")

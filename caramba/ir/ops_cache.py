@@ -37,6 +37,7 @@ import torch
 
 from caramba.errors import CarambaError
 from caramba.ir import symbolic
+from caramba.ir.quant import QTensor, code_width, dequantize, n_blocks, parse_kind, quantize
 from caramba.ir.registry import REQUIRED, register_op
 from caramba.ir.shape_rules import ShapeError
 from caramba.ir.types import DType, TensorType
@@ -187,13 +188,11 @@ def _position_mask(positions, *, ctx):
 # Stage 2: explicit quantize-on-write and dequantize-on-read
 # ---------------------------------------------------------------------------------------------------------------
 def _kind(name: str):
-    from caramba.runtime.quant import parse_kind  # runtime owns the formats; imported late (no import cycle)
 
     return parse_kind(name)
 
 
 def _code_types(kind: str, batch: Any, n: Any, features: int, qblock: int) -> list[TensorType]:
-    from caramba.runtime.quant import code_width, n_blocks
 
     k = _kind(kind)
     return [TensorType((batch, n, code_width(k, features, qblock)), DType.from_torch(k.code_dtype)),
@@ -211,8 +210,7 @@ def _quantize_infer(t: Types, a: Attrs) -> list[TensorType]:
 
 @register_op("kv_quantize", ["x"], _quantize_infer, attrs={"kind": REQUIRED, "qblock": REQUIRED}, num_outputs=2)
 def _kv_quantize(x, *, kind, qblock):
-    """x (batch, seq, F) -> (codes, fp16 scales) in `kind` (the layouts of caramba.runtime.quant)."""
-    from caramba.runtime.quant import quantize
+    """x (batch, seq, F) -> (codes, fp16 scales) in `kind` (the layouts of caramba.ir.quant)."""
 
     q = quantize(x, kind, qblock)
     return q.codes, q.scales
@@ -238,7 +236,6 @@ def _store_infer(t: Types, a: Attrs) -> list[TensorType]:
 def _kv_store(positions, *parts, layer, names, kinds, qblock, residual_len, state=None):
     """Write already-stored tokens: per tensor, in order, its storage (float kinds) or codes and scales (block
     kinds) followed, when residual_len > 0, by its fp16 values for the ring. Returns lengths, i64[batch]."""
-    from caramba.runtime.quant import QTensor
 
     cache = _state(state, "kv_store")
     _check_kinds(cache, layer, names, kinds, qblock, residual_len, "kv_store")
@@ -293,8 +290,7 @@ def _dequantize_infer(t: Types, a: Attrs) -> list[TensorType]:
 @register_op("kv_dequantize", ["codes", "scales"], _dequantize_infer,
              attrs={"kind": REQUIRED, "features": REQUIRED, "qblock": REQUIRED, "dtype": REQUIRED})
 def _kv_dequantize(codes, scales, *, kind, features, qblock, dtype):
-    """(codes, scales) in `kind` -> (batch, n, features) in dtype (caramba.runtime.quant.dequantize)."""
-    from caramba.runtime.quant import QTensor, dequantize
+    """(codes, scales) in `kind` -> (batch, n, features) in dtype (caramba.ir.quant.dequantize)."""
 
     return dequantize(QTensor(_kind(kind), codes, scales, features, qblock), dtype.torch)
 

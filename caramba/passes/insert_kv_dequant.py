@@ -23,7 +23,9 @@ Counts: "stores" (appends made explicit), "reads".
 from __future__ import annotations
 
 from caramba.errors import CarambaError
+from caramba.ir.cache_format import resolve_kinds
 from caramba.ir.graph import Graph, Node, Value
+from caramba.ir.quant import parse_kind
 from caramba.ir.types import DType
 from caramba.passes.base import PassContext
 from caramba.passes.kv_layout import splice
@@ -32,7 +34,6 @@ from caramba.passes.rewrite import Builder
 
 def cache_options(ctx: PassContext, names) -> tuple[dict[str, str], int, int]:
     """(kinds per tensor, qblock, residual_len) from ctx.options, checked against the tensors the graph caches."""
-    from caramba.runtime.kv_cache import resolve_kinds  # the runtime owns the kinds (no import cycle at load)
 
     if "cache_kinds" not in ctx.options:
         raise CarambaError("the KV-cache passes need ctx.options['cache_kinds'] (a kind, or one per cached tensor)")
@@ -56,7 +57,6 @@ def insert_kv_dequant(graph: Graph, ctx: PassContext) -> Graph:
         return graph
     kinds, qblock, residual = cache_options(ctx, appends[0].attrs["names"])
     check_ring_form(graph, residual)
-    from caramba.runtime.quant import parse_kind
 
     for node in appends:
         b = Builder(graph, node)

@@ -1,10 +1,12 @@
-"""What the KV-cache passes share: which tensors a graph's attention layers cache, and node splicing."""
+"""What the KV-cache passes share: which tensors a graph's attention layers cache (CacheLayout), what one cache
+configuration specialises them for (CacheConfig), and node splicing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
 
 from caramba.errors import UnsupportedOpError
+from caramba.ir.cache_format import KindSpec, resolve_kinds
 from caramba.ir.graph import Graph, Node
 from caramba.ir.types import DType
 
@@ -31,6 +33,32 @@ class CacheLayout:
     def features(self) -> dict[str, int]:
         """name -> H_kv·d, the width of one token of that tensor."""
         return {n: h * d for n, (h, d) in self.heads.items()}
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Everything the cache passes specialise for: kinds per tensor, qblock, residual ring, longest row."""
+
+    kinds: tuple[tuple[str, str], ...]  # ((name, kind), ...) in the layout's order
+    max_seq_len: int
+    qblock: int = 32
+    residual_len: int = 0
+
+    @classmethod
+    def of(cls, layout: CacheLayout, kind: KindSpec, *, max_seq_len: int, qblock: int = 32,
+           residual_len: int = 0) -> CacheConfig:
+        kinds = resolve_kinds(kind, layout.names)
+        return cls(tuple((n, str(k)) for n, k in kinds.items()), max_seq_len, qblock, residual_len)
+
+    @property
+    def kind_map(self) -> dict[str, str]:
+        return dict(self.kinds)
+
+    @property
+    def label(self) -> str:
+        """"q8_0" when uniform, else "k_sem=q8_0,k_geo=q8_0,v=q4_0"."""
+        kinds = {k for _, k in self.kinds}
+        return kinds.pop() if len(kinds) == 1 else ",".join(f"{n}={k}" for n, k in self.kinds)
 
 
 def attention_nodes(graph: Graph) -> list[Node]:

@@ -4,7 +4,7 @@ from caramba.runtime.generate_config import GenerateConfig, GenerateConfigError,
 from caramba.runtime.generator import GenerationStats, Generator
 from caramba.runtime.kv_cache import (TENSOR_LAYOUTS, CachedTensor, CacheError, CacheOverflowError, CacheSpec,
                                       KVCache, LayerCache, resolve_kinds)
-from caramba.runtime.quant import (CACHE_KINDS, KIND_NAMES, NF4_LEVELS, CacheKind, CacheKindError, NonFiniteError,
+from caramba.ir.quant import (CACHE_KINDS, KIND_NAMES, NF4_LEVELS, CacheKind, CacheKindError, NonFiniteError,
                                    QTensor, bytes_per_element, code_width, dequantize, n_blocks, nbytes, pack_nibbles,
                                    parse_kind, quantize, unpack_nibbles)
 from caramba.runtime.sampling import probs_after_filters, sample_next

@@ -35,7 +35,7 @@ from typing import Mapping, Sequence
 
 from caramba.errors import CarambaError
 from caramba.runtime.kv_cache import TENSOR_LAYOUTS, CacheError, CacheSpec, resolve_kinds
-from caramba.runtime.quant import parse_kind
+from caramba.ir.quant import parse_kind
 
 BYTES_PER_MB = 2 ** 20
 

@@ -30,45 +30,13 @@ from caramba.ir.interpreter import Interpreter
 from caramba.ir.retype import specialize
 from caramba.ir.verifier import verify
 from caramba.passes.base import PassContext
-from caramba.passes.kv_layout import CacheLayout, cache_layout
+from caramba.passes.kv_layout import CacheConfig, CacheLayout, cache_layout
 from caramba.passes.manager import PassRecord
 from caramba.passes.pipeline import cache_pipeline_for, entry_pipeline_for
-from caramba.runtime.kv_cache import CacheSpec, KindSpec, KVCache, resolve_kinds
+from caramba.runtime.kv_cache import CacheSpec, KVCache
 
 if TYPE_CHECKING:
     from caramba.compiler import CompiledModel
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    """Everything the cache passes specialise for: kinds per tensor, qblock, residual ring, longest row."""
-
-    kinds: tuple[tuple[str, str], ...]  # ((name, kind), ...) in the layout's order
-    max_seq_len: int
-    qblock: int = 32
-    residual_len: int = 0
-
-    @classmethod
-    def of(cls, layout: CacheLayout, kind: KindSpec, *, max_seq_len: int, qblock: int = 32,
-           residual_len: int = 0) -> CacheConfig:
-        kinds = resolve_kinds(kind, layout.names)
-        return cls(tuple((n, str(k)) for n, k in kinds.items()), max_seq_len, qblock, residual_len)
-
-    @property
-    def kind_map(self) -> dict[str, str]:
-        return dict(self.kinds)
-
-    @property
-    def label(self) -> str:
-        """"q8_0" when uniform, else "k_sem=q8_0,k_geo=q8_0,v=q4_0"."""
-        kinds = {k for _, k in self.kinds}
-        return kinds.pop() if len(kinds) == 1 else ",".join(f"{n}={k}" for n, k in self.kinds)
-
-    def spec(self, layout: CacheLayout, batch: int, device: str | torch.device = "cpu",
-             ring_slack: int = 0) -> CacheSpec:
-        return CacheSpec.build(layout.n_layers, batch, self.max_seq_len,
-                               {n: (layout.features[n], k) for n, k in self.kinds}, qblock=self.qblock,
-                               residual_len=self.residual_len, device=device, ring_slack=ring_slack)
 
 
 @dataclass
@@ -140,7 +108,7 @@ class Executor(ABC):
     def new_cache(self, batch: int, ring_slack: int = 0) -> KVCache:
         """An empty cache for `batch` rows in this program's kinds, on this executor's device; ring_slack extra
         fp16 ring slots keep residual windows exact across rollbacks of up to that many tokens."""
-        return KVCache(self.config.spec(self.layout, batch, self.device, ring_slack))
+        return KVCache(CacheSpec.for_config(self.layout, self.config, batch, self.device, ring_slack))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, S, V) for the S new tokens of every row; appends them to `cache` (see the module doc)."""
@@ -176,7 +144,7 @@ class Executor(ABC):
 
 
 def _kinds(config: CacheConfig):
-    from caramba.runtime.quant import parse_kind
+    from caramba.ir.quant import parse_kind
 
     return [(n, parse_kind(k)) for n, k in config.kinds]
 

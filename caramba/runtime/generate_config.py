@@ -9,7 +9,7 @@ from typing import Mapping, NoReturn
 
 from caramba.errors import CarambaError
 from caramba.runtime.kv_cache import TENSOR_LAYOUTS
-from caramba.runtime.quant import CacheKind, CacheKindError, check_qblock, parse_kind
+from caramba.ir.quant import CacheKind, CacheKindError, check_qblock, parse_kind
 
 # The decode plans a Generator knows. "auto": choose_chunking's decision for the shape (cost model or cached
 # measurement). The chunking pass owns this tuple and extends it when it offers more.

@@ -42,36 +42,12 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from caramba.errors import CarambaError
-from caramba.runtime.quant import (SCALE_DTYPE, CacheKind, NonFiniteError, QTensor, check_qblock, code_width,
-                                   dequantize, n_blocks, nbytes, parse_kind, quantize)
+from caramba.ir.cache_format import (TENSOR_LAYOUTS, CacheError, CacheOverflowError, CacheView, KindSpec,
+                                    resolve_kinds)
+from caramba.ir.quant import (SCALE_DTYPE, CacheKind, NonFiniteError, QTensor, check_qblock, code_width, dequantize,
+                              n_blocks, nbytes, parse_kind, quantize)
 
-# The tensor names a layer may cache, per attention family; a cache is exactly one of these sets.
-TENSOR_LAYOUTS: dict[str, tuple[str, ...]] = {"standard": ("k", "v"), "decoupled": ("k_sem", "k_geo", "v")}
 _RING_BYTES = 2  # fp16
-
-
-class CacheError(CarambaError, ValueError):
-    """A cache spec, kind mapping, append or rollback that the cache cannot honour."""
-
-
-class CacheOverflowError(CacheError):
-    """An append past max_seq_len."""
-
-
-KindSpec = str | CacheKind | Mapping[str, str | CacheKind]
-
-
-def resolve_kinds(kind: KindSpec, names: Sequence[str]) -> dict[str, CacheKind]:
-    """One kind for every tensor, or a mapping that names each of `names` exactly once."""
-    if not isinstance(kind, Mapping):
-        return {name: parse_kind(kind) for name in names}
-    unknown = sorted(set(kind) - set(names))
-    missing = [name for name in names if name not in kind]
-    if unknown or missing:
-        raise CacheError(f"per-tensor cache kinds must name exactly {', '.join(names)}; "
-                         f"unknown: {unknown or 'none'}, missing: {missing or 'none'}")
-    return {name: parse_kind(kind[name]) for name in names}
 
 
 @dataclass(frozen=True)
@@ -98,8 +74,8 @@ class CacheSpec:
 
     def __post_init__(self) -> None:
         device = torch.device(self.device)
-        if device.type == "cuda" and device.index is None:  # "cuda" means the current device: tensors say cuda:N
-            device = torch.device("cuda", torch.cuda.current_device())
+        if device.type != "cpu" and device.index is None:  # an accelerator means its current one: tensors say :N
+            device = torch.empty(0, device=device).device
         object.__setattr__(self, "device", device)
         for what, lo in (("n_layers", 1), ("batch", 1), ("max_seq_len", 1), ("residual_len", 0), ("ring_slack", 0)):
             _check_int(what, getattr(self, what), lo)
@@ -115,6 +91,14 @@ class CacheSpec:
         """From {tensor name: (features, kind)}, e.g. {"k_sem": (64, "q8_0"), "k_geo": (128, "q8_0"), ...}."""
         cached = tuple(CachedTensor(name, features, parse_kind(kind)) for name, (features, kind) in tensors.items())
         return cls(n_layers, batch, max_seq_len, cached, qblock, residual_len, torch.device(device), ring_slack)
+
+    @classmethod
+    def for_config(cls, layout, config, batch: int, device: str | torch.device = "cpu",
+                   ring_slack: int = 0) -> CacheSpec:
+        """The spec of a cache for `config` (passes.kv_layout.CacheConfig) over a model's `layout` (CacheLayout)."""
+        return cls.build(layout.n_layers, batch, config.max_seq_len,
+                         {n: (layout.features[n], k) for n, k in config.kinds}, qblock=config.qblock,
+                         residual_len=config.residual_len, device=device, ring_slack=ring_slack)
 
     @classmethod
     def standard(cls, n_layers: int, batch: int, max_seq_len: int, kv_features: int, kind: KindSpec = "fp16",
@@ -438,6 +422,12 @@ class LayerCache:
             raise CacheError(f"layer {self.index} holds {', '.join(self.spec.names)}; it has no tensor "
                              f"{name!r}") from None
 
+    def view(self, name: str) -> CacheView:
+        """The buffers of tensor `name` as kernels read and write them (the backends' public view)."""
+        store = self._store(name)
+        return CacheView(store.codes, store.scales, store.ring, store.t.kind.name, store.t.features,
+                         self.spec.qblock, self.spec.ring_capacity, name)
+
     def set_lengths(self, lengths: Sequence[int]) -> None:
         """Shorten rows (KVCache validated that none grows); positions still in the ring stay exact."""
         if self.step is not None:
@@ -570,6 +560,10 @@ class KVCache:
                 store.step = None
             windows.append(window)
         return windows
+
+    def view(self, layer: int, name: str) -> CacheView:
+        """Tensor `name` of one layer as kernels read and write it in place (see CacheView)."""
+        return self._layer(layer).view(name)
 
     def lengths(self, layer: int = 0) -> tuple[int, ...]:
         """Tokens held per row in one layer."""

@@ -68,7 +68,7 @@ def test_fp32_cache_logits_match_the_interpreter_at_every_step(attention, mode):
     c_ref, c_ex = run_both(ref, ex, 1e-4)
     for name in c_ref.spec.names:  # the cache the ORT session wrote holds the same values
         n = c_ref.max_length
-        assert torch.allclose(c_ex.layers[1].stores[name].codes[:, :n], c_ref.layers[1].stores[name].codes[:, :n],
+        assert torch.allclose(c_ex.view(1, name).codes[:, :n], c_ref.view(1, name).codes[:, :n],
                               rtol=1e-4, atol=1e-5)
 
 
@@ -82,7 +82,7 @@ def test_quantized_and_fp16_caches_match_the_interpreters_reference(attention, k
             continue  # fp16 storage of values that differ in the last fp32 bits may round one ulp apart
         for layer in range(c_ref.spec.n_layers):
             for name in c_ref.spec.names:
-                a, b = c_ref.layers[layer].stores[name], c_ex.layers[layer].stores[name]
+                a, b = c_ref.view(layer, name), c_ex.view(layer, name)
                 for row, n in enumerate(c_ref.lengths(layer)):
                     codes_differ = (a.codes[row, :n].int() != b.codes[row, :n].int()).float().mean().item()
                     assert codes_differ < 1e-3, f"{mode} {name} layer {layer}: {codes_differ:.1%} of codes differ"

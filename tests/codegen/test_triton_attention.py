@@ -27,13 +27,15 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported; a G
 import pytest
 import torch
 
+from caramba.ir.cache_format import CacheView
+
 pytest.importorskip("triton", reason="the Triton kernels need triton installed (pip install triton)")
 
 from caramba.codegen.triton import attention as A  # noqa: E402
 from caramba.codegen.triton import source  # noqa: E402
 from caramba.ir import get_op  # noqa: E402
 from caramba.runtime.kv_cache import CacheSpec, KVCache  # noqa: E402
-from caramba.runtime.quant import KIND_NAMES, dequantize  # noqa: E402
+from caramba.ir.quant import KIND_NAMES, dequantize  # noqa: E402
 
 DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() and not source.interpreting() else torch.device("cpu")
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
@@ -86,8 +88,8 @@ class Case:
     def key_names(self) -> list[str]:
         return self.names[:-1]
 
-    def views(self) -> tuple[list[A.CacheView], A.CacheView]:
-        return [A.CacheView.of(self.layer, n) for n in self.key_names], A.CacheView.of(self.layer, "v")
+    def views(self) -> tuple[list[CacheView], CacheView]:
+        return [self.layer.view(n) for n in self.key_names], self.layer.view("v")
 
     def rows(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32, device=DEVICE)
@@ -364,7 +366,7 @@ def test_decode_wide_reads_unaligned_codes_as_bytes():
         raw = torch.empty(codes.numel() + 1, dtype=codes.dtype, device=codes.device)[1:].view(codes.shape)
         raw.copy_(codes)
         assert raw.data_ptr() % 4
-        shifted.append(A.CacheView(raw, view.scales, view.ring, view.kind, view.features, view.qblock,
+        shifted.append(CacheView(raw, view.scales, view.ring, view.kind, view.features, view.qblock,
                                    view.capacity))
     assert not A._words_aligned(shifted) and A._words_aligned((*k, v))
     q = case.queries(torch.float16)

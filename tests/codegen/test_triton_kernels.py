@@ -24,6 +24,7 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="target cuda's kernels need triton (pip install triton)")
 
+from caramba.ir import cache_format  # noqa: E402
 from caramba.codegen.triton import gemv  # noqa: E402
 from caramba.codegen.triton import kv_append as kva  # noqa: E402
 from caramba.codegen.triton.norms import (add_layer_norm, add_rms_norm, layer_norm, rms_norm,  # noqa: E402
@@ -32,8 +33,8 @@ from caramba.codegen.triton.rope import rope  # noqa: E402
 from caramba.codegen.triton.swiglu import swiglu  # noqa: E402
 from caramba.ir import DType  # noqa: E402
 from caramba.runtime.kv_cache import CacheOverflowError, CachedTensor, CacheSpec, KVCache  # noqa: E402
-from caramba.runtime.quant import parse_kind  # noqa: E402
-from caramba.runtime.quant import NonFiniteError  # noqa: E402
+from caramba.ir.quant import parse_kind  # noqa: E402
+from caramba.ir.quant import NonFiniteError  # noqa: E402
 
 from tests.codegen.kernel_helpers import BF16, DEVICE, F16, F32, assert_product, randn, reference  # noqa: E402
 
@@ -317,7 +318,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 def poison(cache: KVCache, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
-    for store in cache.layers[0].stores.values():
+    for store in (cache.view(0, n) for n in cache.spec.names):
         for buf in (store.codes, store.scales, store.ring):
             if buf is not None:
                 junk = torch.randint(0, 256, (buf.numel() * buf.element_size(),), dtype=torch.uint8, generator=g)
@@ -341,8 +342,8 @@ def step_values(seed: int, t: int, dtype: torch.dtype, qblock: int) -> dict[str,
 
 
 def assert_same_buffers(ref: KVCache, out: KVCache, what: str) -> None:
-    for name, a in ref.layers[0].stores.items():
-        b = out.layers[0].stores[name]
+    for name, a in ((n, ref.view(0, n)) for n in ref.spec.names):
+        b = out.view(0, name)
         for buf in ("codes", "scales", "ring"):
             x, y = getattr(a, buf), getattr(b, buf)
             assert (x is None) == (y is None)
@@ -362,7 +363,7 @@ def test_kv_append_equals_layer_cache(kind, qblock):
         ref, out = KVCache(spec), KVCache(spec)
         poison(ref, i)
         poison(out, i)
-        flag = kva.error_flag(DEVICE)
+        flag = cache_format.error_flag(DEVICE)
         for j, (starts, t) in enumerate(STEPS):
             xs = step_values(10 * i + j, t, x_dtype, qblock)
             if j == 2:  # a strided view (B, T, F) as attention's output layout hands it over
@@ -371,9 +372,9 @@ def test_kv_append_equals_layer_cache(kind, qblock):
             # starts as the executor hands them: int32, or int64 read in place from the positions
             st = torch.tensor(starts, dtype=torch.int64 if j == 1 else torch.int32, device=DEVICE)
             for name, x in xs.items():
-                kva.kv_append(out.layers[0].stores[name], x, st, error=flag)
+                kva.kv_append(out.view(0, name), x, st, error=flag)
             assert_same_buffers(ref, out, f"{kind} qblock {qblock} x {x_dtype} step {j}")
-        kva.raise_if_error(flag)
+        cache_format.raise_if_error(flag)
 
 
 @pytest.mark.parametrize("kinds", [("q8_0", "fp16", "q4_0"), ("nf4", "bf16", "fp32")], ids="-".join)
@@ -390,7 +391,7 @@ def test_kv_append_layer_with_rope_equals_rope_then_append(kinds, rotary, interl
     ref, out = KVCache(spec), KVCache(spec)
     poison(ref, 1)
     poison(out, 1)
-    flag = kva.error_flag(DEVICE)
+    flag = cache_format.error_flag(DEVICE)
     for j, (starts, t) in enumerate([([0, 0], 3), ([3, 2], 1)]):  # the second step rewrites row 1 at 2
         xs = {n: randn(2, t, f, dtype=x_dtype, scale=3, seed=10 * j + i) for i, (n, f) in
               enumerate(zip(names, (16, heads * d, 20)))}
@@ -402,29 +403,29 @@ def test_kv_append_layer_with_rope_equals_rope_then_append(kinds, rotary, interl
         ref.append(0, {**xs, "k_geo": rotated.transpose(1, 2).reshape(2, t, heads * d)}, start=starts)
         lc = out.layers[0]
         st = torch.tensor(starts, dtype=torch.int64, device=DEVICE)
-        kva.kv_append_layer([(lc.stores["k_sem"], xs["k_sem"], None),
-                             (lc.stores["k_geo"], xs["k_geo"], (cos, sin, d, rotary, interleaved)),
-                             (lc.stores["v"], xs["v"], None)], st, error=flag)
+        kva.kv_append_layer([(lc.view("k_sem"), xs["k_sem"], None),
+                             (lc.view("k_geo"), xs["k_geo"], (cos, sin, d, rotary, interleaved)),
+                             (lc.view("v"), xs["v"], None)], st, error=flag)
         assert_same_buffers(ref, out, f"{kinds} rotary {rotary} interleaved {interleaved} step {j}")
-    kva.raise_if_error(flag)
+    cache_format.raise_if_error(flag)
     with pytest.raises(ValueError, match="rope tables"):
-        kva.kv_append_layer([(out.layers[0].stores["k_geo"], xs["k_geo"], (cos, sin, 7, rotary, interleaved))],
+        kva.kv_append_layer([(out.view(0, "k_geo"), xs["k_geo"], (cos, sin, 7, rotary, interleaved))],
                             st, error=flag)
 
 
 def one_store(kind: str, residual_len: int = 0):
     spec = CacheSpec.standard(1, 2, 8, 24, kind, qblock=16, residual_len=residual_len, device=DEVICE)
-    return KVCache(spec), KVCache(spec).layers[0].stores["k"]
+    return KVCache(spec), KVCache(spec).view(0, "k")
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy casts
 @pytest.mark.parametrize("kind, residual, value, exc, bit", [
-    ("q8_0", 0, float("nan"), NonFiniteError, kva.ERR_NONFINITE),
-    ("fp16", 0, float("inf"), NonFiniteError, kva.ERR_NONFINITE),
-    ("nf4", 0, 1e5, NonFiniteError, kva.ERR_RANGE),  # amax overflows the fp16 scale
-    ("q8_0", 0, 1e7, NonFiniteError, kva.ERR_RANGE),  # amax / 127 too
-    ("fp16", 0, 7e4, NonFiniteError, kva.ERR_RANGE),  # the fp16 code itself
-    ("q4_0", 4, 7e4, NonFiniteError, kva.ERR_RANGE),  # a q4_0 scale holds it, the fp16 ring does not
+    ("q8_0", 0, float("nan"), NonFiniteError, cache_format.ERR_NONFINITE),
+    ("fp16", 0, float("inf"), NonFiniteError, cache_format.ERR_NONFINITE),
+    ("nf4", 0, 1e5, NonFiniteError, cache_format.ERR_RANGE),  # amax overflows the fp16 scale
+    ("q8_0", 0, 1e7, NonFiniteError, cache_format.ERR_RANGE),  # amax / 127 too
+    ("fp16", 0, 7e4, NonFiniteError, cache_format.ERR_RANGE),  # the fp16 code itself
+    ("q4_0", 4, 7e4, NonFiniteError, cache_format.ERR_RANGE),  # a q4_0 scale holds it, the fp16 ring does not
 ])
 def test_kv_append_error_flag(kind, residual, value, exc, bit):
     """Where LayerCache.append raises, the kernel sets the flag's bit and raise_if_error raises the same error."""
@@ -433,26 +434,26 @@ def test_kv_append_error_flag(kind, residual, value, exc, bit):
     x[1, 2, 5] = value
     with pytest.raises(exc):
         cache.append(0, {"k": x, "v": x})
-    flag = kva.error_flag(DEVICE)
+    flag = cache_format.error_flag(DEVICE)
     kva.kv_append(store, x, torch.zeros(2, dtype=torch.int32, device=DEVICE), error=flag)
     assert flag.item() == bit
     with pytest.raises(exc):
-        kva.raise_if_error(flag)
+        cache_format.raise_if_error(flag)
     assert flag.item() == 0
     kva.kv_append(store, randn(2, 3, 24), torch.zeros(2, dtype=torch.int32, device=DEVICE), error=flag)
-    kva.raise_if_error(flag)  # clean values: no error
+    cache_format.raise_if_error(flag)  # clean values: no error
 
 
 def test_kv_append_positions_outside_the_cache_are_not_written():
     _, store = one_store("q4_0")
     before = store.codes.clone()
-    flag = kva.error_flag(DEVICE)
+    flag = cache_format.error_flag(DEVICE)
     kva.kv_append(store, randn(2, 2, 24), torch.tensor([7, -1], dtype=torch.int32, device=DEVICE), error=flag)
-    assert flag.item() == kva.ERR_POSITION
+    assert flag.item() == cache_format.ERR_POSITION
     changed = (store.codes != before).any(-1)  # (B, S): row 0 wrote position 7 only, row 1 position 0 only
     assert changed.nonzero().tolist() == [[0, 7], [1, 0]]
     with pytest.raises(CacheOverflowError):
-        kva.raise_if_error(flag)
+        cache_format.raise_if_error(flag)
 
 
 def test_kv_append_refusals():

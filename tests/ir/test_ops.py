@@ -591,22 +591,22 @@ FUSED = [
 ]
 
 
-# Stateless KV-cache ops. The storage formats' own reference (caramba.runtime.quant, property-tested against
+# Stateless KV-cache ops. The storage formats' own reference (caramba.ir.quant, property-tested against
 # SPEC §3 in tests/runtime/test_quant.py) is the reference here; these cases check the ops' shape rules and wiring.
 def _quantized(kind: str):
-    from caramba.runtime.quant import quantize
+    from caramba.ir.quant import quantize
 
     return lambda x: (lambda q: (q.codes, q.scales))(quantize(x, kind, 32))
 
 
 def _dequantized(kind: str, features: int):
-    from caramba.runtime.quant import QTensor, dequantize, parse_kind
+    from caramba.ir.quant import QTensor, dequantize, parse_kind
 
     return lambda c, s: dequantize(QTensor(parse_kind(kind), c, s, features, 32), torch.float32)
 
 
 def _codes(kind: str, x: torch.Tensor):
-    from caramba.runtime.quant import quantize
+    from caramba.ir.quant import quantize
 
     q = quantize(x, kind, 32)
     return [q.codes, q.scales]

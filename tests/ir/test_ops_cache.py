@@ -9,7 +9,7 @@ import torch
 
 from caramba.ir import DType, Graph, Interpreter, TensorType, get_op, symbolic, verify
 from caramba.runtime.kv_cache import CacheSpec, KVCache
-from caramba.runtime.quant import quantize
+from caramba.ir.quant import quantize
 
 STATEFUL_OPS_COVERED = {"kv_append", "kv_read", "kv_store", "kv_load", "kv_load_codes", "kv_ring_merge", "kv_window_mask",
                         "cached_attention", "cached_decoupled_attention"}
@@ -125,7 +125,7 @@ def test_kv_read_views_and_the_window_mask():
     stored, = one_node("kv_read", [READY], read).run(ready, state=c, symbols=symbols)
     exact, = one_node("kv_read", [READY], {**read, "view": "exact"}).run(ready, state=c, symbols=symbols)
     q4 = quantize(k, "q4_0")
-    from caramba.runtime.quant import dequantize
+    from caramba.ir.quant import dequantize
     decoded = dequantize(q4, torch.float32)
     assert torch.equal(stored[0], decoded[0]) and torch.equal(stored[1, :2], decoded[1, :2])
     assert torch.equal(exact[0, 1:], k[0, 1:].half().float())  # ring before the step: 1, 2, 3; the step: 4, 5
@@ -194,7 +194,7 @@ def window_reference(kind: str, k: torch.Tensor, v: torch.Tensor, q: torch.Tenso
                      scale: float) -> torch.Tensor:
     """float64 attention of q at positions 0..S-1 over k, v (B, S, F), one head: the query at p reads key j
     exact (fp16) iff p - R < j <= p, through the kind otherwise (a cache filled from empty, no rollback)."""
-    from caramba.runtime.quant import dequantize
+    from caramba.ir.quant import dequantize
 
     s = k.shape[1]
     kq, vq = (dequantize(quantize(x, kind), torch.float64) for x in (k, v))

@@ -13,7 +13,7 @@ from caramba.models import Transformer, preset
 from caramba.passes.base import PassContext
 from caramba.passes.insert_kv_cache import insert_kv_cache
 from caramba.runtime.executor import CacheConfig, InterpreterExecutor, lower, vocab_size_of
-from caramba.runtime.quant import KIND_NAMES
+from caramba.ir.quant import KIND_NAMES
 from tests.helpers import hf_model
 
 MAX = 40

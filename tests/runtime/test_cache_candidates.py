@@ -10,7 +10,7 @@ from caramba.errors import CarambaError
 from caramba.runtime.cache_candidates import (BYTES_PER_MB, Candidate, CandidateRow, NoCacheKindError, cache_bytes,
                                               candidates, format_table, no_fit_error, within_budget)
 from caramba.runtime.kv_cache import CacheError, CacheSpec, KVCache
-from caramba.runtime.quant import CacheKindError
+from caramba.ir.quant import CacheKindError
 
 DBA = ("k_sem", "k_geo", "v")
 DBA_WIDTHS = {"k_sem": 32, "k_geo": 64, "v": 64}

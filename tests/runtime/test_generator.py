@@ -9,7 +9,7 @@ import caramba
 from caramba.models import Transformer, preset
 from caramba.runtime.generate_config import GenerateConfig, GenerateConfigError
 from caramba.runtime.generator import Generator
-from caramba.runtime.quant import CacheKindError
+from caramba.ir.quant import CacheKindError
 from tests.helpers import hf_model
 
 

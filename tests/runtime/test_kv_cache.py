@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from caramba.runtime.kv_cache import CacheError, CacheOverflowError, CacheSpec, KVCache, resolve_kinds
-from caramba.runtime.quant import KIND_NAMES, CacheKindError, NonFiniteError, dequantize, quantize
+from caramba.ir.quant import KIND_NAMES, CacheKindError, NonFiniteError, dequantize, quantize
 
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True, database=None)
 DBA_WIDTHS = {"k_sem": 32, "k_geo": 64, "v": 64}  # H_kv = 4 heads of d_s = 8, d_g = 16, d_v = 16

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from caramba.runtime.quant import (KIND_NAMES, NF4_LEVELS, CacheKindError, NonFiniteError, bytes_per_element,
+from caramba.ir.quant import (KIND_NAMES, NF4_LEVELS, CacheKindError, NonFiniteError, bytes_per_element,
                                    dequantize, nbytes, pack_nibbles, parse_kind, quantize, unpack_nibbles)
 
 # derandomize: a run is reproducible; database=None: nothing is written outside tests/

@@ -1,7 +1,7 @@
 """The KV cache in ONNX: kv_append and the cached attention ops as graph inputs/outputs and standard ops.
 
 Two cache layouts (`layout`):
-- "caramba" (what the runner binds): caramba's runtime layout (runtime/kv_cache.py, runtime/quant.py) for every
+- "caramba" (what the runner binds): caramba's runtime layout (runtime/kv_cache.py, ir/quant.py) for every
   kind, so the runner binds a KVCache's own buffers and a cache moves between targets unchanged: per layer and
   cached tensor a codes tensor (batch, T, W) and, for q8_0/q4_0/nf4, an fp16 scales tensor (batch, T, n_blocks).
   Row b writes its tokens at position_ids[b, 0].. and key j is visible to the query at position p iff j <= p,
@@ -33,7 +33,7 @@ k_geo -> key_geo; scales add `_scales`). Ways to write the step's tokens (`mode`
   is quantized into the KVCache and dequantized outside the op into the attention buffers (exact); with a past,
   a step of several tokens needs batch 1 (the runner then runs rows one at a time).
 
-Reads decode through the storage kind exactly as runtime/quant.py does (q8_0: DequantizeLinear with fp32 scales,
+Reads decode through the storage kind exactly as ir/quant.py does (q8_0: DequantizeLinear with fp32 scales,
 block qblock; q4_0: nibbles unpacked with BitwiseAnd / BitShift, DequantizeLinear with zero point 8; nf4: the
 same nibbles through a Gather of the level table times the scale; fp16: Cast). DBA is one attention over per-head
 [q_sem·s_sem ‖ q_geo·s_geo] and [k_sem ‖ k_geo] with scale 1 (SPEC §1 step 5).
@@ -47,7 +47,7 @@ from caramba.codegen.onnx.ops import Lowering
 from caramba.errors import UnsupportedOpError
 from caramba.ir.graph import Node
 from caramba.ir.types import DType
-from caramba.runtime.quant import code_width, n_blocks, padded_features, parse_kind
+from caramba.ir.quant import code_width, n_blocks, padded_features, parse_kind
 
 MODES = ("concat", "scatter", "shadow", "contrib")
 LAYOUTS = ("caramba", "optimum")
@@ -311,7 +311,7 @@ class CacheLowering:
 
     def _quantize_nf4(self, x: str, dtype: DType, name: str) -> tuple[str, str]:
         """q = how many of the fp32 midpoints between NF4 levels lie strictly below x / d16 (torch.bucketize)."""
-        from caramba.runtime.quant import _NF4_MIDPOINTS_T
+        from caramba.ir.quant import _NF4_MIDPOINTS_T
 
         b = self.b
         xb = self._blocks(x, dtype, name)
@@ -367,7 +367,7 @@ class CacheLowering:
             zp = b.op("Expand", [b.const(8, DType.u8), b.op("Shape", [scales])], "zp")
             x = b.op("DequantizeLinear", [self._unpack(codes), s32, zp], "dq4", axis=-1, block_size=self.qblock)
         else:  # nf4: a level table lookup times the block's scale (no DequantizeLinear form)
-            from caramba.runtime.quant import NF4_LEVELS
+            from caramba.ir.quant import NF4_LEVELS
 
             idx = b.op("Cast", [self._unpack(codes)], "idx", to=onnx_dtype(DType.i64))
             levels = b.op("Gather", [b.const(list(NF4_LEVELS), DType.f32), idx], "levels", axis=0)

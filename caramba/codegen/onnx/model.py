@@ -21,7 +21,7 @@ from caramba.ir.graph import Graph, Node, Value
 from caramba.ir.registry import get_op
 from caramba.ir.types import DType
 from caramba.passes.kv_layout import CacheLayout
-from caramba.runtime.quant import code_width, n_blocks, parse_kind
+from caramba.ir.quant import code_width, n_blocks, parse_kind
 
 DEFAULT_OPSET = {"concat": 23, "scatter": 24, "shadow": 24, "contrib": 24}
 OPSETS = (23, 24)

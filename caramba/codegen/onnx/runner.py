@@ -88,8 +88,8 @@ def make_session(model: OnnxModel, threads: int | None = None):
 
 
 def _store_tensor(cache: KVCache, layer: int, tensor: str, part: str) -> torch.Tensor:
-    store = cache.layers[layer].stores[tensor]
-    return store.codes if part == "codes" else store.scales
+    view = cache.view(layer, tensor)
+    return view.codes if part == "codes" else view.scales
 
 
 def _ortvalue(t: torch.Tensor):

@@ -1,6 +1,6 @@
 """Triton attention over the quantized KV cache: decode (flash-decoding split-K) and prefill (flash, causal).
 
-The kernels read the cache buffers in place (runtime/kv_cache.py, layouts in runtime/quant.py) and dequantize each
+The kernels read the cache buffers in place (runtime/kv_cache.py, layouts in ir/quant.py) and dequantize each
 tile in registers; nothing is decoded to a full tensor first. Semantics: ops_cache.cached_attention and
 cached_decoupled_attention (SPEC §1, §3, §7): scores = Σ_i (q_i·k_i)·scale_i over one term (MHA/GQA) or two (DBA:
 k_sem and k_geo, each with its own head dim and scale), key j visible to the query at position p iff j <= p,
@@ -40,7 +40,7 @@ Launch functions (all tensors on one device; q's dtype, fp16 / bf16 / fp32, is t
         block_m, block_n  queries and keys per tile (powers of two >= 16)
 
     CacheView(codes, scales, ring, kind, features, qblock, capacity): one cached tensor of one layer
-        (CacheView.of(layer_cache, name) builds it from a runtime LayerCache).
+        (ir/cache_format.py; KVCache.view(layer, name) hands it out).
 
 Limits: one query per row at decode (speculative verification goes through prefill); head dims up to 256 per
 tile (any size, masked to the next power of two >= 16); the last dim of every buffer contiguous; feature offsets
@@ -107,7 +107,8 @@ import torch
 from caramba.codegen.triton import source
 from caramba.codegen.triton.jit_helpers import PDL_PROLOGUE, cuda_option, launch_kwargs
 from caramba.errors import CarambaError
-from caramba.runtime.quant import NF4_LEVELS, SCALE_DTYPE, code_width, n_blocks, parse_kind
+from caramba.ir.cache_format import CacheView
+from caramba.ir.quant import NF4_LEVELS, SCALE_DTYPE, code_width, n_blocks, parse_kind
 
 _LOG2E = 1.4426950408889634
 _DTYPES = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16"}
@@ -116,31 +117,6 @@ _MAX_HEAD_DIM = 256
 
 class AttentionLaunchError(CarambaError, ValueError):
     """Arguments a Triton attention kernel cannot take (shapes, dtypes, devices, cache views)."""
-
-
-@dataclass(frozen=True, eq=False)
-class CacheView:
-    """One cached tensor of one layer as the kernels read it, in place.
-
-    codes (B, max_seq_len, width) in the kind's code dtype; scales (B, max_seq_len, n_blocks) fp16 for block-scaled
-    kinds, else None; ring (B, capacity, features) fp16 when the tensor has a residual ring (position p in slot
-    p % capacity), else None.
-    """
-
-    codes: torch.Tensor
-    scales: torch.Tensor | None
-    ring: torch.Tensor | None
-    kind: str
-    features: int
-    qblock: int = 32
-    capacity: int = 0
-
-    @classmethod
-    def of(cls, layer: Any, name: str) -> CacheView:
-        """The view of tensor `name` of a runtime LayerCache."""
-        store, spec = layer.stores[name], layer.spec
-        return cls(store.codes, store.scales, store.ring, store.t.kind.name, store.t.features, spec.qblock,
-                   spec.ring_capacity)
 
 
 # ---------------------------------------------------------------------------------------------------------------

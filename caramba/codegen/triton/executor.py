@@ -234,8 +234,8 @@ class CudaExecutor(Executor):
             if not self._capturing:  # during capture and replay the executor did the bookkeeping already
                 exact = pre = None
                 if cache.spec.residual_len and n_new > 1:  # keep what a rollback of this step restores
-                    exact = {n: x.to(torch.float16) for n, x in zip(names, xs) if lc.stores[n].ring is not None}
-                    pre = {n: lc.stores[n].ring.clone() for n in exact}
+                    exact = {n: x.to(torch.float16) for n, x in zip(names, xs) if lc.view(n).ring is not None}
+                    pre = {n: lc.view(n).ring.clone() for n in exact}
                 window = lc.note_append(positions[:, 0].tolist(), n_new, exact=exact, pre_ring=pre)
                 if cache.spec.residual_len:  # only ring windows are read from this buffer
                     self.window(cache)[layer].copy_(torch.tensor(window, dtype=torch.int32))
@@ -245,7 +245,7 @@ class CudaExecutor(Executor):
                 if rope is not None:  # (rope node, head dim, rotary dim, interleaved): its tables from this step
                     cos, sin = self._rope_tables[rope[0]]
                     rope = (cos[:, 0], sin[:, 0], *rope[1:])
-                items.append((lc.stores[name], x, rope))
+                items.append((lc.view(name), x, rope))
             self.kernels.append_layer(items, starts, self._error)
             return ready
         ropes: list[tuple | None] = [None] * len(names)

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from caramba.ir import cache_format
 from caramba.ir.graph import Node
 
 # op -> (module, launch function); each takes the op's inputs and attrs and returns its outputs
@@ -65,26 +66,23 @@ def append_layer(items: Sequence[tuple[Any, torch.Tensor, tuple | None]], starts
     _module("kv_append").kv_append_layer(list(items), starts, error=error)
 
 
-def error_flag(device: torch.device) -> torch.Tensor | None:
-    mod = _module("kv_append")
-    return mod.error_flag(device) if mod is not None and hasattr(mod, "error_flag") else None
+def error_flag(device: torch.device) -> torch.Tensor:
+    return cache_format.error_flag(device)
 
 
 def raise_if_error(flag: torch.Tensor | None) -> None:
     """Reads the flag (one device sync), clears it, and raises what LayerCache.append would have raised."""
     if flag is not None:
-        _module("kv_append").raise_if_error(flag)
+        cache_format.raise_if_error(flag)
 
 
 def error_for(bits: int) -> Exception:
     """What raise_if_error raises for a flag holding `bits` (nonzero), read by the caller (asynchronously)."""
-    return _module("kv_append").error_for(bits)
+    return cache_format.error_for(bits)
 
 
 def _views(lc: Any, names: Sequence[str]):
-    from caramba.codegen.triton.attention import CacheView
-
-    return [CacheView.of(lc, n) for n in names]
+    return [lc.view(n) for n in names]
 
 
 def decode_attention(lc: Any, terms: list[tuple[torch.Tensor, str, float]], ready: torch.Tensor,
@@ -129,7 +127,7 @@ def prefill_attention(lc: Any, terms: list[tuple[torch.Tensor, str, float]], pos
     views = _views(lc, names)
     exact = None
     if attrs["residual_len"]:
-        exact = [lc.read_exact(n, torch.float16) if lc.stores[n].ring is not None else None for n in names]
+        exact = [lc.read_exact(n, torch.float16) if lc.view(n).ring is not None else None for n in names]
     starts = positions[:, 0].clone(memory_format=torch.contiguous_format)
     return attention.prefill_attention([t[0] for t in terms], views[:-1], views[-1], starts,
                                        scales=[t[2] for t in terms], kv_heads=attrs["kv_heads"], exact=exact,
@@ -148,7 +146,7 @@ def bench_decode(lc: Any, q_s: torch.Tensor, q_g: torch.Tensor, s_s: float, s_g:
     lengths = torch.tensor(lc.lengths, dtype=torch.int32, device=q_s.device)
     kv_heads = lc.spec.tensors[0].features // q_s.shape[-1]
     if partitions is None:
-        key = ChunkKey.of(b, max(lc.lengths), (q_s.shape[-1], q_g.shape[-1], lc.stores["v"].t.features // kv_heads),
+        key = ChunkKey.of(b, max(lc.lengths), (q_s.shape[-1], q_g.shape[-1], lc.view("v").features // kv_heads),
                           [str(k) for k in lc.spec.kinds.values()], kv_heads, heads)
         choice = device_plan(q_s.device).choose(key)
         partitions = choice.partitions

@@ -1,7 +1,7 @@
 """Triton kernels for kv_append: quantize-on-write of new tokens into one cached tensor's buffers.
 
 For x (B, T, F) and per-row starts (B,) int32 on the device, token t of row b goes to position p = starts[b] + t:
-codes[b, p] (and scales[b, p] for block-scaled kinds) in the layouts of caramba/runtime/quant.py, and, when the
+codes[b, p] (and scales[b, p] for block-scaled kinds) in the layouts of caramba/ir/quant.py, and, when the
 tensor has an fp16 ring of C slots, the last min(T, C) tokens also to ring[b, p % C]. Starts are data, not
 shapes, so one CUDA graph replays the launch while the positions move. Lengths, ring starts and the step record
 stay with LayerCache (note_append); these kernels only write buffers.
@@ -28,10 +28,9 @@ A kernel cannot raise. Instead of quant's NonFiniteError / the cache's overflow 
     ERR_POSITION   a start put a token outside [0, max_seq_len): that token was not written
 The flag is per launch, not per token: the offending tokens' codes (and ring slots) hold unspecified values, every
 other token is written correctly.
-`raise_if_error(flag)` reads the flag (one sync, outside any graph), clears it and raises what the reference
-would have raised (`error_for(bits)` builds that error from bits the caller read itself, e.g. asynchronously);
-the caller must then not advance the lengths past the step (and rebuild the ring if it has one, since the step's
-ring slots were overwritten). Without a flag, checking stays with the caller.
+The bits, the flag and the error each maps to are the shared append error protocol (ir/cache_format.py): the
+runtime reads the flag and undoes the failed steps (runtime/kernel_executor.py). Without a flag, checking stays
+with the caller.
 """
 from __future__ import annotations
 
@@ -44,11 +43,9 @@ import torch
 from caramba.codegen.triton import source
 from caramba.codegen.triton.jit_helpers import (HELPERS, PDL_PROLOGUE, check_float, from_f32, next_pow2, launch_kwargs,
                                                 round_f32, to_f32)
-from caramba.runtime.kv_cache import CacheOverflowError
-from caramba.runtime.quant import (NF4_LEVELS, SCALE_DTYPE, CacheKind, NonFiniteError, check_qblock, code_width,
-                                   n_blocks, parse_kind)
+from caramba.ir.cache_format import ERR_NONFINITE, ERR_POSITION, ERR_RANGE, CacheView
+from caramba.ir.quant import NF4_LEVELS, SCALE_DTYPE, CacheKind, check_qblock, code_width, n_blocks, parse_kind
 
-ERR_NONFINITE, ERR_RANGE, ERR_POSITION = 1, 2, 4
 
 # quant.py's decision thresholds, computed the same way (in fp32); each is an exact fp32 value in the source
 _LEVELS = torch.tensor(NF4_LEVELS, dtype=torch.float32)
@@ -315,26 +312,26 @@ def append_tensor(x: torch.Tensor, starts: torch.Tensor, codes: torch.Tensor, sc
     _launch([_prepare(x, codes, scales, ring, kind, qblock, error is not None, None)], x, starts, error)
 
 
-def kv_append(store, x: torch.Tensor, starts: torch.Tensor, *, error: torch.Tensor | None = None) -> None:
-    """append_tensor into the buffers of one cached tensor of a LayerCache (`LayerCache.stores[name]`): what
-    LayerCache.append writes there for x (B, T, F) at per-row starts (B,) int32. The caller does the bookkeeping
+def kv_append(view: CacheView, x: torch.Tensor, starts: torch.Tensor, *, error: torch.Tensor | None = None) -> None:
+    """append_tensor into the buffers of one cached tensor (`KVCache.view(layer, name)`): what LayerCache.append
+    writes there for x (B, T, F) at per-row starts (B,) int32. The caller does the bookkeeping
     (LayerCache.note_append)."""
-    kv_append_layer([(store, x, None)], starts, error=error)
+    kv_append_layer([(view, x, None)], starts, error=error)
 
 
 RopeArgs = tuple  # (cos, sin, head_dim, rotary_dim, interleaved): cos/sin broadcastable to (B, T, rotary_dim)
 
 
 def kv_append_layer(items, starts: torch.Tensor, *, error: torch.Tensor | None = None) -> None:
-    """Several cached tensors of one layer in one launch: items are (store, x (B, T, F), rope) with rope None or
+    """Several cached tensors of one layer in one launch: items are (view, x (B, T, F), rope) with rope None or
     (cos, sin, head_dim, rotary_dim, interleaved), the rope op applied to x on the way in (cos/sin broadcastable
     to (B, T, rotary_dim), e.g. (B or 1, T or 1, r)). Every x has the same B and T."""
     parts = []
-    for store, x, rope in items:
-        if x.dim() != 3 or x.shape[2] != store.t.features:
-            raise ValueError(f"kv_append: {store.t.name} holds {store.t.features} features per token, got x of "
+    for view, x, rope in items:
+        if x.dim() != 3 or x.shape[2] != view.features:
+            raise ValueError(f"kv_append: {view.name} holds {view.features} features per token, got x of "
                              f"shape {tuple(x.shape)}")
-        parts.append(_prepare(x, store.codes, store.scales, store.ring, store.t.kind, store.qblock,
+        parts.append(_prepare(x, view.codes, view.scales, view.ring, parse_kind(view.kind), view.qblock,
                               error is not None, rope))
     if any(x.shape[:2] != items[0][1].shape[:2] for _, x, _ in items):
         raise ValueError(f"kv_append: one launch takes tensors of one (batch, T), got "
@@ -412,27 +409,3 @@ def _launch(prepared: list[tuple[_Part, dict]], x: torch.Tensor, starts: torch.T
     grid = (max(p[1]["programs"] for p in prepared), len(prepared))
     _layer_kernel(tuple(p[0] for p in prepared))[grid](starts, error if error is not None else starts, n_new,
                                                        seqs.pop(), *args, num_warps=4, **launch_kwargs(dev))
-
-
-def error_flag(device: torch.device | str) -> torch.Tensor:
-    """A cleared error flag for append_tensor / kv_append: int32 (1,) on `device`."""
-    return torch.zeros(1, dtype=torch.int32, device=device)
-
-
-def raise_if_error(flag: torch.Tensor, what: str = "kv_append") -> None:
-    """Read the flag (synchronizes), clear it, and raise what the reference append would have raised."""
-    bits = int(flag.item())
-    if not bits:
-        return
-    flag.zero_()
-    raise error_for(bits, what)
-
-
-def error_for(bits: int, what: str = "kv_append") -> Exception:
-    """The error the reference append would have raised for a flag holding `bits` (nonzero)."""
-    if bits & ERR_NONFINITE:
-        return NonFiniteError(f"{what}: the values to store hold non-finite values (NaN or inf)")
-    if bits & ERR_RANGE:
-        return NonFiniteError(f"{what}: a value overflows its storage (an fp16 block scale, fp16 codes or the fp16 "
-                              f"residual ring); store this tensor as bf16 or fp32, or build the cache without a ring")
-    return CacheOverflowError(f"{what}: a start position put tokens outside [0, max_seq_len); they were not written")
