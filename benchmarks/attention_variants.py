@@ -1,29 +1,36 @@
 """Decode attention variants on the GPU: correctness against float64 and CUDA-graph timings of source and launch
-choices of caramba/codegen/triton/attention.py, in one run (device time is scarce: one call, one table).
+choices of caramba/codegen/triton/attention/ (AttentionKnobs), in one run (device time is scarce: one call, one
+table).
 
     python benchmarks/attention_variants.py [--before PATH] [--quick]
 
---before: a copy of an earlier attention.py (e.g. `git show REV:caramba/codegen/triton/attention.py > F`) timed
-beside the current one as "before". Configurations: DBA (B=1, 32 heads, dims 32/64/64, as
-benchmarks/decode_attention.py; dba8x32k: B=8; dbas*: dims 16/32/64) and GQA (B=8, H=32, H_kv=8, d=128); kinds
-fp16, q8_0, q4_0, nf4; partitions from the chunking cost model under each variant's knobs (--parts: multiples of
-it). Each variant is checked (rel. L2 error vs float64 of the same cache at T=4099) before it is timed, as the
-per-call time of a CUDA graph of >= 8 calls in a row (decode_attention.graphed). Prints
-one line per measurement and a markdown table last: ms, GB/s of bytes the kernel must read, % of copy bandwidth,
-and speedup over the best fp16 peer (eager / sdpa_cat, as launched) where measured. The knob fused_combine=0 is
-split-K's two-launch combine (decode_combine) against the default, where the partitions' last program merges them:
+--before: a copy of an earlier version timed beside the current one as "before": a directory holding the package
+(e.g. `mkdir F && git archive REV caramba/codegen/triton/attention | tar -x --strip-components=4 -C F`) or, for
+revisions before the split, the single module (`git show REV:caramba/codegen/triton/attention.py > F`).
+Configurations: DBA (B=1, 32 heads, dims 32/64/64, as benchmarks/decode_attention.py; dba8x32k: B=8; dbas*: dims
+16/32/64) and GQA (B=8, H=32, H_kv=8, d=128); kinds fp16, q8_0, q4_0, nf4; partitions from the chunking cost model
+under each variant's knobs (--parts: multiples of it). --knobs: AttentionKnobs fields (a wide-path field also by
+its name without "wide_", as the knobs were once named; prefetch sets both prefetch and wide_prefetch), passed to
+each call. Each variant is checked (rel. L2 error vs float64 of the same cache at T=4099) before it is timed, as
+the per-call time of a CUDA graph of >= 8 calls in a row (decode_attention.graphed). Prints one line per
+measurement and a markdown table last: ms, GB/s of bytes the kernel must read, % of copy bandwidth, and speedup
+over the best fp16 peer (eager / sdpa_cat, as launched) where measured. The knob fused_combine=1 is split-K's
+combine in the partial kernel's launch (the partitions' last program merges them) against the default two-launch
+combine (decode_combine):
 
     python benchmarks/attention_variants.py --configs dba4k,dba32k,dba8x32k --kinds fp16,q8_0,q4_0 \
-        --variants 64/4/3 --knobs "fused_combine=0,P=2,fused_combine=0;P=2" --rep 100
+        --variants 64/4/3 --knobs "fused_combine=1,P=2,fused_combine=1;P=2" --rep 100
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import math
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -31,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from caramba.codegen.triton import attention as A  # noqa: E402
+from caramba.codegen.triton import chunking  # noqa: E402
+from caramba.codegen.triton.attention import AttentionKnobs  # noqa: E402
 from caramba.codegen.triton.chunking import ChunkKey, cost_model  # noqa: E402
 from caramba.runtime.kv_cache import CacheSpec, KVCache  # noqa: E402
 from caramba.ir.quant import dequantize  # noqa: E402
@@ -38,12 +47,46 @@ from caramba.ir.quant import dequantize  # noqa: E402
 import decode_attention as DA  # noqa: E402  (peers, copy bandwidth, graph capture)
 
 
+PSEUDO_KNOBS = ("P", "w", "s", "bn")  # partitions x, num_warps, num_stages, block_n: not AttentionKnobs fields
+
+
 def load_before(path: str):
-    spec = importlib.util.spec_from_file_location("attention_before", path)
+    """An earlier version as a module: a package directory (its __init__.py) or a single file."""
+    where = Path(path)
+    if where.is_dir():
+        spec = importlib.util.spec_from_file_location("attention_before", where / "__init__.py",
+                                                      submodule_search_locations=[str(where)])
+    else:
+        spec = importlib.util.spec_from_file_location("attention_before", where)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def make_knobs(raw: dict[str, float], warps: int | None = None, stages: int | None = None) -> AttentionKnobs:
+    """AttentionKnobs from --knobs' name=value pairs (pseudo-knobs left out). A name is a field, or a wide-path
+    field without its "wide_" prefix (the knobs' former names): prefetch sets both the general path's and the wide
+    path's, as it did then."""
+    fields = {f.name: type(f.default) for f in dataclasses.fields(AttentionKnobs) if f.default is not None}
+    values: dict[str, object] = {}
+    for name, value in raw.items():
+        if name in PSEUDO_KNOBS:
+            continue
+        targets = [f for f in (name, "wide_" + name) if f in fields]
+        if not targets:
+            raise SystemExit(f"--knobs: unknown knob {name!r}; AttentionKnobs has {sorted(fields)} "
+                             f"(pseudo-knobs {list(PSEUDO_KNOBS)})")
+        values.update({f: fields[f](value) for f in targets})
+    return AttentionKnobs(**values, num_warps=warps, num_stages=stages)
+
+
+def model_partitions(key: ChunkKey, sms: int, knobs: AttentionKnobs) -> int:
+    """chunking.cost_model's partitions with the heads per program of these knobs (the wide path counts HP heads a
+    program; chunking asks with the default knobs, so its lookup is swapped for this call only)."""
+    hp = A.decode_heads_per_program(key.head_dims, key.kinds, key.kv_heads, key.heads, knobs=knobs)
+    with mock.patch.object(chunking, "heads_per_program", lambda _key: hp):
+        return cost_model(key, sms).partitions
 
 
 def make_cache(b, t, dims, heads, kv_heads, kind, filled=True):
@@ -79,7 +122,7 @@ def reference(cache, names, q, scales, kv_heads):
     return torch.einsum("bhn,bhnd->bhd", scores.softmax(-1), v)
 
 
-def call(mod, cache, names, q, scales, kv_heads, partitions, block_n):
+def call(mod, cache, names, q, scales, kv_heads, partitions, block_n, knobs=None):
     layer = cache.layers[0]
     views = [layer.view(n) for n in names]
     b, h = q[0].shape[:2]
@@ -88,6 +131,8 @@ def call(mod, cache, names, q, scales, kv_heads, partitions, block_n):
     out = torch.empty(b, h, dv, dtype=q[0].dtype, device="cuda")
     ws = mod.decode_workspace(b, h, partitions, dv, "cuda") if partitions > 1 else None
     kw = {} if block_n is None else {"block_n": block_n}
+    if knobs is not None:  # an earlier version (--before) may take none
+        kw["knobs"] = knobs
 
     def run():
         return mod.decode_attention(q, views[:-1], views[-1], lengths, scales=scales, kv_heads=kv_heads,
@@ -102,10 +147,11 @@ def main() -> None:
     ap.add_argument("--kinds", default="fp16,q8_0,q4_0,nf4")
     ap.add_argument("--variants", default="64/4/3,128/4/3,128/8/3,64/4/4,128/4/2,64/8/3",
                     help="block_n/num_warps/num_stages of the current module")
-    ap.add_argument("--knobs", default="", help="extra source variants, e.g. interleave_v=0;prefetch=0, "
-                    "fused_combine=0 (A._KNOBS; fused_combine=0: the combine as a second launch) or "
-                    "wide=0, magic=0;prefetch=1, heads=4;bytes=256 (A._WIDE_KNOBS, the wide path); pseudo-knobs "
-                    "P=2 (partitions x2), w=8 (warps), s=2 (stages), bn=128 (block_n)")
+    ap.add_argument("--knobs", default="", help="extra source variants (AttentionKnobs fields), e.g. "
+                    "interleave_v=0;prefetch=0, fused_combine=1 (the combine in the partial kernel's launch) or "
+                    "wide=0, wide_magic=0;wide_prefetch=1, wide_heads=4;wide_bytes=256 (the wide path; also without "
+                    "the wide_ prefix); pseudo-knobs P=2 (partitions x2), w=8 (warps), s=2 (stages), bn=128 "
+                    "(block_n)")
     ap.add_argument("--rep", type=int, default=200, help="do_bench's rep (ms) per timing (two timings each)")
     ap.add_argument("--no-default", action="store_true", help="skip the 'default' candidate (tuned launch)")
     ap.add_argument("--parts", default="1", help="partition counts as multiples of the cost model's, e.g. 0.5,1,2")
@@ -126,7 +172,8 @@ def main() -> None:
     knob_sets = [{}] + [dict((kv.split("=")[0], float(kv.split("=")[1])) for kv in ks.split(";"))
                         for ks in args.knobs.split(",") if ks]
     part_mults = [float(x) for x in args.parts.split(",")]
-    default_tuning = dict(A._DECODE_TUNING) if hasattr(A, "_DECODE_TUNING") else None
+    for raw in knob_sets:
+        make_knobs(raw)  # unknown names fail before any timing
     rows = []
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     torch.manual_seed(0)
@@ -158,7 +205,7 @@ def main() -> None:
             want = reference(small, names, qsm, scales, kv_heads)
             cands = []
             if before is not None:
-                cands.append(("before", before, None, None, {}, 1.0))
+                cands.append(("before", before, None, None, 1.0))
             for knobs in knob_sets:
                 for bn, nw, ns in variants:
                     for pm in part_mults:
@@ -166,26 +213,19 @@ def main() -> None:
                         kbn, knw, kns = int(knobs.get("bn", bn)), int(knobs.get("w", nw)), int(knobs.get("s", ns))
                         pm = pm * knobs.get("P", 1.0)
                         label = (f"bn{kbn}/w{knw}/s{kns}" + "".join(f" {k}={v:g}" for k, v in knobs.items()
-                                                                 if k not in ("P", "w", "s", "bn"))
+                                                                 if k not in PSEUDO_KNOBS)
                                  + ("" if pm == 1 else f" P*{pm:g}"))
-                        cands.append((label, A, kbn, (knw, kns), knobs, pm))
+                        cands.append((label, A, kbn, make_knobs(knobs, knw, kns), pm))
             if not args.no_default:
-                cands.append(("default", A, None, None, {}, 1.0))
-            for label, mod, bn, opts, knobs, pm in cands:
-                saved, saved_wide = dict(A._KNOBS), dict(getattr(A, "_WIDE_KNOBS", {}))
-                A._KNOBS.update({k: bool(v) for k, v in knobs.items() if k in A._KNOBS})
-                if hasattr(A, "_WIDE_KNOBS"):
-                    A._WIDE_KNOBS.update({k: int(v) for k, v in knobs.items() if k in A._WIDE_KNOBS})
-                A._kernels.cache_clear()
-                if opts is not None:
-                    A._DECODE_OPTIONS_OVERRIDE = {"num_warps": opts[0], "num_stages": opts[1]}
+                cands.append(("default", A, None, None, 1.0))
+            for label, mod, bn, kn, pm in cands:
                 try:
                     # the cost model's partitions under these knobs (the wide path counts HP heads a program)
-                    n_parts = max(1, round(cost_model(key, sms).partitions * pm))
+                    n_parts = max(1, round(model_partitions(key, sms, kn or AttentionKnobs()) * pm))
                     t0 = time.time()
-                    got = call(mod, small, names, qsm, scales, kv_heads, 3, bn)()
+                    got = call(mod, small, names, qsm, scales, kv_heads, 3, bn, kn)()
                     err = float((got.double() - want).norm() / want.norm())
-                    run, calls = DA.graphed([call(mod, cache, names, q, scales, kv_heads, n_parts, bn)])
+                    run, calls = DA.graphed([call(mod, cache, names, q, scales, kv_heads, n_parts, bn, kn)])
                     ms = do_bench(run, warmup=25, rep=args.rep, return_mode="median") / calls
                     ms2 = do_bench(run, warmup=10, rep=args.rep, return_mode="median") / calls
                     ok = err < 2e-3
@@ -196,13 +236,6 @@ def main() -> None:
                     rows.append((cname, kind, f"P={n_parts} {label}", err, ms, nbytes / ms / 1e6, best_peer))
                 except Exception as e:  # noqa: BLE001 - report and go on: one failing variant must not end the run
                     print(f"{cname} {kind} {label}: ERROR {type(e).__name__}: {str(e)[:300]}", flush=True)
-                finally:
-                    A._KNOBS.clear()
-                    A._KNOBS.update(saved)
-                    if hasattr(A, "_WIDE_KNOBS"):
-                        A._WIDE_KNOBS.clear()
-                        A._WIDE_KNOBS.update(saved_wide)
-                    A._DECODE_OPTIONS_OVERRIDE = None
             del cache, small
             torch.cuda.empty_cache()
     print("\n| config | kind | variant | err | ms | GB/s | x best fp16 peer |\n|---|---|---|---|---|---|---|")

@@ -12,8 +12,8 @@ layer, so: one call's time without a graph launch each), the time per call; peer
 limit = bytes the kernel must read (cache codes + scales of every valid position, q, out) / measured copy
 bandwidth; "% copy bw" = limit / caramba time. Times are medians of triton.testing.do_bench (ms); caramba's caches
 under 256 MB rotate over up to 8 copies (in the graph's calls) so that replays do not read them from L2. --batches,
---lengths, --dims pick part of the grid. --combine fused,two times split-K's combine both ways (attention.py's
-_KNOBS["fused_combine"]: the partitions' last program merges them, or a second launch), one row each; --pdl
+--lengths, --dims pick part of the grid. --combine fused,two times split-K's combine both ways
+(AttentionKnobs.fused_combine: the partitions' last program merges them, or a second launch), one row each; --pdl
 on,off times the kernels launched with and without programmatic dependent launch (jit_helpers); --sweep [P,...]
 also times the given partition counts. Prints a markdown table last.
 
@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--sweep", nargs="?", const="1,2,4,8,16,32,64,128", default="",
                     help="also time these partition counts per kind (tuning the model); alone: 1,2,4,..,128")
     ap.add_argument("--combine", default="", help="split-K's combine: fused, two (a second launch) or fused,two "
-                    "(default: attention.py's _KNOBS['fused_combine'], off)")
+                    "(default: AttentionKnobs().fused_combine, off)")
     ap.add_argument("--pdl", default="on", help="on, off or on,off: kernels launched with programmatic dependent "
                     "launch (jit_helpers.pdl; on: where the GPU and Triton support it)")
     ap.add_argument("--batches", default="1,8,32")
@@ -130,7 +130,8 @@ def main() -> None:
     args = ap.parse_args()
     from triton.testing import do_bench
 
-    from caramba.codegen.triton import attention, kernels
+    from caramba.codegen.triton import kernels
+    from caramba.codegen.triton.attention import AttentionKnobs
     from caramba.codegen.triton.jit_helpers import pdl_enabled
 
     torch.manual_seed(0)
@@ -164,7 +165,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         results = {}
         combines = args.combine.split(",") if args.combine else \
-            ["fused" if attention._KNOBS["fused_combine"] else "two"]
+            ["fused" if AttentionKnobs().fused_combine else "two"]
         for kind in args.kinds.split(","):
             cache = filled_cache(b, t, dims, kind)
             # caches under ~4x L2 rotate over copies, so replays do not read from L2
@@ -175,20 +176,18 @@ def main() -> None:
             for combine, pdl in itertools.product(combines, pdls):
                 label = " ".join([kind, *([combine] if len(combines) > 1 else []),
                                   *([f"pdl={pdl}"] if len(pdls) > 1 else [])])
-                saved = attention._KNOBS["fused_combine"]
-                attention._KNOBS["fused_combine"] = combine == "fused"  # read when each graph is captured
-                try:
-                    with pdl_enabled(pdl == "on"):  # read at each launch, so when the graph is captured
-                        calls = [kernels.bench_decode(c.layers[0], q_s, q_g, s_s, s_g, HEADS) for c in caches]
-                        results[label] = (per_call(calls, warmup=25, rep=100), limit)
-                        if args.sweep:
-                            sweep = {p: per_call([kernels.bench_decode(c.layers[0], q_s, q_g, s_s, s_g, HEADS, p)
-                                                  for c in caches], warmup=10, rep=50)
-                                     for p in map(int, args.sweep.split(","))}
-                            print(f"  sweep B={b} T={t} {label}: " +
-                                  ", ".join(f"P={p} {ms:.4f}" for p, ms in sweep.items()), flush=True)
-                finally:
-                    attention._KNOBS["fused_combine"] = saved
+                knobs = AttentionKnobs(fused_combine=combine == "fused")
+                with pdl_enabled(pdl == "on"):  # read at each launch, so when the graph is captured
+                    calls = [kernels.bench_decode(c.layers[0], q_s, q_g, s_s, s_g, HEADS, knobs=knobs)
+                             for c in caches]
+                    results[label] = (per_call(calls, warmup=25, rep=100), limit)
+                    if args.sweep:
+                        sweep = {p: per_call([kernels.bench_decode(c.layers[0], q_s, q_g, s_s, s_g, HEADS, p,
+                                                                   knobs=knobs)
+                                              for c in caches], warmup=10, rep=50)
+                                 for p in map(int, args.sweep.split(","))}
+                        print(f"  sweep B={b} T={t} {label}: " +
+                              ", ".join(f"P={p} {ms:.4f}" for p, ms in sweep.items()), flush=True)
                 del calls
             del cache, caches
             torch.cuda.empty_cache()

@@ -162,8 +162,8 @@ def bench_caramba(model, batch, context, steps, kind: str, variant: str = "full"
             for i in range(8):
                 step(i)
             torch.cuda.synchronize()
-        graph = next(iter(ex._graphs.values())).graph  # the decode step's graph, replayed alone: device time only
-        replay = timed_steps(lambda i: graph.replay(), steps, warmup=2)
+        graph = next(iter(ex._graphs.values())).replay  # the decode step's graph, replayed alone: device time only
+        replay = timed_steps(lambda i: graph(), steps, warmup=2)
         print(f"--- caramba {kind} {variant} B={batch}: {seconds * 1e3:.3f} ms a step, of which graph replay alone "
               f"{replay * 1e3:.3f} ms (the rest: host time the GPU waited for: bookkeeping, input copies, "
               f"launches) ---")

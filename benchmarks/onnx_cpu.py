@@ -26,10 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import caramba  # noqa: E402
-from caramba.codegen.onnx.runner import OnnxExecutor  # noqa: E402
 from caramba.models import Transformer, preset  # noqa: E402
 from caramba.models.transformer import apply_rope, merge_heads, split_heads  # noqa: E402
-from caramba.runtime.executor import CacheConfig, lower, vocab_size_of  # noqa: E402
+from caramba.runtime.executor import CacheConfig  # noqa: E402
 
 
 class EagerStaticCache:
@@ -103,8 +102,7 @@ def eager_rate(model: Transformer, length: int, steps: int, max_len: int) -> flo
 
 
 def onnx_rate(cm, mode: str, kind: str, length: int, steps: int, max_len: int, threads: int) -> float:
-    program = lower(cm, CacheConfig.of(cm.cache_layout, kind, max_seq_len=max_len))
-    ex = OnnxExecutor(program, vocab_size_of(cm.graph), mode=mode, threads=threads)
+    ex = cm.executor(CacheConfig.of(cm.cache_layout, kind, max_seq_len=max_len), mode=mode, threads=threads)
     cache = ex.new_cache(1)
     for layer in cache.layers:
         layer.note_append([0], length)  # the cache counts as filled; its contents do not change the work

@@ -32,6 +32,7 @@ def _add_debug_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from caramba.codegen import backend as targets
     from caramba.flags import describe
 
     ap = argparse.ArgumentParser(prog="caramba", description="A compiler for transformer inference.")
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="capture a model, run the pipeline and report what was built",
                        epilog=describe(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(c)
-    c.add_argument("--target", default="auto", choices=["auto", "cuda", "metal", "onnx", "eager"])
+    c.add_argument("--target", default="auto", choices=targets.names())
     c.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: the model's)")
     c.add_argument("--print-ir", action="store_true", help="print the final IR to stdout")
     c.add_argument("--max-seq-len", type=int, default=None, help="largest sequence length the graph accepts")
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compile)
     b = sub.add_parser("bisect", help="name the first pass whose output drifts from eager PyTorch (exit 1 if one does)")
     _add_model_args(b)
-    b.add_argument("--target", default="eager", choices=["auto", "cuda", "metal", "onnx", "eager"],
+    b.add_argument("--target", default="eager", choices=targets.names(),
                    help="whose pipeline to run (numerics always come from the reference interpreter)")
     b.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: the model's)")
     b.add_argument("--tolerance", type=float, default=None, help="max relative error (default by dtype: fp32 "
@@ -59,7 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bisect)
     _add_generate_parser(sub)
     _add_export_parser(sub)
+    t = sub.add_parser("targets", help="list every target, whether it runs on this machine and why not")
+    t.set_defaults(func=cmd_targets)
     return ap
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    """One block per registered backend: available or not (with its own reason), what auto does, its options."""
+    from caramba.codegen import backend as targets
+
+    for b in targets.backends():
+        a = b.availability()
+        state = "available" if a.ok else "not available"
+        auto = "never picked by auto" if b.auto_rank is None or not a.auto else f"auto rank {b.auto_rank}"
+        print(f"{b.name}: {state} ({auto})")
+        print(f"  {b.summary}")
+        print(f"  {'why' if not a.ok else 'here'}: {a.reason}")
+        options = ", ".join(f"{k} ({t.__name__})" for k, t in b.options.items()) or "none"
+        print(f"  target_options: {options}")
+    return 0
 
 
 def _add_export_parser(sub) -> None:
@@ -92,7 +111,8 @@ def _add_export_parser(sub) -> None:
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
-    from caramba.codegen.onnx.export import export_mode, export_onnx, stderr_progress
+    from caramba.codegen.onnx.export import export_mode, stderr_progress
+    from caramba.export import export_onnx
     from caramba.models.sources import load_model
 
     cache_kind = parse_cache_kind(args.cache_kind)
@@ -118,6 +138,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def _add_generate_parser(sub) -> None:
+    from caramba.codegen import backend as targets
     from caramba.runtime.generate_config import GenerateConfig
 
     default = GenerateConfig()
@@ -131,7 +152,7 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--cache-kind", default=default.cache_kind, help="KV-cache storage: fp32, fp16, bf16, q8_0, q4_0, "
                    "nf4; 'auto' (the cache policy: --cache-budget-mb, --plan-file); or one kind per cached tensor, "
                    f"e.g. k_sem=q8_0,k_geo=q8_0,v=q4_0 (default {default.cache_kind})")
-    g.add_argument("--target", default="auto", choices=["auto", "cuda", "metal", "onnx", "eager"])
+    g.add_argument("--target", default="auto", choices=targets.names())
     g.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: the model's)")
     g.add_argument("--temperature", type=float, default=default.temperature,
                    help=f"<= 0 is greedy (default {default.temperature})")

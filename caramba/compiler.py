@@ -1,31 +1,40 @@
-"""`caramba.compile`: capture -> IR -> (passes) -> a target's executor, behind one `CompiledModel` interface."""
+"""`caramba.compile`: capture -> IR -> (passes) -> a target's executor, behind one `CompiledModel` interface;
+and `lower`, which puts a KV cache behind a compiled graph for one cache configuration.
+
+Every target is a backend (caramba.codegen.backend): this module asks the registry what a target name means, what
+its pipeline needs, which options it takes and how it runs; it never compares target names itself.
+"""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
 
+from caramba.codegen import backend as backends
+from caramba.codegen.backend import Backend, CachedProgram
 from caramba.debug.numerics import eager_logits
 from caramba.debug.session import DebugOptions, run_pipeline
+from caramba.errors import UnsupportedOpError
 from caramba.frontend import Capture, import_model
 from caramba.ir.graph import Graph
-from caramba.ir.interpreter import Interpreter
+from caramba.ir.interpreter import Interpreter, bind_symbols
+from caramba.ir.retype import specialize
 from caramba.ir.types import DType
 from caramba.ir.verifier import verify
 from caramba.passes.base import PassContext
+from caramba.passes.kv_layout import CacheConfig, cache_layout
 from caramba.passes.manager import PassRecord, check_names
 from caramba.passes.pipeline import cache_pipeline_for, entry_pipeline_for, pipeline_for
+from caramba.runtime.executor import Executor, build_executor, vocab_size_of
 
 log = logging.getLogger("caramba")
 
-TARGETS = ("auto", "cuda", "metal", "onnx", "eager")
-IMPLEMENTED_TARGETS = ("cuda", "onnx", "eager")
 COMPUTE_DTYPES = (DType.f32, DType.f16, DType.bf16)
 
 
@@ -45,42 +54,67 @@ class CompiledModel:
     """
 
     def __init__(self, graph: Graph, target: str, dtype: DType, stats: CompileStats, capture: Capture,
-                 imported_graph: Graph | None = None, debug_options: DebugOptions | None = None) -> None:
+                 imported_graph: Graph | None = None, debug_options: DebugOptions | None = None,
+                 target_options: dict[str, Any] | None = None) -> None:
         self.graph = graph
         self.imported_graph = imported_graph if imported_graph is not None else graph
         self.target = target
+        self.backend: Backend = backends.get(target)
         self.dtype = dtype
         self.stats = stats
         self.capture = capture
         self.debug_options = debug_options or DebugOptions()
-        self._executor = Interpreter(graph)
+        self._interpreter = Interpreter(graph) if self.backend.reference else None
         self._cached: dict = {}
-        self.target_options: dict[str, Any] = {}  # compile(..., target_options=): the executor's settings
+        self._caches: dict = {}  # (executor, batch) -> a KVCache reused by __call__
+        # compile(..., target_options=): the executor's settings, checked by the backend
+        self.target_options: dict[str, Any] = self.backend.check_options(target_options)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._executor.run(input_ids)[0]
+        """Logits (B, T, vocab) of every position, computed by the target's executor: ONNX Runtime for onnx, the
+        target's kernels for a kernel backend (the prompt prefilled into a fresh cache in the model's own dtype,
+        no quantization), the reference interpreter for eager."""
+        bind_symbols(self.graph, (input_ids,), None)  # InputError: type, dtype, rank, a length past the capture
+        if self.backend.reference:
+            return self._interpreter.run(input_ids)[0]
+        batch, seq = input_ids.shape
+        ex = self.executor(self._stateless_config(seq))
+        cache = self._caches.get((id(ex), batch))
+        if cache is None:
+            cache = self._caches[(id(ex), batch)] = ex.new_cache(batch)
+        cache.reset()
+        positions = torch.arange(seq, dtype=torch.int64).expand(batch, seq)
+        logits = ex.forward(input_ids, positions, cache)
+        ex.check()
+        return logits
+
+    def _stateless_config(self, seq: int) -> CacheConfig:
+        """The cache a plain call prefills: the compute dtype's kind (fp32 where the target stores no such kind),
+        sized to the power of two >= seq (>= 128, <= max_positions), so few lengths ever lower a program."""
+        kind = {DType.f16: "fp16", DType.bf16: "bf16"}.get(self.dtype, "fp32")
+        if kind not in self.backend.needs.cache_kinds:
+            kind = "fp32"
+        length = min(self.max_positions, max(128, 1 << (seq - 1).bit_length()))
+        return CacheConfig.of(self.cache_layout, kind, max_seq_len=max(length, seq))
 
     @property
     def cache_layout(self):
         """Which tensors each attention layer caches (k, v or k_sem, k_geo, v), their widths and the layer count."""
-        from caramba.passes.kv_layout import cache_layout
-
         return cache_layout(self.graph)
 
-    def executor(self, config, *, partitions: int | None = None):
-        """The executor running this model with a KV cache of `config` (a runtime.executor.CacheConfig), lowered
-        once per config and kept."""
-        from caramba.runtime.executor import executor_for
-
-        key = (config, partitions)
+    def executor(self, config: CacheConfig, *, partitions: int | None = None, **target_options: Any) -> Executor:
+        """The executor running this model on its target with a KV cache of `config` (a CacheConfig), lowered
+        once per config and kept. target_options override the compiled ones for this executor (e.g. onnx
+        mode="shadow")."""
+        options = {**self.target_options, **self.backend.check_options(target_options)}
+        key = (config, partitions, tuple(sorted(options.items())))
         if key not in self._cached:
-            self._cached[key] = executor_for(self, config, partitions=partitions)
+            program = lower(self, config, partitions=partitions)
+            self._cached[key] = build_executor(program, self.backend, self.vocab_size, options)
         return self._cached[key]
 
     @property
     def vocab_size(self) -> int:
-        from caramba.runtime.executor import vocab_size_of
-
         return vocab_size_of(self.graph)
 
     @property
@@ -98,37 +132,13 @@ class CompiledModel:
 
 
 def resolve_target(target: str) -> str:
-    """The concrete target for `target`; "auto" picks the best one this build implements on this machine."""
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    if target == "auto":
-        chosen = next(t for t in ("cuda", "metal", "onnx", "eager")
-                      if t in IMPLEMENTED_TARGETS and _available(t, interpreted=False))
+    """The concrete target for `target`, checked to run here; "auto" picks the best available backend (cuda,
+    then metal, then onnx, then eager, by their auto_rank) and logs the choice. Errors name the registered
+    targets, or give the backend's own reason why it cannot run here."""
+    chosen = backends.resolve(target).name
+    if target == backends.AUTO:
         log.info("target='auto' resolved to %r", chosen)
-        return chosen
-    if target not in IMPLEMENTED_TARGETS:
-        raise NotImplementedError(f"target {target!r} is not implemented in this version of caramba yet; "
-                                  f"available: {', '.join(IMPLEMENTED_TARGETS)} (or 'auto')")
-    if not _available(target):
-        hint = " (or TRITON_INTERPRET=1 to run its kernels on the CPU, slowly)" if target == "cuda" else ""
-        raise RuntimeError(f"target {target!r} needs hardware this machine does not have{hint}")
-    return target
-
-
-def _available(target: str, interpreted: bool = True) -> bool:
-    """Whether `target` can run here; cuda also under TRITON_INTERPRET=1 (Triton's CPU interpreter: tests),
-    except when "auto" chooses (interpreted=False)."""
-    if target == "cuda":
-        if torch.cuda.is_available():
-            return True
-        from caramba.codegen.triton.source import interpreting
-
-        return interpreted and interpreting() and importlib.util.find_spec("triton") is not None
-    if target == "metal":
-        return torch.backends.mps.is_available()
-    if target == "onnx":  # ONNX Runtime on the CPU: the default without a GPU
-        return importlib.util.find_spec("onnxruntime") is not None
-    return True
+    return chosen
 
 
 def resolve_dtype(dtype: Any, model: torch.nn.Module) -> DType:
@@ -156,23 +166,21 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
     list) prints the IR to stderr after those passes when they changed it; disable_passes skips passes by name;
     verify_each runs the verifier after every pass (default: on under pytest and in debug runs); check_numerics
     compares every pass's output with eager PyTorch on a fixed input (see summary max_err); pass_limit runs only
-    the first N passes. target_options: settings of the target's executor, checked here: onnx ort_contrib
-    (com.microsoft GroupQueryAttention), mode (auto/concat/scatter/shadow/contrib), threads;
-    cuda cuda_graphs, gemv (one-row linears through the GEMV kernel rather than cuBLAS; default on),
-    graph_segments (CUDA graphs the decode step is captured as; 1), check_values (when the cache append's error
-    bits are read: "deferred" by the next call, the default; "step" by each step's own call; "off"), pdl (kernels
-    launched with programmatic dependent launch on Hopper and later GPUs: each starts during the previous one's
-    tail; default on).
+    the first N passes. target_options: settings of the target's executor, checked here against what its
+    backend declares (`caramba targets` lists them; e.g. onnx mode, cuda cuda_graphs / gemv / pdl).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"caramba.compile expects a torch.nn.Module, got {type(model).__name__}")
+    if target != backends.AUTO:
+        backends.get(target).check_options(target_options)  # a typo fails before anything else
     chosen = resolve_target(target)
-    options_for_target = check_target_options(chosen, target_options)
+    backend = backends.get(chosen)
+    backend.check_options(target_options)
     want = resolve_dtype(dtype, model)
     options = DebugOptions.resolve(dump_dir=dump_dir, print_after=print_after, disable_passes=disable_passes,
                                    pass_limit=pass_limit, verify_each=verify_each, check_numerics=check_numerics)
-    passes = pipeline_for(chosen)
-    every = passes + cache_pipeline_for(chosen) + entry_pipeline_for(chosen)
+    passes = pipeline_for(backend.needs)
+    every = passes + cache_pipeline_for(backend.needs) + entry_pipeline_for(backend.needs)
     check_names(every, options.disable_passes, options.print_after)  # before the capture: fail fast on a typo
     names = {p.name for p in passes}
     compile_options = replace(options, disable_passes=tuple(n for n in options.disable_passes if n in names),
@@ -184,7 +192,8 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
     import_seconds = time.perf_counter() - start - cap.seconds
     log.info("captured %s: %d nodes in %.2fs (target %s, %s)", type(model).__name__, len(imported.nodes),
              cap.seconds, chosen, want)
-    result = run_pipeline(imported, passes, PassContext(target=chosen, dtype=want), compile_options,
+    result = run_pipeline(imported, passes, PassContext(target=chosen, dtype=want, needs=backend.needs),
+                          compile_options,
                           reference=lambda inputs: eager_logits(model, inputs),
                           info={"model": type(model).__name__, "target": chosen, "dtype": str(want)})
     graph = result.graph
@@ -192,29 +201,7 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
         verify(graph)  # once at the end is cheap insurance; verify_each already checked every step
     stats = CompileStats(cap.seconds, import_seconds, graph.op_counts(), result.seconds, result.records)
     log.info("pipeline %s: %d -> %d nodes in %.3fs", chosen, len(imported.nodes), len(graph.nodes), result.seconds)
-    cm = CompiledModel(graph, chosen, want, stats, cap, imported, options)
-    cm.target_options = options_for_target
-    return cm
-
-
-# What each target's executor accepts as target_options (passed to its factory in runtime/executor.py).
-TARGET_OPTIONS: dict[str, dict[str, type]] = {
-    "onnx": {"ort_contrib": bool, "mode": str, "threads": int},
-    "cuda": {"cuda_graphs": bool, "gemv": bool, "graph_segments": int, "check_values": str, "pdl": bool},
-    "eager": {}, "metal": {},
-}
-
-
-def check_target_options(target: str, options: dict[str, Any] | None) -> dict[str, Any]:
-    options = dict(options or {})
-    known = TARGET_OPTIONS.get(target, {})
-    for name, value in options.items():
-        if name not in known:
-            raise ValueError(f"target {target!r} takes no option {name!r}; its options: "
-                             f"{', '.join(known) or 'none'}")
-        if not isinstance(value, known[name]) or (known[name] is int and isinstance(value, bool)):
-            raise ValueError(f"target option {name!r} must be {known[name].__name__}, got {value!r}")
-    return options
+    return CompiledModel(graph, chosen, want, stats, cap, imported, options, target_options)
 
 
 def cast_model(model: torch.nn.Module, dtype: DType) -> torch.nn.Module:
@@ -236,3 +223,44 @@ def cast_model(model: torch.nn.Module, dtype: DType) -> torch.nn.Module:
     for (mod, name), buf in keep.items():
         mod._buffers[name] = buf
     return out
+
+
+def lower(cm: CompiledModel, config: CacheConfig, *, partitions: int | None = None) -> CachedProgram:
+    """Run the cache passes on cm.graph for `config` and build the prefill and decode entries of its target.
+
+    The target's backend must store every kind of `config` (and the residual ring when asked for): anything else
+    is refused here with a clear error. Dumps (when cm was compiled with dump_dir) go to <dump_dir>/kv-<label>/
+    and .../kv-<label>/decode/.
+    """
+    needs = cm.backend.needs
+    refused = sorted({k for _, k in config.kinds} - needs.cache_kinds)
+    if refused:
+        raise UnsupportedOpError(f"target {cm.target!r} does not store {', '.join(refused)} caches; its kinds: "
+                         f"{', '.join(sorted(needs.cache_kinds))}")
+    if config.residual_len and not needs.residual_ring:
+        raise UnsupportedOpError(f"target {cm.target!r} does not implement the fp16 residual ring (cache_residual_len="
+                         f"{config.residual_len}); use cache_residual_len=0")
+    options = {"max_seq_len": config.max_seq_len, "cache_kinds": config.kind_map, "cache_qblock": config.qblock,
+               "cache_residual_len": config.residual_len}
+    if partitions is not None:
+        options["partitions"] = partitions
+    debug = replace(cm.debug_options, check_numerics=False)  # cached graphs need a cache to run; tests cover them
+    label = re.sub(r"[^A-Za-z0-9_.=,-]", "_", config.label)
+
+    def run(graph: Graph, passes, entry: str, subdir: str):
+        names = {p.name for p in passes}
+        opts = replace(debug, disable_passes=tuple(n for n in debug.disable_passes if n in names),
+                       print_after=tuple(n for n in debug.print_after if n in names or n == "all"),
+                       dump_dir=os.path.join(debug.dump_dir, subdir) if debug.dump_dir else None)
+        ctx = PassContext(target=cm.target, dtype=cm.dtype, needs=needs, options={**options, "entry": entry})
+        return run_pipeline(graph, passes, ctx, opts, info={"target": cm.target, "cache": config.label,
+                                                             "entry": entry})
+
+    base = run(cm.graph.copy(), cache_pipeline_for(needs), "prefill", f"kv-{label}")
+    prefill = run(base.graph, entry_pipeline_for(needs), "prefill", f"kv-{label}/prefill")
+    decode_graph = specialize(base.graph, {"seq": 1}, name="decode") if "seq" in base.graph.symbols else base.graph
+    decode = run(decode_graph, entry_pipeline_for(needs), "decode", f"kv-{label}/decode")
+    for g in (prefill.graph, decode.graph):
+        verify(g)
+    return CachedProgram(cache_layout(cm.graph), config, prefill.graph, decode.graph,
+                         base.records + prefill.records[1:] + decode.records[1:])

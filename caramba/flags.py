@@ -2,11 +2,13 @@
 
 An explicit keyword wins over the environment variable, which wins over the default. Nothing else in caramba
 reads `CARAMBA_*` variables; add a flag here (and to the README's table, which a test checks) to add one.
+CARAMBA_CACHE_DIR (where generated sources and measured plans go) is read here too, by cache_dir().
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 ALL = "all"  # print_after=ALL prints after every pass that changed the IR
@@ -83,6 +85,13 @@ def get(name: str, explicit: Any = None) -> Any:
         return flag.parse(text)
     except ValueError as e:
         raise ValueError(f"{flag.env}={text!r}: {e}") from None
+
+
+def cache_dir() -> Path:
+    """Where caramba keeps what it generates and measures (kernel sources, chunking plans): $CARAMBA_CACHE_DIR,
+    else ~/.cache/caramba. The one place that reads the variable."""
+    root = os.environ.get("CARAMBA_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "caramba"
 
 
 def under_pytest() -> bool:

@@ -1,7 +1,8 @@
-"""File-system helpers for atomic writes (checkpoints, plan files): the directory entry must reach the disk too."""
+"""File-system helpers for atomic writes (checkpoints, plan files, kernel sources, dumps): one way to write a file."""
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 
@@ -14,20 +15,29 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so a reader sees the old file or the new one, never a torn one: a temp file in the
-    same directory, fsynced, renamed over `path`, then the directory fsynced. A failed write leaves no temp file."""
-    import secrets
+def temp_sibling(path: Path, suffix: str = ".tmp") -> Path:
+    """A fresh hidden name next to `path` (same directory, so a rename onto `path` is atomic)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
 
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = True, mkdir: bool = False) -> None:
+    """Write `text` to `path` so a reader sees the old file or the new one, never a torn one: a temp file in the
+    same directory renamed over `path`. durable (the default) also fsyncs the file before the rename and the
+    directory after it, so the write survives a crash (plans, checkpoints, kernel sources); debug dumps skip
+    that. mkdir creates the parent directories. A failed write leaves no temp file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    if mkdir:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
     try:
         with open(tmp, "x", encoding="utf-8") as f:  # "x": honours the umask, never follows an existing name
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)

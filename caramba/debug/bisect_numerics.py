@@ -91,6 +91,7 @@ def bisect(model: torch.nn.Module, example_inputs: torch.Tensor | Sequence[torch
     every pass, compare each output with the eager model's on `example_inputs` (default: fixed random ids of
     `input_shape`, 2 x 7), and name the first pass that drifts beyond `tolerance` (relative; default by dtype:
     fp32 1e-4, fp16 2e-2, bf16 5e-2)."""
+    from caramba.codegen import backend as targets
     from caramba.compiler import cast_model, resolve_dtype, resolve_target
     from caramba.frontend import import_model
     from caramba.passes.pipeline import pipeline_for
@@ -99,7 +100,8 @@ def bisect(model: torch.nn.Module, example_inputs: torch.Tensor | Sequence[torch
     want = resolve_dtype(dtype, model)
     model = cast_model(model, want)
     graph, _ = import_model(model, max_seq=max_seq_len)
-    passes = list(pipeline) if pipeline is not None else pipeline_for(chosen)
+    needs = targets.get(chosen).needs
+    passes = list(pipeline) if pipeline is not None else pipeline_for(needs)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     inputs = tuple(example_inputs) if example_inputs is not None else example_input(graph, *(input_shape or ()))
@@ -108,7 +110,7 @@ def bisect(model: torch.nn.Module, example_inputs: torch.Tensor | Sequence[torch
     watcher = _FirstDrift(result, numerics)
     options = DebugOptions(dump_dir=dump_dir, verify_each=True)  # numerics wired here, not via check_numerics
     try:
-        run_pipeline(graph, passes, PassContext(target=chosen, dtype=want), options, instruments=[numerics, watcher],
+        run_pipeline(graph, passes, PassContext(target=chosen, dtype=want, needs=needs), options, instruments=[numerics, watcher],
                      info={"model": type(model).__name__, "target": chosen, "dtype": str(want), "bisect": True})
     except PassError:
         pass  # _FirstDrift has named the pass (unless an earlier one had drifted already)

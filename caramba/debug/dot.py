@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Collection
 
+from caramba.fsutil import temp_sibling
 from caramba.ir.graph import Graph, Node
 from caramba.ir.printer import format_attr
 
@@ -67,7 +67,7 @@ def render_svg(dot_file: Path, timeout: float = 60.0) -> Path | None:
     if exe is None:
         return None
     svg = dot_file.with_suffix(".svg")
-    tmp = str(svg.with_name(f".{svg.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"))
+    tmp = str(temp_sibling(svg))
     try:
         r = subprocess.run([exe, "-Tsvg", str(dot_file), "-o", tmp], capture_output=True, text=True, timeout=timeout)
         if r.returncode != 0:

@@ -17,11 +17,11 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import secrets
 from pathlib import Path
 from typing import Any, Sequence
 
 from caramba.debug.dot import ADDED, REMOVED, render_svg, to_dot
+from caramba.fsutil import atomic_write_text
 from caramba.ir.graph import Graph
 from caramba.ir.printer import format_node
 from caramba.passes.manager import Instrument, Pass, PassRecord
@@ -29,20 +29,6 @@ from caramba.passes.manager import Instrument, Pass, PassRecord
 MANIFEST = ".caramba-dump.json"
 _OURS = {"ir.txt", "diff.patch", "graph.dot", "graph.svg", "before.dot", "after.dot", "before.svg", "after.svg",
          "summary.txt", "summary.json", "reproducer.ir"}
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the new one, never a half-written one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # open(x) honours the umask
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def unified_diff(before: str, after: str, name: str) -> str:
@@ -107,7 +93,7 @@ class DumpWriter(Instrument):
 
     # -- files --------------------------------------------------------------------------------------------------
     def _write(self, rel: str, text: str) -> None:
-        atomic_write(self.dir / rel, text)
+        atomic_write_text(self.dir / rel, text, durable=False, mkdir=True)
         self.written.append(rel)
 
     def _write_dot(self, rel: str, text: str) -> None:
@@ -117,7 +103,8 @@ class DumpWriter(Instrument):
             self.written.append(str(Path(rel).with_suffix(".svg")))
 
     def _save_manifest(self) -> None:
-        atomic_write(self.dir / MANIFEST, json.dumps({"files": sorted(set(self.written))}, indent=1) + "\n")
+        atomic_write_text(self.dir / MANIFEST, json.dumps({"files": sorted(set(self.written))}, indent=1) + "\n",
+                          durable=False, mkdir=True)
 
     def _clear_previous(self) -> None:
         """Remove the files the previous dump listed in its manifest (only ours), then their emptied folders."""

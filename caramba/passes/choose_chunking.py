@@ -9,9 +9,9 @@ rounding whatever the choice. The choice is a speed decision per target, entry a
 - ctx.options["partitions"] forces a count on every cached attention op (tests use it to show that split-K is
   exact; a backend's autotuner uses it to try candidates).
 
-- cuda: the decode entry gets codegen/triton/chunking.py's decision for batch 1 at max_seq_len's length bucket
-  (cost model, or what was measured on this device); the prefill entry 1 (its kernel tiles queries instead).
-  The executor refines the choice per batch when it launches (ChunkingPlan.choose).
+- every other target: its backend's chunking policy (TargetNeeds.chunking, e.g. the cuda backend's cost model or
+  measured plan for the decode entry at batch 1 and max_seq_len's length bucket; its executor may refine the
+  choice per batch at launch).
 Counts: "attention" (ops given a decision), per entry in ctx.options["entry"] ("prefill" or "decode").
 """
 from __future__ import annotations
@@ -31,27 +31,13 @@ def partitions_for(ctx: PassContext) -> int:
     return 1
 
 
-def _cuda_partitions(node: Node, ctx: PassContext) -> int:
-    if ctx.options.get("entry") != "decode":
-        return 1
-    import torch
-
-    from caramba.codegen.triton.chunking import ChunkKey, device_plan
-
-    q = node.inputs[0].type.shape
-    dims = [v.type.shape[3] for v in node.inputs[:2 if node.op == "cached_decoupled_attention" else 1]]
-    dims.append(node.attrs["v_head_dim"])
-    key = ChunkKey.of(1, int(ctx.options.get("max_seq_len", 4096)), dims, node.attrs["kinds"], node.attrs["kv_heads"],
-                      q[1])
-    return device_plan("cuda" if torch.cuda.is_available() else "cpu").choose(key).partitions
-
-
 def choose_chunking(graph: Graph, ctx: PassContext) -> Graph:
     forced = ctx.options.get("partitions") is not None
     for i, node in enumerate(graph.nodes):
         if node.op not in CACHED_ATTENTION_OPS:
             continue
-        p = _cuda_partitions(node, ctx) if ctx.target == "cuda" and not forced else partitions_for(ctx)
+        policy = ctx.needs.chunking
+        p = policy(node, ctx) if policy is not None and not forced else partitions_for(ctx)
         if node.attrs.get("partitions", 1) != p:
             graph.nodes[i] = Node(node.op, node.inputs, node.outputs, {**node.attrs, "partitions": p}, node.loc)
         ctx.count("attention")

@@ -5,10 +5,10 @@ from dataclasses import dataclass
 
 from caramba.ir.graph import Graph, Value
 from caramba.ir.types import TensorType
+from caramba.passes.attention_patterns import (CHAINS, SDPA, Attn, FusionState, Operand, Views, chain_causal,
+                                               describe_attention_op, describe_chain, describe_sdpa, emit_cast,
+                                               make_rules, scale_of, scaled, softmax_chains)
 from caramba.passes.base import PassContext
-from caramba.passes.fuse_attention import (CHAINS, SDPA, Attn, FusionState, Operand, Views, chain_causal,
-                                           describe_attention_op, describe_chain, describe_sdpa, emit_cast,
-                                           make_rules, scale_of, scaled, softmax_chains)
 from caramba.passes.rewrite import Builder, Match, Pat, Var, apply_rules
 
 SEMANTIC = scaled(Pat("matmul", Var("q_sem"), Var("kt_sem")), "scale_sem")

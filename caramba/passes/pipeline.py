@@ -2,8 +2,9 @@
 
 To add a pass: write `caramba/passes/<verb_noun>.py` with `def verb_noun(graph, ctx) -> graph` (count rewrites
 with ctx.count), give it a `Pass` below and put it in the phase where its inputs exist and its outputs are
-wanted. A pass that only some targets run is written `*([PASS] if target in (...) else [])`, so the list keeps
-its shape. Passes are referred to by name (disable_passes, print_after, dumps), so a name says what it does.
+wanted. A pass that only some targets run is written `*_if(needs, "op", PASS)`: it runs when the target's backend
+implements what the pass makes (TargetNeeds.fused_ops), and the list keeps its shape. Passes are referred to by
+name (disable_passes, print_after, dumps), so a name says what it does.
 """
 from __future__ import annotations
 
@@ -26,9 +27,8 @@ from caramba.passes.fuse_swiglu import fuse_swiglu
 from caramba.passes.fuse_swiglu_linear import fuse_swiglu_linear
 from caramba.passes.insert_kv_cache import insert_kv_cache
 from caramba.passes.insert_kv_dequant import insert_kv_dequant
+from caramba.passes.base import TargetNeeds
 from caramba.passes.manager import Pass
-
-PIPELINE_TARGETS = ("eager", "cuda", "metal", "onnx")
 
 CANONICALIZE = Pass("canonicalize", canonicalize)
 FOLD_CONSTANTS = Pass("fold_constants", fold_constants)
@@ -51,10 +51,14 @@ FUSE_CACHED_ATTENTION = Pass("fuse_cached_attention", fuse_cached_attention)
 CHOOSE_CHUNKING = Pass("choose_chunking", choose_chunking)
 
 
-def pipeline_for(target: str) -> list[Pass]:
-    """The passes `caramba.compile(model, target=target)` runs, in order (names may repeat: dumps number them)."""
-    if target not in PIPELINE_TARGETS:
-        raise ValueError(f"no pipeline for target {target!r}; targets with one: {', '.join(PIPELINE_TARGETS)}")
+def _if(needs: TargetNeeds, product: str, p: Pass) -> list[Pass]:
+    """[p] when the target implements what p makes, else []: the op stays as the ops it was made of."""
+    return [p] if needs.implements(product) else []
+
+
+def pipeline_for(needs: TargetNeeds) -> list[Pass]:
+    """The passes `caramba.compile` runs for a target that needs `needs`, in order (names may repeat: dumps
+    number them)."""
     return [
         # Phase 1: cleanup before fusion. Fusion patterns then see one form of each computation: no casts to the
         # same dtype, no reshape/transpose chains, no `* 1.0`, constant masks folded, fewer variants to match.
@@ -71,26 +75,26 @@ def pipeline_for(target: str) -> list[Pass]:
         FOLD_TABLES,
         # Phase 2: fusions, in this order (each needs what the one before it produced).
         # Norms first, since fuse_add_norm starts from a fused norm.
-        FUSE_RMS_NORM,
-        FUSE_LAYER_NORM,
+        *_if(needs, "rms_norm", FUSE_RMS_NORM),
+        *_if(needs, "layer_norm", FUSE_LAYER_NORM),
         # The residual add that feeds a fused norm: one op, both outputs (the stream and the normed value).
-        FUSE_ADD_NORM,
+        *_if(needs, "add_rms_norm", FUSE_ADD_NORM),
         # Rotary embedding of q and k, so the attention patterns see rope(q), rope(k) and no rotate-half.
-        FUSE_ROPE,
+        *_if(needs, "rope", FUSE_ROPE),
         # Scores, scale, mask, softmax, value product: standard/GQA, then DBA's two-score form.
-        FUSE_ATTENTION,
-        FUSE_DECOUPLED_ATTENTION,
+        *_if(needs, "attention", FUSE_ATTENTION),
+        *_if(needs, "decoupled_attention", FUSE_DECOUPLED_ATTENTION),
         # The MLP's gate, independent of the others.
-        FUSE_SWIGLU,
+        *_if(needs, "swiglu", FUSE_SWIGLU),
         # Linears over one input (q/k/v projections, gate/up) become one product and column slices: at decode each
         # is a weight-bound matrix-vector product, and one launch over the concatenated weights replaces several
-        # small ones. cuda only: its kernels read the slices in place; other targets keep separate products.
-        *([FUSE_LINEARS] if target == "cuda" else []),
-        # The down projection computes the activation it reads (cuda: the GEMV kernel's prologue).
-        *([FUSE_SWIGLU_LINEAR] if target == "cuda" else []),
-        # A norm read by one product is folded into it (cuda: the GEMV scales by the row's rstd). After
-        # fuse_linears, which leaves the q|k|v and gate|up norms one reader each.
-        *([FUSE_NORM_LINEAR] if target == "cuda" else []),
+        # small ones. Only for targets whose kernels read the slices in place; others keep separate products.
+        *_if(needs, "linear_slices", FUSE_LINEARS),
+        # The down projection computes the activation it reads (e.g. in a GEMV kernel's prologue).
+        *_if(needs, "swiglu_linear", FUSE_SWIGLU_LINEAR),
+        # A norm read by one product is folded into it (a GEMV scales by the row's rstd). After fuse_linears,
+        # which leaves the q|k|v and gate|up norms one reader each.
+        *_if(needs, "rms_norm_linear", FUSE_NORM_LINEAR),
         # The KV cache comes after this list, once a cache kind is chosen: see cache_pipeline_for.
         # Phase 3: cleanup after fusion. Fusions leave dead tables and duplicated views behind; CSE is safe now
         # that nothing pattern-matches across layers, and canonicalize + DCE tidy what CSE exposes.
@@ -100,12 +104,11 @@ def pipeline_for(target: str) -> list[Pass]:
     ]
 
 
-def cache_pipeline_for(target: str) -> list[Pass]:
+def cache_pipeline_for(needs: TargetNeeds) -> list[Pass]:
     """The passes that put a KV cache behind the compiled graph, for one choice of cache kinds (ctx.options:
     max_seq_len, cache_kinds, cache_qblock, cache_residual_len). They run when a Generator picks its cache, not in
-    compile(): "auto" picks the kind by measuring candidates, each lowered by these passes."""
-    if target not in PIPELINE_TARGETS:
-        raise ValueError(f"no pipeline for target {target!r}; targets with one: {', '.join(PIPELINE_TARGETS)}")
+    compile(): "auto" picks the kind by measuring candidates, each lowered by these passes. The same for every
+    target: what differs (kinds it stores, chunking) is checked and decided from `needs`."""
     return [
         # Appends and reads of the cache around every attention layer; attention now reads keys through the
         # cache at every step (SPEC §3 invariance). RoPE tables are re-indexed by position_ids.
@@ -118,8 +121,7 @@ def cache_pipeline_for(target: str) -> list[Pass]:
     ]
 
 
-def entry_pipeline_for(target: str) -> list[Pass]:
-    """Per entry graph (prefill: seq symbolic; decode: seq = 1; ctx.options["entry"]): how work is chunked."""
-    if target not in PIPELINE_TARGETS:
-        raise ValueError(f"no pipeline for target {target!r}; targets with one: {', '.join(PIPELINE_TARGETS)}")
+def entry_pipeline_for(needs: TargetNeeds) -> list[Pass]:
+    """Per entry graph (prefill: seq symbolic; decode: seq = 1; ctx.options["entry"]): how work is chunked (the
+    policy is the target's: needs.chunking)."""
     return [CHOOSE_CHUNKING]

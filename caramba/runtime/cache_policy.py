@@ -50,19 +50,17 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
 from caramba.runtime.cache_candidates import (Candidate, CandidateRow, NoCacheKindError, budget_bytes, candidates,
                                               format_table, no_fit_error, within_budget)
 from caramba.runtime.eval_text import EvalTextError, eval_windows, load_eval_text
-from caramba.runtime.executor import CacheConfig, Executor
+from caramba.runtime.executor import CacheConfig, CompiledLike, Executor
 from caramba.runtime.generate_config import GenerateConfig
 from caramba.runtime.plan_file import DEFAULT_REPROBE_S, Plan, PlanFile, PlanFileError, PlanSignature
 
-if TYPE_CHECKING:
-    from caramba.compiler import CompiledModel
 
 log = logging.getLogger("caramba")
 
@@ -167,7 +165,7 @@ class Quality:
 # ---------------------------------------------------------------------------------------------------------------
 # The policy
 # ---------------------------------------------------------------------------------------------------------------
-def choose_cache(cm: "CompiledModel", config: GenerateConfig, batch: int, *, eval_text: EvalText = None,
+def choose_cache(cm: CompiledLike, config: GenerateConfig, batch: int, *, eval_text: EvalText = None,
                  benchmark: bool = True, probe: ProbeSettings | None = None) -> CacheDecision:
     """Run SPEC §6 for `cm` generating `batch` rows under `config` (its budget, gates, qblock, ring, max_seq_len
     and plan path); see the module docstring. eval_text: None (the default text), text, a path, or token ids
@@ -228,7 +226,7 @@ def choose_cache(cm: "CompiledModel", config: GenerateConfig, batch: int, *, eva
     return decision
 
 
-def _decision(cm: "CompiledModel", config: GenerateConfig, chosen: Candidate, rows: list[CandidateRow],
+def _decision(cm: CompiledLike, config: GenerateConfig, chosen: Candidate, rows: list[CandidateRow],
               from_plan: bool, path: Path | None, signature: PlanSignature | None) -> CacheDecision:
     return CacheDecision(_cache_config(cm.cache_layout, chosen, config), chosen, rows, format_table(rows, chosen),
                          from_plan, path, signature)
@@ -276,7 +274,7 @@ def _no_pass_error(rows: list[CandidateRow], config: GenerateConfig) -> NoCacheK
 # ---------------------------------------------------------------------------------------------------------------
 # The plan file
 # ---------------------------------------------------------------------------------------------------------------
-def _signature(cm: "CompiledModel", config: GenerateConfig, batch: int, tokens: torch.Tensor, benchmark: bool,
+def _signature(cm: CompiledLike, config: GenerateConfig, batch: int, tokens: torch.Tensor, benchmark: bool,
                probe: ProbeSettings, cands: list[Candidate]) -> PlanSignature:
     """The compiled graph's text stands for the model config: it holds every shape and op (and no weight value,
     which the weights digest covers), and it changes with the target's pass pipeline too."""
@@ -318,7 +316,7 @@ def _age(seconds: float | None) -> str:
     return "never" if seconds is None else f"{seconds / 86400:g} days"
 
 
-def _device(cm: "CompiledModel") -> torch.device:
+def _device(cm: CompiledLike) -> torch.device:
     first = next(iter(cm.graph.weights.values()), None)
     return first.device if first is not None else torch.device("cpu")
 
@@ -353,7 +351,7 @@ def eval_tokens(eval_text: EvalText, probe: ProbeSettings, vocab_size: int) -> t
     return tokens
 
 
-def measure_quality(cm: "CompiledModel", cands: Sequence[Candidate], tokens: torch.Tensor, probe: ProbeSettings, *,
+def measure_quality(cm: CompiledLike, cands: Sequence[Candidate], tokens: torch.Tensor, probe: ProbeSettings, *,
                     qblock: int = 32, residual_len: int = 0) -> dict[Candidate, Quality]:
     """Each candidate's Quality against an fp16 cache on `tokens` (eval_tokens), by the procedure of the module
     docstring. The fp16 reference runs once; an fp16 candidate gets exactly (0, 1, 0) from it."""
@@ -376,7 +374,7 @@ def measure_quality(cm: "CompiledModel", cands: Sequence[Candidate], tokens: tor
     return out
 
 
-def _fit_to_model(cm: "CompiledModel", tokens: torch.Tensor, probe: ProbeSettings) -> tuple[torch.Tensor,
+def _fit_to_model(cm: CompiledLike, tokens: torch.Tensor, probe: ProbeSettings) -> tuple[torch.Tensor,
                                                                                            ProbeSettings]:
     """Shorten the windows when window + decode_steps exceeds the positions the model was compiled for."""
     room = cm.max_positions - probe.decode_steps
@@ -428,7 +426,7 @@ def probe_run(ex: Executor, tokens: torch.Tensor, probe: ProbeSettings, referenc
                     kl_sum, 0 if reference is None else b * steps, (row_sums / (w - 1)).cpu())
 
 
-def benchmark_decode(cm: "CompiledModel", config: CacheConfig, batch: int, probe: ProbeSettings,
+def benchmark_decode(cm: CompiledLike, config: CacheConfig, batch: int, probe: ProbeSettings,
                      tokens: torch.Tensor) -> float:
     """Decode tokens per second (all rows) of `config` at `batch`: `bench_context` tokens cached, `bench_warmup`
     steps untimed, then the median of `bench_steps` synchronised single-step timings. Everything is shortened to
@@ -441,7 +439,7 @@ def benchmark_decode(cm: "CompiledModel", config: CacheConfig, batch: int, probe
     feed = tokens.flatten().to(ex.device)
     ids = feed[torch.arange(batch * (context + total), device=ex.device) % feed.numel()].view(batch, -1)
     cache = ex.new_cache(batch)
-    sync = torch.cuda.synchronize if ex.device.type == "cuda" else (lambda: None)
+    sync = ex.synchronize
     times = []
     with torch.no_grad():
         ex.forward(ids[:, :context], _positions(batch, 0, context, ex.device), cache)

@@ -1,87 +1,57 @@
-"""One executor interface for every target, and the lowering that puts a KV cache behind a compiled graph.
+"""One executor interface for every target: what the generator loop talks to.
 
 A CompiledModel holds the stateless post-pipeline graph. When a generator picks its cache (kinds, qblock,
-residual ring, longest row), `lower` runs the cache passes (passes.pipeline.cache_pipeline_for) and builds two
-entry graphs from the result: `prefill` (seq symbolic, for prompts, continuations and speculative verification)
-and `decode` (seq specialised to 1); each then gets its chunking decision (entry_pipeline_for). A target's
-Executor runs those entries; the generator loop only ever talks to this interface:
+residual ring, longest row), `caramba.compiler.lower` runs the cache passes and builds the two entry graphs of a
+CachedProgram (prefill: seq symbolic; decode: seq = 1); `build_executor` then gives the program to its target's
+backend (caramba.codegen.backend): a kernel backend's kernels run under the shared KernelExecutor
+(runtime/kernel_executor.py), a whole-graph backend's Runner under RunnerExecutor. The loop sees only this:
 
     ex = cm.executor(CacheConfig.of(layout, "q8_0", max_seq_len=2048))
     cache = ex.new_cache(batch)
     logits = ex.forward(input_ids, positions, cache)   # (B, S, V); appends the S tokens of every row
-    ex.check()                                          # errors a target reports late (cuda's deferred checks)
+    ex.check()                                          # errors a target reports late (deferred append checks)
 
 forward's contract: positions (B, S) int64 are contiguous per row and row b starts at its cached length; the S
 tokens of every row are appended (the caller truncates rows that carried padding with cache.truncate_rows).
 """
 from __future__ import annotations
 
-import os
-import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 import torch
 
+from caramba.codegen.backend import Backend, CachedProgram
 from caramba.errors import InputError
 from caramba.ir.graph import Graph
-from caramba.ir.interpreter import Interpreter
-from caramba.ir.retype import specialize
-from caramba.ir.verifier import verify
-from caramba.passes.base import PassContext
-from caramba.passes.kv_layout import CacheConfig, CacheLayout, cache_layout
-from caramba.passes.manager import PassRecord
-from caramba.passes.pipeline import cache_pipeline_for, entry_pipeline_for
+from caramba.ir.quant import parse_kind
+from caramba.passes.kv_layout import CacheConfig, CacheLayout
 from caramba.runtime.kv_cache import CacheSpec, KVCache
 
-if TYPE_CHECKING:
-    from caramba.compiler import CompiledModel
+__all__ = ["CacheConfig", "CachedProgram", "CompiledLike", "Executor", "RunnerExecutor", "build_executor",
+           "vocab_size_of"]
 
 
-@dataclass
-class CachedProgram:
-    """The entry graphs of one cache configuration, and what every pass did to get there."""
+@runtime_checkable
+class CompiledLike(Protocol):
+    """What the generators need of a compiled model (caramba.CompiledModel): its cache layout, the longest
+    sequence it was captured for, and an executor per cache configuration."""
 
-    layout: CacheLayout
-    config: CacheConfig
-    prefill: Graph
-    decode: Graph
-    records: list[PassRecord]
+    @property
+    def cache_layout(self) -> CacheLayout: ...
+
+    @property
+    def max_positions(self) -> int: ...
+
+    def executor(self, config: CacheConfig, **kwargs: Any) -> "Executor": ...
 
 
-def lower(cm: "CompiledModel", config: CacheConfig, *, partitions: int | None = None) -> CachedProgram:
-    """Run the cache passes on cm.graph for `config` and build the prefill and decode entries.
-
-    Dumps (when cm was compiled with dump_dir) go to <dump_dir>/kv-<label>/ and .../kv-<label>/decode/.
-    """
-    from caramba.debug.session import run_pipeline
-
-    layout = cache_layout(cm.graph)
-    options = {"max_seq_len": config.max_seq_len, "cache_kinds": config.kind_map, "cache_qblock": config.qblock,
-               "cache_residual_len": config.residual_len}
-    if partitions is not None:
-        options["partitions"] = partitions
-    debug = replace(cm.debug_options, check_numerics=False)  # cached graphs need a cache to run; tests cover them
-    label = re.sub(r"[^A-Za-z0-9_.=,-]", "_", config.label)
-
-    def run(graph: Graph, passes, entry: str, subdir: str):
-        names = {p.name for p in passes}
-        opts = replace(debug, disable_passes=tuple(n for n in debug.disable_passes if n in names),
-                       print_after=tuple(n for n in debug.print_after if n in names or n == "all"),
-                       dump_dir=os.path.join(debug.dump_dir, subdir) if debug.dump_dir else None)
-        ctx = PassContext(target=cm.target, dtype=cm.dtype, options={**options, "entry": entry})
-        return run_pipeline(graph, passes, ctx, opts, info={"target": cm.target, "cache": config.label,
-                                                             "entry": entry})
-
-    base = run(cm.graph.copy(), cache_pipeline_for(cm.target), "prefill", f"kv-{label}")
-    prefill = run(base.graph, entry_pipeline_for(cm.target), "prefill", f"kv-{label}/prefill")
-    decode_graph = specialize(base.graph, {"seq": 1}, name="decode") if "seq" in base.graph.symbols else base.graph
-    decode = run(decode_graph, entry_pipeline_for(cm.target), "decode", f"kv-{label}/decode")
-    for g in (prefill.graph, decode.graph):
-        verify(g)
-    return CachedProgram(layout, config, prefill.graph, decode.graph, base.records + prefill.records[1:] +
-                         decode.records[1:])
+def check_model(role: str, model: object) -> None:
+    """A generator's model must be a compiled model (caramba.compile(model)) or an Executor."""
+    if isinstance(model, (CompiledLike, Executor)):
+        return
+    hint = " (compile it first: caramba.compile(model))" if isinstance(model, torch.nn.Module) else ""
+    raise TypeError(f"the {role} must be a caramba.CompiledModel or an Executor, got {type(model).__name__}{hint}")
 
 
 class Executor(ABC):
@@ -91,7 +61,7 @@ class Executor(ABC):
         self.program = program
         self.vocab_size = vocab_size
         self.device = torch.device(device)
-        self._kinds = {n: k for n, k in _kinds(program.config)}  # what a cache made for this program holds
+        self._kinds = {n: parse_kind(k) for n, k in program.config.kinds}  # what a cache for this program holds
 
     @property
     def layout(self) -> CacheLayout:
@@ -109,6 +79,11 @@ class Executor(ABC):
         """An empty cache for `batch` rows in this program's kinds, on this executor's device; ring_slack extra
         fp16 ring slots keep residual windows exact across rollbacks of up to that many tokens."""
         return KVCache(CacheSpec.for_config(self.layout, self.config, batch, self.device, ring_slack))
+
+    def synchronize(self) -> None:
+        """Wait for the work this executor launched (timing); a no-op on the CPU."""
+        if self.device.type != "cpu":
+            torch.accelerator.synchronize(self.device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (B, S, V) for the S new tokens of every row; appends them to `cache` (see the module doc)."""
@@ -143,24 +118,20 @@ class Executor(ABC):
                              f"max_seq_len {self.max_seq_len}")
 
 
-def _kinds(config: CacheConfig):
-    from caramba.ir.quant import parse_kind
+class RunnerExecutor(Executor):
+    """A whole-graph backend's Runner (e.g. ONNX Runtime) behind the Executor interface."""
 
-    return [(n, parse_kind(k)) for n, k in config.kinds]
+    def __init__(self, program: CachedProgram, vocab_size: int, backend: Backend, options: Mapping[str, Any]) -> None:
+        super().__init__(program, vocab_size, backend.device())
+        self.runner = backend.runner(program, vocab_size, self.new_cache, dict(options))
 
-
-class InterpreterExecutor(Executor):
-    """target="eager": the entry graphs run by the reference interpreter."""
-
-    def __init__(self, program: CachedProgram, vocab_size: int, device: torch.device | str = "cpu",
-                 check_types: bool = False) -> None:
-        super().__init__(program, vocab_size, torch.device(device))
-        self._prefill = Interpreter(program.prefill, check_types=check_types)
-        self._decode = Interpreter(program.decode, check_types=check_types)
+    def __getattr__(self, name: str) -> Any:  # the runner's own settings and measurements (mode, timings, ...)
+        if name == "runner":
+            raise AttributeError(name)
+        return getattr(self.runner, name)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        run = self._decode if input_ids.shape[1] == 1 else self._prefill
-        return run.run(input_ids, positions, state=cache, symbols={"past": cache.max_length})[0]
+        return self.runner.run(input_ids, positions, cache)
 
 
 def vocab_size_of(graph: Graph) -> int:
@@ -170,26 +141,12 @@ def vocab_size_of(graph: Graph) -> int:
     return v
 
 
-# target -> "module:factory"; factory(program, cm) -> Executor. Imported on first use, so a target's dependencies
-# (triton, onnxruntime) load only when that target runs.
-EXECUTORS: dict[str, str] = {
-    "eager": "caramba.runtime.executor:_interpreter_executor",
-    "onnx": "caramba.codegen.onnx.runner:onnx_executor",
-    "cuda": "caramba.codegen.triton.executor:cuda_executor",
-}
+def build_executor(program: CachedProgram, backend: Backend, vocab_size: int,
+                   options: Mapping[str, Any] | None = None) -> Executor:
+    """The executor of `backend` for `program`, with its target_options (checked by the backend)."""
+    options = backend.check_options(options)
+    if backend.runner is not None:
+        return RunnerExecutor(program, vocab_size, backend, options)
+    from caramba.runtime.kernel_executor import KernelExecutor  # it builds on this module: imported here
 
-
-def _interpreter_executor(program: CachedProgram, cm: "CompiledModel") -> Executor:
-    return InterpreterExecutor(program, vocab_size_of(cm.graph))
-
-
-def executor_for(cm: "CompiledModel", config: CacheConfig, **kwargs) -> Executor:
-    """The executor of cm.target for `config`."""
-    import importlib
-
-    if cm.target not in EXECUTORS:
-        raise NotImplementedError(f"no executor for target {cm.target!r}; targets: {', '.join(EXECUTORS)}")
-    program = lower(cm, config, **kwargs)
-    module, factory = EXECUTORS[cm.target].split(":")
-    return getattr(importlib.import_module(module), factory)(program, cm)
-
+    return KernelExecutor.of(program, vocab_size, backend, options)

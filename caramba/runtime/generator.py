@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import torch
 
 from caramba.errors import InputError
-from caramba.runtime.executor import CacheConfig, Executor
+from caramba.runtime.executor import CacheConfig, CompiledLike, Executor, check_model
 from caramba.runtime.generate_config import GenerateConfig, GenerateConfigError
 from caramba.runtime.kv_cache import KVCache
 from caramba.runtime.sampling import make_generator, sample_next
@@ -145,19 +145,11 @@ def with_prompt(input_ids: Prompt, rows: list[list[int]], new: list[torch.Tensor
 class Generator:
     """Stateful generation over a compiled model (or an Executor) with a KV cache; see the module doc."""
 
-    def __init__(self, model, config: GenerateConfig | None = None) -> None:
-        from caramba.compiler import CompiledModel
-
+    def __init__(self, model: CompiledLike | Executor, config: GenerateConfig | None = None) -> None:
         self.config = config if config is not None else GenerateConfig()
         if not isinstance(self.config, GenerateConfig):
             raise TypeError(f"config must be a GenerateConfig, got {type(self.config).__name__}")
-        if isinstance(model, torch.nn.Module):
-            from caramba.compiler import compile as compile_model
-
-            model = compile_model(model)
-        if not isinstance(model, (CompiledModel, Executor)):
-            raise TypeError(f"Generator needs a caramba.CompiledModel (caramba.compile(model)), an Executor or an "
-                            f"nn.Module, got {type(model).__name__}")
+        check_model("model", model)
         self.model = model
         self._executor: Executor | None = model if isinstance(model, Executor) else None
         self.cache: KVCache | None = None

@@ -34,255 +34,24 @@ than fp32 storage).
 
 Appends validate everything (names, shapes, positions, finiteness) and quantize before writing anything, so a
 failed append leaves the cache as it was.
+
+CacheSpec and CachedTensor (what a cache holds) are in cache_spec.py, the buffers of one cached tensor in
+tensor_store.py; this module keeps the per-layer bookkeeping (lengths, ring starts, the last step) and the cache.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch
 
 from caramba.ir.cache_format import (TENSOR_LAYOUTS, CacheError, CacheOverflowError, CacheView, KindSpec,
                                     resolve_kinds)
-from caramba.ir.quant import (SCALE_DTYPE, CacheKind, NonFiniteError, QTensor, check_qblock, code_width, dequantize,
-                              n_blocks, nbytes, parse_kind, quantize)
+from caramba.ir.quant import CacheKind, NonFiniteError, QTensor
+from caramba.runtime.cache_spec import CachedTensor, CacheSpec, check_int
+from caramba.runtime.tensor_store import Encoded, Step, TensorStore
 
-_RING_BYTES = 2  # fp16
-
-
-@dataclass(frozen=True)
-class CachedTensor:
-    """One tensor a layer caches: its name, width per token (H_kv·d) and storage kind."""
-
-    name: str
-    features: int
-    kind: CacheKind
-
-
-@dataclass(frozen=True)
-class CacheSpec:
-    """Everything needed to allocate a KVCache and to count its bytes without allocating it."""
-
-    n_layers: int
-    batch: int
-    max_seq_len: int
-    tensors: tuple[CachedTensor, ...]
-    qblock: int = 32
-    residual_len: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    ring_slack: int = 0
-
-    def __post_init__(self) -> None:
-        device = torch.device(self.device)
-        if device.type != "cpu" and device.index is None:  # an accelerator means its current one: tensors say :N
-            device = torch.empty(0, device=device).device
-        object.__setattr__(self, "device", device)
-        for what, lo in (("n_layers", 1), ("batch", 1), ("max_seq_len", 1), ("residual_len", 0), ("ring_slack", 0)):
-            _check_int(what, getattr(self, what), lo)
-        check_qblock(self.qblock)
-        if self.residual_len > self.max_seq_len:
-            raise CacheError(f"residual_len ({self.residual_len}) exceeds max_seq_len ({self.max_seq_len})")
-        _check_layout(self.tensors)
-
-    @classmethod
-    def build(cls, n_layers: int, batch: int, max_seq_len: int, tensors: Mapping[str, tuple[int, str | CacheKind]],
-              *, qblock: int = 32, residual_len: int = 0, device: str | torch.device = "cpu",
-              ring_slack: int = 0) -> CacheSpec:
-        """From {tensor name: (features, kind)}, e.g. {"k_sem": (64, "q8_0"), "k_geo": (128, "q8_0"), ...}."""
-        cached = tuple(CachedTensor(name, features, parse_kind(kind)) for name, (features, kind) in tensors.items())
-        return cls(n_layers, batch, max_seq_len, cached, qblock, residual_len, torch.device(device), ring_slack)
-
-    @classmethod
-    def for_config(cls, layout, config, batch: int, device: str | torch.device = "cpu",
-                   ring_slack: int = 0) -> CacheSpec:
-        """The spec of a cache for `config` (passes.kv_layout.CacheConfig) over a model's `layout` (CacheLayout)."""
-        return cls.build(layout.n_layers, batch, config.max_seq_len,
-                         {n: (layout.features[n], k) for n, k in config.kinds}, qblock=config.qblock,
-                         residual_len=config.residual_len, device=device, ring_slack=ring_slack)
-
-    @classmethod
-    def standard(cls, n_layers: int, batch: int, max_seq_len: int, kv_features: int, kind: KindSpec = "fp16",
-                 **options) -> CacheSpec:
-        """k and v, each kv_features (= H_kv·d) wide."""
-        kinds = resolve_kinds(kind, TENSOR_LAYOUTS["standard"])
-        return cls.build(n_layers, batch, max_seq_len, {n: (kv_features, k) for n, k in kinds.items()}, **options)
-
-    @classmethod
-    def decoupled(cls, n_layers: int, batch: int, max_seq_len: int, sem_features: int, geo_features: int,
-                  v_features: int, kind: KindSpec = "fp16", **options) -> CacheSpec:
-        """k_sem, k_geo and v of DBA, each H_kv·d wide for its own head dim."""
-        kinds = resolve_kinds(kind, TENSOR_LAYOUTS["decoupled"])
-        widths = {"k_sem": sem_features, "k_geo": geo_features, "v": v_features}
-        return cls.build(n_layers, batch, max_seq_len, {n: (widths[n], k) for n, k in kinds.items()}, **options)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.tensors)
-
-    @property
-    def kinds(self) -> dict[str, CacheKind]:
-        return {t.name: t.kind for t in self.tensors}
-
-    def has_ring(self, t: CachedTensor) -> bool:
-        return self.residual_len > 0 and t.kind.block_scaled
-
-    @property
-    def ring_capacity(self) -> int:
-        """Slots of each fp16 ring: R + ring_slack (never more than max_seq_len); 0 without a ring."""
-        return min(self.residual_len + self.ring_slack, self.max_seq_len) if self.residual_len else 0
-
-    def tensor_bytes_per_token(self, name: str) -> int:
-        """Exact bytes of one token of one tensor in one layer and row, scales and padding included."""
-        t = self._tensor(name)
-        return nbytes(t.kind, t.features, self.qblock)
-
-    @property
-    def bytes_per_token_per_layer(self) -> int:
-        """Standard: bytes(k) + bytes(v); DBA: bytes(k_sem) + bytes(k_geo) + bytes(v). The ring is not per token."""
-        return sum(self.tensor_bytes_per_token(name) for name in self.names)
-
-    @property
-    def bytes_per_token(self) -> int:
-        """Bytes one token of one row adds over all layers."""
-        return self.n_layers * self.bytes_per_token_per_layer
-
-    @property
-    def ring_nbytes_per_layer(self) -> int:
-        """The fixed fp16 ring of one layer: batch · (R + ring_slack) · features · 2 per ringed tensor."""
-        return sum(self.batch * self.ring_capacity * t.features * _RING_BYTES for t in self.tensors if self.has_ring(t))
-
-    @property
-    def nbytes(self) -> int:
-        """Exact bytes a KVCache with this spec allocates: codes, scales and rings of every layer."""
-        per_layer = self.batch * self.max_seq_len * self.bytes_per_token_per_layer + self.ring_nbytes_per_layer
-        return self.n_layers * per_layer
-
-    def _tensor(self, name: str) -> CachedTensor:
-        for t in self.tensors:
-            if t.name == name:
-                return t
-        raise CacheError(f"this cache holds {', '.join(self.names)}; it has no tensor {name!r}")
-
-
-def _check_int(what: str, value: object, lo: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise CacheError(f"{what} must be an integer >= {lo}, got {value!r}")
-
-
-def _check_layout(tensors: tuple[CachedTensor, ...]) -> None:
-    names = tuple(t.name for t in tensors)
-    if sorted(names) not in [sorted(layout) for layout in TENSOR_LAYOUTS.values()]:
-        layouts = "; ".join(f"{family}: {', '.join(layout)}" for family, layout in TENSOR_LAYOUTS.items())
-        raise CacheError(f"cached tensors {', '.join(names) or '(none)'} are not a known set ({layouts})")
-    for t in tensors:
-        _check_int(f"features of {t.name!r}", t.features, 1)
-        if not isinstance(t.kind, CacheKind):
-            raise CacheError(f"kind of {t.name!r} must be a CacheKind (use parse_kind), got {t.kind!r}")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# One tensor of one layer
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True, eq=False)
-class _Encoded:
-    """New tokens ready to be written: their codes/scales and, when ringed, their fp16 values."""
-
-    q: QTensor  # codes (B, T, stored), scales (B, T, nb)
-    exact: torch.Tensor | None  # (B, T, F) fp16: the ring's copy (its last C tokens) and the step's exact values
-
-
-class _TensorStore:
-    """The buffers of one cached tensor in one layer."""
-
-    def __init__(self, t: CachedTensor, spec: CacheSpec) -> None:
-        self.t, self.qblock, self.capacity = t, spec.qblock, spec.ring_capacity
-        b, s, dev = spec.batch, spec.max_seq_len, spec.device
-        width, blocks = code_width(t.kind, t.features, spec.qblock), n_blocks(t.kind, t.features, spec.qblock)
-        self.codes = torch.zeros(b, s, width, dtype=t.kind.code_dtype, device=dev)
-        self.scales = torch.zeros(b, s, blocks, dtype=SCALE_DTYPE, device=dev) if t.kind.block_scaled else None
-        self.ring = None
-        if spec.has_ring(t):
-            self.ring = torch.zeros(b, self.capacity, t.features, dtype=torch.float16, device=dev)
-        # the last append, for read_exact: the ring as it stood before it and the step's fp16 values
-        self.step: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(buf.numel() * buf.element_size() for buf in (self.codes, self.scales, self.ring) if buf is not None)
-
-    def encode(self, x: torch.Tensor) -> _Encoded:
-        """x (B, T, F) -> codes and fp16 values; raises (before anything is written) on values the kind refuses."""
-        q = quantize(x, self.t.kind, self.qblock)
-        if self.ring is None:
-            return _Encoded(q, None)
-        try:
-            return _Encoded(q, quantize(x, "fp16").codes)
-        except NonFiniteError as e:
-            raise NonFiniteError(f"the fp16 residual ring cannot hold these values ({e}); "
-                                 f"build the cache with residual_len=0") from None
-
-    def write(self, rows: torch.Tensor, pos: torch.Tensor, e: _Encoded) -> None:
-        """rows (B, 1), pos (B, T) absolute positions on the device."""
-        self.codes[rows, pos] = e.q.codes
-        if self.scales is not None:
-            self.scales[rows, pos] = e.q.scales
-        if self.ring is not None:
-            self.step = (self.ring.clone(), e.exact)
-            tail = min(pos.shape[1], self.capacity)
-            self.ring[rows, pos[:, -tail:] % self.capacity] = e.exact[:, -tail:]
-
-    def stored(self, n: int, lengths: torch.Tensor) -> QTensor:
-        """The first n positions as stored (codes, scales), every position at or past a row's length zeroed."""
-        valid = (torch.arange(n, device=self.codes.device) < lengths[:, None])[..., None]  # (B, n, 1)
-        codes = self.codes[:, :n].masked_fill(~valid, 0)
-        scales = None if self.scales is None else self.scales[:, :n].masked_fill(~valid, 0)
-        return QTensor(self.t.kind, codes, scales, self.t.features, self.qblock)
-
-    def ring_merge(self, x: torch.Tensor, lengths: torch.Tensor, ring_start: torch.Tensor) -> torch.Tensor:
-        """x (B, n, F) decoded values with the positions the fp16 ring holds now replaced by the ring's values."""
-        if self.ring is None:
-            return x
-        return _take(x, self.ring, ring_start, lengths, self.capacity)
-
-    def exact_merge(self, x: torch.Tensor, step: "_Step | None", lengths: torch.Tensor,
-                    ring_start: torch.Tensor) -> torch.Tensor:
-        """x (B, n, F) decoded values with every position attention may read exact this step replaced by its fp16
-        value: the ring as it stood before the last append, and the appended tokens themselves. Without a step
-        since the last rollback or reset, the ring as it stands."""
-        if self.ring is None:
-            return x
-        if step is None or self.step is None:
-            return self.ring_merge(x, lengths, ring_start)
-        pre_ring, new = self.step
-        x = _take(x, pre_ring, step.window_start, step.starts, self.capacity)
-        pos = torch.arange(x.shape[1], device=x.device)
-        rel = pos - step.starts[:, None]  # (B, n)
-        from_new = (rel >= 0) & (rel < new.shape[1])
-        idx = rel.clamp(0, new.shape[1] - 1)[..., None].expand(-1, -1, x.shape[2])
-        return torch.where(from_new[..., None], new.gather(1, idx).to(x.dtype), x)
-
-    def read(self, n: int, lengths: torch.Tensor, ring_start: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(B, n, F) in dtype, n = the longest row; ring positions exact, positions past a row's length zero."""
-        return self.ring_merge(self.decoded(n, lengths, dtype), lengths, ring_start)
-
-    def decoded(self, n: int, lengths: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(B, n, F) through the storage kind only (no ring)."""
-        return dequantize(self.stored(n, lengths), dtype)
-
-
-def _take(x: torch.Tensor, ring: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, capacity: int) -> torch.Tensor:
-    """x with positions [lo[b], hi[b]) of each row taken from the ring (position p in slot p mod capacity)."""
-    pos = torch.arange(x.shape[1], device=x.device)
-    from_ring = (pos >= lo[:, None]) & (pos < hi[:, None])  # (B, n)
-    return torch.where(from_ring[..., None], ring[:, pos % capacity].to(x.dtype), x)
-
-
-@dataclass(frozen=True, eq=False)
-class _Step:
-    """The last append of a layer: where each row started, and each row's ring_start before it."""
-
-    starts: torch.Tensor  # (B,)
-    window_start: torch.Tensor  # (B,)
+__all__ = ["TENSOR_LAYOUTS", "CacheError", "CacheOverflowError", "CacheSpec", "CacheView", "CachedTensor", "KVCache",
+           "KindSpec", "LayerCache", "Start", "resolve_kinds"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,10 +65,10 @@ class LayerCache:
 
     def __init__(self, spec: CacheSpec, index: int) -> None:
         self.spec, self.index = spec, index
-        self.stores = {t.name: _TensorStore(t, spec) for t in spec.tensors}
+        self.stores = {t.name: TensorStore(t, spec) for t in spec.tensors}
         self.lengths = [0] * spec.batch
         self.ring_start = [0] * spec.batch  # per row, the oldest position the ring still holds
-        self.step: _Step | None = None  # the last append, until a rollback or reset
+        self.step: Step | None = None  # the last append, until a rollback or reset
 
     def append(self, tensors: Mapping[str, torch.Tensor], start: Start = None) -> None:
         """Write T new tokens per row: tensors[name] is (batch, T, features), features = H_kv·d with head h in
@@ -335,11 +104,11 @@ class LayerCache:
             raise CacheError(f"layer {self.index}: tensors bring different token counts {sorted(widths)}")
         n_new = widths.pop()
         starts = self._check_starts(start, n_new)
-        self._write(starts, n_new, {t.name: _Encoded(stored[t.name], ring[t.name].to(torch.float16)
-                                                      if self.spec.has_ring(t) else None)
+        self._write(starts, n_new, {t.name: Encoded(stored[t.name], ring[t.name].to(torch.float16)
+                                                     if self.spec.has_ring(t) else None)
                                     for t in self.spec.tensors})
 
-    def _write(self, starts: list[int], n_new: int, encoded: Mapping[str, _Encoded]) -> None:
+    def _write(self, starts: list[int], n_new: int, encoded: Mapping[str, Encoded]) -> None:
         rows = torch.arange(self.spec.batch, device=self.spec.device)[:, None]  # (B, 1)
         pos = (torch.tensor(starts)[:, None] + torch.arange(n_new)).to(self.spec.device)  # (B, T)
         for name, e in encoded.items():
@@ -365,7 +134,7 @@ class LayerCache:
         dev = self.spec.device
         self.step = None
         if keep_step:
-            self.step = _Step(torch.tensor(starts, device=dev),
+            self.step = Step(torch.tensor(starts, device=dev),
                               torch.tensor([min(r, s) for r, s in zip(self.ring_start, starts)], device=dev))
         capacity = self.spec.ring_capacity
         for b, s in enumerate(starts):
@@ -415,7 +184,7 @@ class LayerCache:
         dev = self.spec.device
         return torch.tensor(self.lengths, device=dev), torch.tensor(self.ring_start, device=dev)
 
-    def _store(self, name: str) -> _TensorStore:
+    def _store(self, name: str) -> TensorStore:
         try:
             return self.stores[name]
         except KeyError:
@@ -468,7 +237,7 @@ class LayerCache:
     def nbytes(self) -> int:
         return sum(store.nbytes for store in self.stores.values())
 
-    def _encode(self, name: str, x: torch.Tensor) -> _Encoded:
+    def _encode(self, name: str, x: torch.Tensor) -> Encoded:
         try:
             return self.stores[name].encode(x)
         except NonFiniteError as e:
@@ -578,7 +347,7 @@ class KVCache:
 
     def rollback(self, n: int) -> None:
         """Drop the newest n tokens of every row in every layer."""
-        _check_int("rollback count", n, 0)
+        check_int("rollback count", n, 0)
         self._shorten(lambda length: length - n, f"roll back {n} tokens")
 
     def truncate_rows(self, lengths: Sequence[int]) -> None:
@@ -596,7 +365,7 @@ class KVCache:
 
     def truncate(self, length: int) -> None:
         """Keep the first `length` tokens of every row in every layer."""
-        _check_int("truncate length", length, 0)
+        check_int("truncate length", length, 0)
         self._shorten(lambda _: length, f"truncate to {length} tokens")
 
     def reset(self) -> None:

@@ -48,6 +48,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
+from caramba._version import __version__
+
 from caramba.errors import CarambaError
 from caramba.fsutil import atomic_write_text
 from caramba.runtime.cache_candidates import Candidate, CandidateRow
@@ -101,7 +103,6 @@ class PlanSignature:
            dtype: torch.dtype, batch: int, max_seq_len: int, options: Mapping[str, Any] | None = None, *,
            weights_sample: int | None = 1024) -> PlanSignature:
         """Digest a model config (a dict, a dataclass or anything with to_dict) and its weights for `device`."""
-        from caramba import __version__  # not at import time: caramba/__init__ imports the runtime
 
         return cls(stable_digest(config), weights_digest(weights, weights_sample), describe_device(device),
                    str(dtype).removeprefix("torch."), batch, max_seq_len, __version__, torch.__version__,
@@ -162,11 +163,12 @@ def describe_device(device: str | torch.device) -> str:
     The index is left out on purpose: two identical GPUs share a plan, two different ones do not.
     """
     device = torch.device(device)
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"cuda {torch.cuda.get_device_name(device)} sm_{major}{minor}"
     if device.type == "cpu":
         return f"cpu {platform.machine()}"
+    module = torch.get_device_module(device.type)
+    if hasattr(module, "get_device_capability"):  # GPUs with a name and a compute capability
+        major, minor = module.get_device_capability(device)
+        return f"{device.type} {module.get_device_name(device)} sm_{major}{minor}"
     return device.type
 
 

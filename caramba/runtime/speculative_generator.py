@@ -42,7 +42,7 @@ from typing import Iterator, Sequence
 import torch
 
 from caramba.errors import InputError
-from caramba.runtime.executor import Executor
+from caramba.runtime.executor import Executor, check_model
 from caramba.runtime.generate_config import GenerateConfig, SpeculativeConfig
 from caramba.runtime.generator import (GenerationStats, Generator, Prompt, pad_id, plan_feed, prompt_rows,
                                       rolled_back, with_prompt)
@@ -86,7 +86,7 @@ class SpeculativeStats(GenerationStats):
 class SpeculativeGenerator:
     """Stateful speculative generation with a target and a draft model sharing a vocabulary; see the module doc.
 
-    target, draft: caramba.CompiledModel (or an Executor, or an nn.Module that gets compiled). Both use the same
+    target, draft: caramba.CompiledModel (or an Executor). Both use the same
     GenerateConfig (cache kind included) and each gets its own KV cache. The output is distributed as the
     target's sampling (SPEC §4) and equals the target's greedy output at temperature <= 0. `adaptive` (AdaptiveK)
     keeps its k and its disabled flag across calls of one conversation, until reset().
@@ -100,8 +100,8 @@ class SpeculativeGenerator:
         self.spec = spec if spec is not None else SpeculativeConfig()
         if not isinstance(self.spec, SpeculativeConfig):
             raise TypeError(f"spec must be a SpeculativeConfig, got {type(self.spec).__name__}")
-        _check_model("target", target)
-        _check_model("draft", draft)
+        check_model("target", target)
+        check_model("draft", draft)
         # Each Generator owns one model's executor and cache (resolution of the cache kind, "auto" included, and
         # the max_seq_len checks); the conversation and the loop live here.
         self._target, self._draft = Generator(target, self.config), Generator(draft, self.config)
@@ -294,14 +294,6 @@ class SpeculativeGenerator:
                 continue
             held = _shortest_layer(cache)
             cache.truncate_rows([min(h, w) for h, w in zip(held, want)] if want is not None else [0] * len(held))
-
-
-def _check_model(role: str, model: object) -> None:
-    from caramba.compiler import CompiledModel
-
-    if not isinstance(model, (CompiledModel, Executor, torch.nn.Module)):
-        raise TypeError(f"the {role} must be a caramba.CompiledModel (caramba.compile(model)), an Executor or an "
-                        f"nn.Module, got {type(model).__name__}")
 
 
 def _shortest_layer(cache: KVCache) -> list[int]:

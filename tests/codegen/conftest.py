@@ -5,6 +5,10 @@ import os
 
 import pytest
 
+# Triton reads TRITON_INTERPRET when it is imported (its own jit helpers, tl.sum among them, are built then): set
+# the default before any test imports it, so a kernel test run alone interprets exactly as in the whole suite.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def kernel_cache_dir(tmp_path_factory):

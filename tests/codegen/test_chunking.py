@@ -87,14 +87,14 @@ def test_the_wide_path_splits_short_caches_finely_enough_to_fill_the_gpu():
 
 def test_measured_decisions_are_kept_per_device_and_reloaded(tmp_path):
     path = tmp_path / "chunking.json"
-    h100 = ChunkingPlan("cuda H100 sm_90", H100_SMS, path)
+    h100 = ChunkingPlan("cuda H100 sm_90", H100_SMS, cost_model, path)
     times = {1: 3.0, 2: 1.0, 4: 2.0}
     best = h100.tune(key(), lambda c: times.get(c.partitions, 9.0),
                      [Chunking(p, 64) for p in (1, 2, 4)])
     assert (best.partitions, best.source, best.ms) == (2, "measured", 1.0)
-    other = ChunkingPlan("cuda H200 sm_90", H100_SMS, path)
+    other = ChunkingPlan("cuda H200 sm_90", H100_SMS, cost_model, path)
     other.tune(key(batch=8), lambda c: 1.0, [Chunking(1, 32)])
-    again = ChunkingPlan("cuda H100 sm_90", H100_SMS, path)  # a new process: read from the file
+    again = ChunkingPlan("cuda H100 sm_90", H100_SMS, cost_model, path)  # a new process: read from the file
     assert again.choose(key()) == best
     assert again.choose(key(batch=8)) == cost_model(key(batch=8), H100_SMS)  # measured on the H200 only
     data = json.loads(path.read_text())
@@ -105,12 +105,12 @@ def test_measured_decisions_are_kept_per_device_and_reloaded(tmp_path):
 def test_a_corrupt_plan_is_set_aside_not_overwritten(tmp_path, caplog):
     path = tmp_path / "chunking.json"
     path.write_text("{not json")
-    plan = ChunkingPlan("cpu", 4, path)
+    plan = ChunkingPlan("cpu", 4, cost_model, path)
     assert plan.choose(key()) == cost_model(key(), 4)  # unreadable: the cost model, with a warning
     plan.tune(key(), lambda c: 1.0, [Chunking(3, 32)])
     aside = [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
     assert len(aside) == 1 and aside[0].read_text() == "{not json"
-    assert ChunkingPlan("cpu", 4, path).choose(key()).partitions == 3
+    assert ChunkingPlan("cpu", 4, cost_model, path).choose(key()).partitions == 3
 
 
 def test_choose_chunking_gives_the_cuda_decode_entry_the_plan_and_prefill_one_partition(monkeypatch, tmp_path):
@@ -121,7 +121,8 @@ def test_choose_chunking_gives_the_cuda_decode_entry_the_plan_and_prefill_one_pa
 
     import caramba
     from caramba.models import Transformer, preset
-    from caramba.runtime.executor import CacheConfig, lower
+    from caramba.compiler import lower
+    from caramba.runtime.executor import CacheConfig
 
     torch.manual_seed(0)
     cm = caramba.compile(Transformer(preset("tiny", attention="decoupled", n_layers=1)).eval(), target="cuda")
@@ -141,15 +142,12 @@ def test_the_executor_takes_the_decision_for_its_batch_unless_partitions_were_fo
     import torch
 
     from caramba.codegen.triton import kernels
-    from caramba.runtime.kv_cache import CacheSpec, KVCache
-
     monkeypatch.setenv("CARAMBA_CACHE_DIR", str(tmp_path))
-    lc = KVCache(CacheSpec.standard(1, 16, 4096, 2 * 32, "q8_0")).layers[0]
     q = [torch.zeros(16, 4, 32)]
     attrs = {"v_head_dim": 32, "kinds": ["q8_0", "q8_0"], "kv_heads": 2}
     one = cost_model(ChunkKey.of(1, 4096, (32, 32), ("q8_0",) * 2, 2, 4), 4)
     sixteen = cost_model(ChunkKey.of(16, 4096, (32, 32), ("q8_0",) * 2, 2, 4), 4)
     assert one.partitions != sixteen.partitions  # the test can tell them apart
-    assert kernels.decode_chunking(lc, q, {**attrs, "partitions": one.partitions}) == sixteen
-    forced = kernels.decode_chunking(lc, q, {**attrs, "partitions": 7})
+    assert kernels.decode_chunking(q, {**attrs, "partitions": one.partitions}, 4096) == sixteen
+    forced = kernels.decode_chunking(q, {**attrs, "partitions": 7}, 4096)
     assert forced.partitions == 7

@@ -10,11 +10,13 @@ import torch
 pytest.importorskip("onnxruntime")
 
 import caramba
+from caramba.codegen import backend as targets
 from caramba.codegen.onnx.model import build_model, check
-from caramba.codegen.onnx.runner import OnnxExecutor
 from caramba.errors import UnsupportedOpError
 from caramba.models import Transformer, preset
-from caramba.runtime.executor import CacheConfig, InterpreterExecutor, lower, vocab_size_of
+from caramba.compiler import lower
+from caramba.runtime.executor import CacheConfig, build_executor, vocab_size_of
+from caramba.runtime.kernel_executor import InterpreterExecutor
 from tests.helpers import hf_model, rel_err
 
 MODES = ("decoupled", "standard", "gqa")
@@ -464,3 +466,8 @@ def test_rope_the_op_cannot_express_keeps_the_basic_op_spelling(case, interleave
     got, want, ops = _run_and_interpret(g, "f32", 12, table_feeds=kw.get("table_input", False))
     assert "RotaryEmbedding" not in ops and "Neg" in ops
     assert rel_err(got, want) <= 1e-6
+
+
+def OnnxExecutor(program, vocab_size, **options):
+    """The onnx backend's executor for a lowered program, with its runner options (mode, ort_contrib, ...)."""
+    return build_executor(program, targets.get("onnx"), vocab_size, options)

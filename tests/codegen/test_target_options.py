@@ -46,7 +46,7 @@ def test_cuda_options_reach_the_executor(model, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     cm = caramba.compile(model, target="cuda", target_options={"gemv": False, "graph_segments": 2})
     ex = cm.executor(CacheConfig.of(cm.cache_layout, "fp16", max_seq_len=32))
-    assert ex.gemv is False and ex.graph_segments == 2
+    assert ex.kernels.gemv is False and ex.launch.graph_segments == 2
     products = [st for st in ex._decode._steps if "linear" in st.node.op]
     assert {st.node.op for st in products} >= {"linear", "swiglu_linear", "add_rms_norm_linear"}
     assert not any(st.impl.__module__.endswith("gemv") for st in products)
@@ -74,7 +74,7 @@ def test_cuda_option_pdl_holds_for_every_launch_of_the_executor(model, monkeypat
     monkeypatch.setattr(jit_helpers, "pdl", lambda device: asked.append(jit_helpers._PDL_ON.get()) or real(device))
     cm = caramba.compile(model, target="cuda", target_options={} if pdl else {"pdl": False})
     ex = cm.executor(CacheConfig.of(cm.cache_layout, "fp16", max_seq_len=32))
-    assert ex.pdl is pdl
+    assert ex.launch.pdl is pdl
     cache = ex.new_cache(1)
     ex.forward(torch.tensor([[1, 2, 3]]), torch.arange(3)[None], cache)
     ex.forward(torch.tensor([[4]]), torch.tensor([[3]]), cache)

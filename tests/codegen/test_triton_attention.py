@@ -1,4 +1,4 @@
-"""Triton attention kernels (caramba/codegen/triton/attention.py) against the reference ops and float64.
+"""Triton attention kernels (caramba/codegen/triton/attention/) against the reference ops and float64.
 
 Each case fills a real KVCache, appends the step, runs the kernel on the cache's own buffers and compares it with
 (a) the registered reference op (cached_attention / cached_decoupled_attention, as the interpreter runs it) and
@@ -18,6 +18,7 @@ Tolerances (|kernel - reference| <= atol + rtol·|reference|):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -32,6 +33,10 @@ from caramba.ir.cache_format import CacheView
 pytest.importorskip("triton", reason="the Triton kernels need triton installed (pip install triton)")
 
 from caramba.codegen.triton import attention as A  # noqa: E402
+from caramba.codegen.triton.attention import decode as A_decode, dp4a as A_dp4a  # noqa: E402
+from caramba.codegen.triton.attention import launch as A_launch, wide as A_wide  # noqa: E402
+from caramba.codegen.triton.attention.common import _Spec, _Tensor  # noqa: E402
+from caramba.codegen.triton.attention.knobs import AttentionKnobs  # noqa: E402
 from caramba.codegen.triton import source  # noqa: E402
 from caramba.ir import get_op  # noqa: E402
 from caramba.runtime.kv_cache import CacheSpec, KVCache  # noqa: E402
@@ -165,7 +170,8 @@ def poisoned(*shape: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.full(shape, math.nan, dtype=dtype, device=DEVICE)
 
 
-def run_decode(case: Case, dtype: torch.dtype = torch.float32, partitions: int = 1, block_n: int = 32) -> None:
+def run_decode(case: Case, dtype: torch.dtype = torch.float32, partitions: int = 1, block_n: int = 32,
+               knobs: AttentionKnobs | None = None) -> None:
     q = case.queries(dtype)
     k, v = case.views()
     b, h = len(case.starts), case.heads
@@ -174,7 +180,7 @@ def run_decode(case: Case, dtype: torch.dtype = torch.float32, partitions: int =
     got = A.decode_attention([x[:, :, 0] for x in q], k, v, case.rows(case.layer.lengths), scales=case.scales(),
                              kv_heads=case.kv_heads, window=case.window if case.residual_len else None,
                              residual_len=case.residual_len, partitions=partitions, out=out,
-                             workspace=workspace, block_n=block_n)
+                             workspace=workspace, block_n=block_n, knobs=knobs)
     assert got is out
     assert_matches(out[:, :, None], case, q, case.scales())
 
@@ -270,11 +276,12 @@ WIDE_KINDS = [{"k_sem": "q8_0", "k_geo": "q8_0", "v": "q8_0"}, {"k_sem": "q4_0",
               {"k_sem": "q4_0", "k_geo": "fp32", "v": "fp16"}]
 
 
-def wide_plan(case: Case, dtype: torch.dtype, block_n: int):
-    keys = tuple(A._Tensor(f"k{i}", str(case.cache.spec.kinds[n]), case.dims[n], case.qblock, False)
+def wide_plan(case: Case, dtype: torch.dtype, block_n: int, knobs: AttentionKnobs | None = None):
+    keys = tuple(_Tensor(f"k{i}", str(case.cache.spec.kinds[n]), case.dims[n], case.qblock, False)
                  for i, n in enumerate(case.key_names))
-    v = A._Tensor("v", str(case.cache.spec.kinds["v"]), case.dims["v"], case.qblock, False)
-    return A._wide_plan((*keys, v), case.heads // case.kv_heads, case.kv_heads, 4, block_n)
+    v = _Tensor("v", str(case.cache.spec.kinds["v"]), case.dims["v"], case.qblock, False)
+    return A_wide._wide_plan((*keys, v), case.heads // case.kv_heads, case.kv_heads, 4, block_n,
+                             knobs or AttentionKnobs())
 
 
 @pytest.mark.parametrize("kinds", WIDE_KINDS)
@@ -288,27 +295,29 @@ def test_decode_wide_every_kind(kinds, dtype):
     run_decode(case, dtype, partitions=3, block_n=64)
 
 
-@pytest.mark.parametrize("knobs", [{"magic": False}, {"prefetch": False}, {"magic": False, "prefetch": False},
-                                   {"heads": 2, "bytes": 512}, {"heads": 1, "bytes": 16}, {"words": False},
-                                   {"words": False, "prefetch": False, "bytes": 256},
-                                   {"idot": False, "idot8": False}, {"idot": False, "words": False}])
+@pytest.mark.parametrize("knobs", [{"wide_magic": False}, {"wide_prefetch": False},
+                                   {"wide_magic": False, "wide_prefetch": False},
+                                   {"wide_heads": 2, "wide_bytes": 512}, {"wide_heads": 1, "wide_bytes": 16},
+                                   {"wide_words": False},
+                                   {"wide_words": False, "wide_prefetch": False, "wide_bytes": 256},
+                                   {"wide_idot": False, "wide_idot8": False},
+                                   {"wide_idot": False, "wide_words": False}])
 @pytest.mark.parametrize("kinds", WIDE_KINDS[:3])
-def test_decode_wide_variants(knobs, kinds, monkeypatch):
+def test_decode_wide_variants(knobs, kinds):
     """The wide path's source and tile choices compute the same function: conversion instead of the bits, without
     the next tile's loads first, 2 or 1 heads per program, larger and smaller tiles, 4-bit codes as bytes instead
     of words; 1 and 4 partitions."""
-    monkeypatch.setattr(A, "_WIDE_KNOBS", {**A._WIDE_KNOBS, **knobs})
     case = Case(kinds, {"k_sem": 16, "k_geo": 32, "v": 64}, heads=4, kv_heads=4, prefix=[70, 3, 20], step=1)
-    assert wide_plan(case, torch.float16, 32).heads == knobs.get("heads", 4)
+    assert wide_plan(case, torch.float16, 32, AttentionKnobs(**knobs)).heads == knobs.get("wide_heads", 4)
     for partitions in (1, 4):
-        run_decode(case, torch.float16, partitions=partitions, block_n=32)
+        run_decode(case, torch.float16, partitions=partitions, block_n=32, knobs=AttentionKnobs(**knobs))
 
 
-@pytest.mark.parametrize("name", sorted(A._DP4A))
+@pytest.mark.parametrize("name", sorted(A_dp4a._DP4A))
 def test_dp4a_helpers_sum_the_products_of_the_four_bytes(name):
     """The interpreter's dp4a_<ab> (shifts and masks, what CI runs) against numpy: c + the four byte products, a's
     bytes signed (s) or not (u), b's likewise; the GPU's helper is the one PTX instruction of the same types."""
-    text = "import triton\nimport triton.language as tl\n" + A._dp4a_helpers(True) + f"""
+    text = "import triton\nimport triton.language as tl\n" + A_dp4a._dp4a_helpers(True) + f"""
 
 @triton.jit
 def probe(a, b, c, out, N: tl.constexpr):
@@ -328,8 +337,8 @@ def probe(a, b, c, out, N: tl.constexpr):
         return u - 256 * (u >= 128) if signed else u
     want = c.long() + sum(byte(a, k, name[0] == "s") * byte(b, k, name[1] == "s") for k in range(4))
     assert torch.equal(out.long(), want)
-    ta, tb = A._DP4A[name]
-    gpu = A._dp4a_helpers(False)
+    ta, tb = A_dp4a._DP4A[name]
+    gpu = A_dp4a._dp4a_helpers(False)
     assert f"def dp4a_{name}(a, b, c):\n    return tl.inline_asm_elementwise(\"dp4a.{ta}.{tb} " in gpu
 
 
@@ -368,7 +377,7 @@ def test_decode_wide_reads_unaligned_codes_as_bytes():
         assert raw.data_ptr() % 4
         shifted.append(CacheView(raw, view.scales, view.ring, view.kind, view.features, view.qblock,
                                    view.capacity))
-    assert not A._words_aligned(shifted) and A._words_aligned((*k, v))
+    assert not A_wide._words_aligned(shifted) and A_wide._words_aligned((*k, v))
     q = case.queries(torch.float16)
     out = poisoned(2, 4, 64, dtype=torch.float16)
     A.decode_attention([x[:, :, 0] for x in q], shifted[:2], shifted[2], case.rows(case.layer.lengths),
@@ -380,48 +389,50 @@ def test_register_cap_is_asked_for_wide_quantized_launches_of_enough_head_groups
     """maxnreg (4 programs an SM instead of 3 for q4_0 on an H100) goes with launches of >= 32 (row, head group)
     pairs reading q4_0 (or q8_0, knob maxnreg8, off); never for the general path, float caches, or the interpreter
     (which has no registers)."""
-    monkeypatch.setattr(A, "cuda_option", lambda name: name == "maxnreg")
-    monkeypatch.setattr(A, "_WIDE_KNOBS", {**A._WIDE_KNOBS, "maxnreg4": 128, "maxnreg8": 0})
+    monkeypatch.setattr(A_wide, "cuda_option", lambda name: name == "maxnreg")
 
-    def spec(kinds, interpret=False, wide=True):
-        ts = [A._Tensor(p, k, 64, 32, False) for p, k in zip(("k0", "k1", "v"), kinds)]
-        plan = A._wide_plan(ts, 1, 32, 4, 64) if wide else None
-        return A._Spec(tuple(ts[:2]), ts[2], (0.1, 0.1), 1, "tl.float16", 0, 0, 8, 16, 64, interpret, plan)
-    assert A._register_cap(spec(("q4_0", "q8_0", "q8_0")), 32) == {"maxnreg": 128}
-    assert A._register_cap(spec(("q4_0",) * 3), 4) == {}  # B=1: the partitions set the waves
-    assert A._register_cap(spec(("q8_0",) * 3), 64) == {}  # maxnreg8 off
-    assert A._register_cap(spec(("fp16",) * 3), 64) == {}
-    assert A._register_cap(spec(("q4_0",) * 3, interpret=True), 64) == {}
-    assert A._register_cap(spec(("q4_0",) * 3, wide=False), 64) == {}
-    monkeypatch.setattr(A, "cuda_option", lambda name: False)  # an older Triton: no option, no error
-    assert A._register_cap(spec(("q4_0",) * 3), 64) == {}
+    def spec(kinds, interpret=False, wide=True, knobs=AttentionKnobs(wide_maxnreg4=128, wide_maxnreg8=0)):
+        ts = [_Tensor(p, k, 64, 32, False) for p, k in zip(("k0", "k1", "v"), kinds)]
+        plan = A_wide._wide_plan(ts, 1, 32, 4, 64, knobs) if wide else None
+        return _Spec(tuple(ts[:2]), ts[2], (0.1, 0.1), 1, "tl.float16", 0, 0, 8, 16, 64, interpret, plan,
+                     knobs=knobs)
+    cap = A_wide._register_cap
+    assert cap(spec(("q4_0", "q8_0", "q8_0")), 32) == {"maxnreg": 128}
+    assert cap(spec(("q4_0",) * 3), 4) == {}  # B=1: the partitions set the waves
+    assert cap(spec(("q8_0",) * 3), 64) == {}  # maxnreg8 off
+    assert cap(spec(("q8_0",) * 3, knobs=AttentionKnobs(wide_maxnreg8=96)), 64) == {"maxnreg": 96}
+    assert cap(spec(("fp16",) * 3), 64) == {}
+    assert cap(spec(("q4_0",) * 3, interpret=True), 64) == {}
+    assert cap(spec(("q4_0",) * 3, wide=False), 64) == {}
+    monkeypatch.setattr(A_wide, "cuda_option", lambda name: False)  # an older Triton: no option, no error
+    assert cap(spec(("q4_0",) * 3), 64) == {}
 
 
-def test_decode_wide_float_kinds_only(monkeypatch):
+def test_decode_wide_float_kinds_only():
     """Every tensor a float kind (fp16, bf16, fp32 mixed) takes the wide path when the float knob is on (the
     default)."""
-    monkeypatch.setattr(A, "_WIDE_KNOBS", {**A._WIDE_KNOBS, "float": True})
+    knobs = AttentionKnobs(wide_float=True)
     case = Case({"k_sem": "fp16", "k_geo": "bf16", "v": "fp32"}, WIDE_DBA, heads=2, kv_heads=2, prefix=[36, 9],
                 step=1)
-    assert wide_plan(case, torch.float16, 32).heads == 2
-    run_decode(case, torch.float16, partitions=2, block_n=32)
+    assert wide_plan(case, torch.float16, 32, knobs).heads == 2
+    run_decode(case, torch.float16, partitions=2, block_n=32, knobs=knobs)
 
 
 @pytest.mark.parametrize("lazy", [0.5, 8.0])
 @pytest.mark.parametrize("partitions", [1, 3])
-def test_decode_wide_lazy_rescale_with_peaked_scores(lazy, partitions, monkeypatch):
+def test_decode_wide_lazy_rescale_with_peaked_scores(lazy, partitions):
     """Lazy rescaling (the accumulators keep their scale until a stream's max grows by more than `lazy`): queries
     8x larger make scores span tens of log2 units, so maxima jump mid-stream; 0.5 rescales often, 8 rarely."""
-    monkeypatch.setattr(A, "_WIDE_KNOBS", {**A._WIDE_KNOBS, "lazy": lazy})
+    knobs = AttentionKnobs(wide_lazy=lazy)
     case = Case({"k_sem": "q4_0", "k_geo": "q8_0", "v": "q4_0"}, WIDE_DBA, heads=4, kv_heads=4, prefix=[150, 2, 77],
                 step=1)
-    assert wide_plan(case, torch.float16, 32).lazy == lazy
+    assert wide_plan(case, torch.float16, 32, knobs).lazy == lazy
     q = [x * 8 for x in case.queries(torch.float16)]
     k, v = case.views()
     out = poisoned(3, 4, 64, dtype=torch.float16)
     ws = poisoned(3, 4, partitions, 66, dtype=torch.float32)
     A.decode_attention([x[:, :, 0] for x in q], k, v, case.rows(case.layer.lengths), scales=case.scales(),
-                       kv_heads=4, partitions=partitions, out=out, workspace=ws, block_n=32)
+                       kv_heads=4, partitions=partitions, out=out, workspace=ws, block_n=32, knobs=knobs)
     # against float64 only: the fp16 reference op rounds scores of |s| ~ 50 to 1/32 (weights off by ~2%)
     atol, rtol = TOL64[torch.float16]
     torch.testing.assert_close(out[:, :, None].double(), case.reference64(q, case.scales()), atol=atol, rtol=rtol)
@@ -436,7 +447,7 @@ def test_decode_wide_odd_heads_and_qblocks(kv_heads, qblock):
     run_decode(case, torch.float16, partitions=2, block_n=32)
 
 
-def test_decode_wide_is_not_taken_with_groups_rings_or_nf4(monkeypatch):
+def test_decode_wide_is_not_taken_with_groups_rings_or_nf4():
     gqa = Case({"k": "q8_0", "v": "q8_0"}, {"k": 32, "v": 32}, heads=4, kv_heads=2, prefix=[3], step=1)
     assert wide_plan(gqa, torch.float16, 32) is None
     nf4 = Case({"k": "nf4", "v": "q8_0"}, {"k": 32, "v": 32}, heads=2, kv_heads=2, prefix=[3], step=1)
@@ -444,13 +455,14 @@ def test_decode_wide_is_not_taken_with_groups_rings_or_nf4(monkeypatch):
     straddling = Case({"k": "q8_0", "v": "q8_0"}, {"k": 24, "v": 32}, heads=2, kv_heads=2, prefix=[3], step=1)
     assert wide_plan(straddling, torch.float16, 32) is None
     floats = Case({"k": "fp16", "v": "fp16"}, {"k": 32, "v": 32}, heads=2, kv_heads=2, prefix=[3], step=1)
-    assert wide_plan(floats, torch.float16, 32) is not None  # the float knob is on (measured: see _WIDE_KNOBS)
-    monkeypatch.setattr(A, "_WIDE_KNOBS", {**A._WIDE_KNOBS, "float": False})
-    assert wide_plan(floats, torch.float16, 32) is None
-    ringed = A._Tensor("k0", "q8_0", 32, 32, True)
-    assert A._wide_plan((ringed, ringed), 1, 2, 4, 32) is None
+    assert wide_plan(floats, torch.float16, 32) is not None  # AttentionKnobs.wide_float is on by default
+    assert wide_plan(floats, torch.float16, 32, AttentionKnobs(wide_float=False)) is None
+    assert wide_plan(floats, torch.float16, 32, AttentionKnobs(wide=False)) is None
+    ringed = _Tensor("k0", "q8_0", 32, 32, True)
+    assert A_wide._wide_plan((ringed, ringed), 1, 2, 4, 32, AttentionKnobs()) is None
     assert A.decode_heads_per_program((32, 64, 64), ("q8_0",) * 3, 32, 32) == 8
     assert A.decode_heads_per_program((32, 64, 64), ("nf4",) * 3, 32, 32) == 1
+    assert A.decode_heads_per_program((32, 64, 64), ("q8_0",) * 3, 32, 32, knobs=AttentionKnobs(wide_heads=4)) == 4
 
 
 @pytest.mark.parametrize("partitions", [1, 3, 8])
@@ -478,7 +490,7 @@ def test_decode_grid_ignores_lengths_and_reuses_buffers():
     workspace = poisoned(2, 2, 2, 18, dtype=torch.float32)
     lengths = case.rows(case.layer.lengths)
     q = randn(2, 2, 16)
-    kernels = A._kernels.cache_info().currsize
+    kernels = A_launch._kernels.cache_info().currsize
     for _ in range(2):
         A.decode_attention([q], k, v, lengths, scales=[0.25], kv_heads=1, partitions=2, out=out,
                            workspace=workspace, block_n=16)
@@ -487,59 +499,58 @@ def test_decode_grid_ignores_lengths_and_reuses_buffers():
                                    rtol=1e-5)
         case.cache.append(0, {"k": randn(2, 1, 16), "v": randn(2, 1, 16)})
         lengths.copy_(case.rows(case.layer.lengths))  # in place, as a captured graph's input
-    assert A._kernels.cache_info().currsize == kernels + 1
+    assert A_launch._kernels.cache_info().currsize == kernels + 1
 
 
 # The fused combine (P > 1): the last program of each (row, head group) to finish merges the partitions in the
 # partial kernel's launch, counted on int32 counters that every launch leaves at zero; the knob off takes the second
 # launch (decode_combine). Rows of 37, 1 and 130 keys: at 16 partitions most are empty (m = -inf, l = 0).
-def combine_source(case: Case, partitions: int, fused: bool, monkeypatch) -> str:
-    monkeypatch.setitem(A._KNOBS, "fused_combine", fused)
-    run_decode(case, partitions=partitions, block_n=16)
-    keys = tuple(A._Tensor(f"k{i}", str(case.cache.spec.kinds[n]), case.dims[n], case.qblock, False)
+def combine_source(case: Case, partitions: int, fused: bool) -> str:
+    knobs = AttentionKnobs(fused_combine=fused)
+    run_decode(case, partitions=partitions, block_n=16, knobs=knobs)
+    keys = tuple(_Tensor(f"k{i}", str(case.cache.spec.kinds[n]), case.dims[n], case.qblock, False)
                  for i, n in enumerate(case.key_names))
-    v = A._Tensor("v", str(case.cache.spec.kinds["v"]), case.dims["v"], case.qblock, False)
-    spec = A._Spec(keys, v, tuple(case.scales()), case.heads // case.kv_heads, "tl.float32", 0, 0, partitions, 16,
-                   16, True, None, fused and partitions > 1)
-    return A._decode_source(spec)[0]
+    v = _Tensor("v", str(case.cache.spec.kinds["v"]), case.dims["v"], case.qblock, False)
+    spec = _Spec(keys, v, tuple(case.scales()), case.heads // case.kv_heads, "tl.float32", 0, 0, partitions, 16,
+                 16, True, None, fused and partitions > 1, knobs)
+    return A_decode._decode_source(spec)[0]
 
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("partitions", [1, 3, 16])
 @pytest.mark.parametrize("kind", KIND_NAMES)
-def test_decode_fused_combine_every_kind(kind, partitions, fused, monkeypatch):
+def test_decode_fused_combine_every_kind(kind, partitions, fused):
     """GQA 4 on 2 kv heads, head dims 24 / 40 (not powers of two), odd ragged rows; the source has the merge (an
     atomic counter, no decode_combine) exactly when P > 1 and the knob is on."""
     case = Case({"k": kind, "v": kind}, GQA_DIMS, heads=4, kv_heads=2, prefix=[36, 0, 129], step=1)
-    text = combine_source(case, partitions, fused, monkeypatch)
+    text = combine_source(case, partitions, fused)
     assert ("atomic_add" in text) == (fused and partitions > 1)
     assert ("def decode_combine" in text) == (not fused and partitions > 1)
 
 
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("kinds", WIDE_KINDS[:3])
-def test_decode_fused_combine_wide(kinds, fused, monkeypatch):
+def test_decode_fused_combine_wide(kinds, fused):
     """The wide path (HP = 2 heads a program, 4 kv heads), 16 partitions over rows of 37, 1 and 130 keys."""
-    monkeypatch.setitem(A._KNOBS, "fused_combine", fused)
+    knobs = AttentionKnobs(fused_combine=fused, wide_heads=2)
     case = Case(kinds, {"k_sem": 16, "k_geo": 32, "v": 64}, heads=4, kv_heads=4, prefix=[36, 0, 129], step=1)
-    monkeypatch.setattr(A, "_WIDE_KNOBS", {**A._WIDE_KNOBS, "heads": 2})
-    assert wide_plan(case, torch.float16, 32).heads == 2
-    run_decode(case, torch.float16, partitions=16, block_n=32)
+    assert wide_plan(case, torch.float16, 32, knobs).heads == 2
+    run_decode(case, torch.float16, partitions=16, block_n=32, knobs=knobs)
 
 
 @pytest.mark.parametrize("kinds", [{"k": "q4_0", "v": "nf4"}, {"k": "q8_0", "v": "fp16"}])
-def test_decode_fused_combine_residual_ring(kinds, monkeypatch):
+def test_decode_fused_combine_residual_ring(kinds):
     case = Case(kinds, GQA_DIMS, heads=2, kv_heads=2, prefix=[21, 2, 30], step=1, residual_len=4, ring_slack=2,
                 shorten=[[27, 3, 30]])
-    monkeypatch.setitem(A._KNOBS, "fused_combine", True)  # off by default (measured slower on an H100)
-    run_decode(case, partitions=3)
+    # fused_combine is off by default (measured slower on an H100)
+    run_decode(case, partitions=3, knobs=AttentionKnobs(fused_combine=True))
 
 
-def test_decode_fused_combine_reuses_and_resets_its_counters(monkeypatch):
+def test_decode_fused_combine_reuses_and_resets_its_counters():
     """Launches in a row (the cache growing, as graph replays) share one counter buffer, which each leaves at zero:
     a counter left at k would make the k-th program of the next launch merge before the others had written."""
-    monkeypatch.setitem(A._KNOBS, "fused_combine", True)
-    A._COUNTERS.pop((DEVICE, 2 * 3), None)  # this test's launches make it
+    knobs = AttentionKnobs(fused_combine=True)
+    A_launch._COUNTERS.pop((DEVICE, 2 * 3), None)  # this test's launches make it
     case = Case({"k": "q4_0", "v": "q8_0"}, {"k": 24, "v": 24}, heads=3, kv_heads=3, prefix=[3, 40], step=1)
     k, v = case.views()
     out = poisoned(2, 3, 24, dtype=torch.float32)
@@ -549,8 +560,8 @@ def test_decode_fused_combine_reuses_and_resets_its_counters(monkeypatch):
     for step in range(3):
         out.fill_(math.nan)
         A.decode_attention([q], k, v, lengths, scales=[0.2], kv_heads=3, partitions=5, out=out, workspace=ws,
-                           block_n=16)
-        counters = A._COUNTERS[(DEVICE, 2 * 3)]
+                           block_n=16, knobs=knobs)
+        counters = A_launch._COUNTERS[(DEVICE, 2 * 3)]
         assert counters.tolist() == [0] * 6
         if step:
             assert counters is first
@@ -570,7 +581,7 @@ def test_decode_fused_combine_does_not_depend_on_which_program_is_last(order, mo
     partition from the workspace, its own included."""
     from triton.runtime import interpreter
 
-    monkeypatch.setitem(A._KNOBS, "fused_combine", True)
+    knobs = AttentionKnobs(fused_combine=True)
     partitions = 6
     perm = list(range(partitions))[::-1] if order == "reversed" else [2, 5, 0, 4, 1, 3]
     case = Case({"k": "q8_0", "v": "q4_0"}, GQA_DIMS, heads=4, kv_heads=2, prefix=[36, 0, 129], step=1)
@@ -584,7 +595,7 @@ def test_decode_fused_combine_does_not_depend_on_which_program_is_last(order, mo
                                 lambda x, y, z: set_idx(x, y, perm[z]))
         out = poisoned(3, 4, case.dims["v"], dtype=torch.float32)
         A.decode_attention(q, k, v, case.rows(case.layer.lengths), scales=case.scales(), kv_heads=2,
-                           partitions=partitions, out=out, block_n=16)
+                           partitions=partitions, out=out, block_n=16, knobs=knobs)
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
     assert_matches(outs[1][:, :, None], case, [x[:, :, None] for x in q], case.scales())
@@ -654,15 +665,43 @@ def test_bad_arguments_are_refused_before_launch():
         A.prefill_attention([q[:, :, None]], k, v, case.rows(case.starts), **call)
 
 
+def test_knobs_are_part_of_the_kernel_specialisation():
+    """Knobs are a frozen value passed per call: different knobs render (and cache) different kernels side by side,
+    the defaults are AttentionKnobs(), and a call with other knobs leaves the next default call unchanged."""
+    case = Case({"k": "q4_0", "v": "q4_0"}, {"k": 32, "v": 32}, heads=2, kv_heads=1, prefix=[20, 5], step=1)
+    k, v = case.views()
+    q, lengths = randn(2, 2, 32), case.rows(case.layer.lengths)
+    call = dict(scales=[0.21], kv_heads=1, partitions=2, block_n=16)
+    before = A_launch._kernels.cache_info().currsize
+    default = A.decode_attention([q], k, v, lengths, **call)
+    same = A.decode_attention([q], k, v, lengths, **call, knobs=AttentionKnobs())
+    assert A_launch._kernels.cache_info().currsize == before + 1  # None and AttentionKnobs() are one kernel
+    other = A.decode_attention([q], k, v, lengths, **call, knobs=AttentionKnobs(interleave_v=False, prefetch=False))
+    assert A_launch._kernels.cache_info().currsize == before + 2
+    torch.testing.assert_close(other, default, atol=1e-5, rtol=1e-5)
+    assert torch.equal(A.decode_attention([q], k, v, lengths, **call), same)
+    with pytest.raises(A.AttentionLaunchError, match="knobs"):
+        A.decode_attention([q], k, v, lengths, **call, knobs={"prefetch": False})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        AttentionKnobs().prefetch = False  # type: ignore[misc]
+
+
 def test_module_imports_without_triton(monkeypatch):
-    """A fresh copy of the module executes with `import triton` failing: triton is only imported at launch."""
+    """A fresh copy of the package executes with `import triton` failing: triton is only imported at launch."""
     import importlib.util
 
     monkeypatch.setitem(sys.modules, "triton", None)
-    spec = importlib.util.spec_from_file_location("attention_without_triton", A.__file__)
+    name = "attention_without_triton"
+    spec = importlib.util.spec_from_file_location(name, A.__file__,
+                                                  submodule_search_locations=[os.path.dirname(A.__file__)])
     module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    assert module.decode_attention and module.prefill_attention
+    monkeypatch.setitem(sys.modules, name, module)  # its submodules (relative imports) and dataclasses look it up
+    try:
+        spec.loader.exec_module(module)
+        assert module.decode_attention and module.prefill_attention and module.AttentionKnobs
+        assert module.decode_attention is not A.decode_attention  # a fresh copy, not the imported package
+    finally:
+        for key in [key for key in sys.modules if key.startswith(name + ".")]:
+            del sys.modules[key]
     with pytest.raises(source.TritonUnavailableError):
         source.require_triton()

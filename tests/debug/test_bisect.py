@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from caramba.codegen import backend as targets
 from caramba.debug import bisect
 from caramba.passes import Pass, pipeline_for
 from caramba.passes.rewrite import Pat, Rule, Var, apply_rules
@@ -29,7 +30,7 @@ WRONG_SCALE = _rule_pass("wrong_scale", Rule(
 
 
 def _planted(bad: Pass) -> list[Pass]:
-    passes = pipeline_for("eager")
+    passes = pipeline_for(targets.get("eager").needs)
     return passes[:2] + [bad] + passes[2:]  # between correct passes
 
 
@@ -54,7 +55,7 @@ def test_names_exactly_the_planted_pass(tiny, bad):
 def test_correct_pipeline_reports_no_drift(tiny):
     result = bisect(tiny)
     assert result.ok and result.first_bad is None and result.diff is None
-    names = [p.name for p in pipeline_for("eager")]
+    names = [p.name for p in pipeline_for(targets.get("eager").needs)]
     assert [label for label, _ in result.errors] == ["00-import"] + [f"{i:02d}-{n}" for i, n in enumerate(names, 1)]
     assert all(err <= result.tolerance for _, err in result.errors)
     assert "no pass drifts beyond tolerance" in result.report()
@@ -67,7 +68,7 @@ def test_a_pass_that_breaks_the_ir_is_named(tiny):
                                                   {"dim": 9}, graph.nodes[n].loc)
         return graph
 
-    result = bisect(tiny, pipeline=[pipeline_for("eager")[0], Pass("retype", retype)])
+    result = bisect(tiny, pipeline=[pipeline_for(targets.get("eager").needs)[0], Pass("retype", retype)])
     assert result.first_bad == "02-retype" and "VerificationError" in result.reason
     assert result.ir_before is not None and result.ir_after is None
 

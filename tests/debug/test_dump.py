@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 import caramba
+from caramba.codegen import backend as targets
 from caramba.debug.dot import ADDED, REMOVED, graphviz_dot, render_svg, to_dot
-from caramba.debug.dump import MANIFEST, DumpWriter, atomic_write
+from caramba.debug.dump import MANIFEST, DumpWriter
+from caramba.fsutil import atomic_write_text
 from caramba.ir import print_graph
 from caramba.passes import Pass, PassManager
 from caramba.passes.cse import cse
@@ -26,7 +28,7 @@ from caramba.passes import pipeline_for
 
 # The dump mechanics are tested on the cleanup passes alone (fusions disabled), so these tests do not change
 # whenever a fusion joins the pipeline; skipped passes keep their numbers and get no directory.
-PIPELINE = [p.name for p in pipeline_for("eager")]
+PIPELINE = [p.name for p in pipeline_for(targets.get("eager").needs)]
 FUSIONS = [n for n in PIPELINE if n.startswith("fuse_")]
 PASS_DIRS = [f"{i:02d}-{n}" for i, n in enumerate(PIPELINE, 1) if n not in FUSIONS]
 CSE_DIR = next(d for d in PASS_DIRS if d.endswith("-cse"))
@@ -158,10 +160,11 @@ def test_redump_removes_only_what_the_last_dump_wrote(tmp_path):
     assert json.loads((out / "summary.json").read_text())["passes"][1]["name"] == "dce"
 
 
-def test_atomic_write_replaces_whole_files_and_leaves_no_temp(tmp_path, monkeypatch):
+@pytest.mark.parametrize("durable", [True, False])  # dumps skip the fsyncs; plans and sources do not
+def test_atomic_write_replaces_whole_files_and_leaves_no_temp(tmp_path, monkeypatch, durable):
     path = tmp_path / "a" / "f.txt"
-    atomic_write(path, "one")
-    atomic_write(path, "two")
+    atomic_write_text(path, "one", durable=durable, mkdir=True)
+    atomic_write_text(path, "two", durable=durable)
     assert path.read_text() == "two"
 
     def fail(src, dst):
@@ -169,7 +172,7 @@ def test_atomic_write_replaces_whole_files_and_leaves_no_temp(tmp_path, monkeypa
 
     monkeypatch.setattr(os, "replace", fail)
     with pytest.raises(OSError):
-        atomic_write(path, "three")
+        atomic_write_text(path, "three", durable=durable)
     assert path.read_text() == "two" and os.listdir(path.parent) == ["f.txt"]
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import caramba
+from caramba.codegen import backend as targets
 from caramba.ir import DType, interpret, print_graph
 from caramba.passes import PassContext, PassManager, pipeline_for
 from caramba.passes.fold_tables import MAX_ELEMENTS, fold_tables
-from caramba.passes.pipeline import PIPELINE_TARGETS
 from tests.passes.captured import MODELS, model
 from tests.passes.ir_helpers import assert_ir, graph, run
 
@@ -282,8 +282,8 @@ def test_a_table_over_seq_and_seq_is_sliced_along_both():
 
 
 def test_runs_before_fuse_rope_in_every_pipeline():
-    for target in PIPELINE_TARGETS:
-        names = [p.name for p in pipeline_for(target)]
+    for backend in targets.backends():
+        names = [p.name for p in pipeline_for(backend.needs)]
         assert names.index("fold_tables") < names.index("fuse_rope")
 
 
@@ -308,7 +308,7 @@ def _rope_table_ops(g) -> set[str]:
 def test_captured_models_read_stored_tables_and_keep_their_logits(name, dtype):
     cm = caramba.compile(model(name), target="eager", dtype=dtype)
     ctx = PassContext(target="eager", dtype=DType.parse(dtype))
-    unfolded = PassManager(pipeline_for("eager"), verify_each=True, disable=["fold_tables"]).run(
+    unfolded = PassManager(pipeline_for(targets.get("eager").needs), verify_each=True, disable=["fold_tables"]).run(
         cm.imported_graph.copy(), ctx).graph
     counts = {r.name: r.counts for r in cm.stats.passes}
     assert counts["fold_tables"]["prefix_tables"] >= 2

@@ -12,7 +12,9 @@ from caramba.ir.parser import parse_graph
 from caramba.models import Transformer, preset
 from caramba.passes.base import PassContext
 from caramba.passes.insert_kv_cache import insert_kv_cache
-from caramba.runtime.executor import CacheConfig, InterpreterExecutor, lower, vocab_size_of
+from caramba.compiler import lower
+from caramba.runtime.executor import CacheConfig, build_executor, vocab_size_of
+from caramba.runtime.kernel_executor import InterpreterExecutor
 from caramba.ir.quant import KIND_NAMES
 from tests.helpers import hf_model
 

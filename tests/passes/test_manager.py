@@ -6,12 +6,12 @@ import io
 
 import pytest
 
+from caramba.codegen import backend as targets
 from caramba import flags
 from caramba.errors import CarambaError
 from caramba.ir import Node, Value, parse_graph
 from caramba.ir.types import DType
 from caramba.passes import Pass, PassContext, PassError, PassManager, pipeline_for
-from caramba.passes.pipeline import PIPELINE_TARGETS
 from tests.passes.ir_helpers import graph
 
 TEXT = """
@@ -155,10 +155,10 @@ def test_verify_each_defaults_on_under_pytest(monkeypatch):
 
 
 def test_pipeline_for_every_target():
-    for target in PIPELINE_TARGETS:
-        passes = pipeline_for(target)
+    for backend in targets.backends():
+        passes = pipeline_for(backend.needs)
         assert all(isinstance(p, Pass) and p.doc for p in passes)
         assert [p.name for p in passes][:3] == ["canonicalize", "fold_constants", "dce"]
         assert passes[-1].name == "dce"
-    with pytest.raises(ValueError, match="no pipeline for target 'tpu'"):
-        pipeline_for("tpu")
+    with pytest.raises(targets.TargetError, match="unknown target 'tpu'; choose one of auto, "):
+        targets.get("tpu")

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from caramba.codegen.onnx.backend import SUPPORTED_KINDS
 from caramba.codegen.onnx.emit import onnx_dtype
 from caramba.codegen.onnx.ops import Lowering
 from caramba.errors import UnsupportedOpError
@@ -52,7 +53,6 @@ from caramba.ir.quant import code_width, n_blocks, padded_features, parse_kind
 MODES = ("concat", "scatter", "shadow", "contrib")
 LAYOUTS = ("caramba", "optimum")
 ONNX_NAMES = {"k": "key", "v": "value", "k_sem": "key_sem", "k_geo": "key_geo"}
-SUPPORTED_KINDS = ("fp32", "fp16", "q8_0", "q4_0", "nf4")
 KEY_TENSORS = {"standard": ("k",), "decoupled": ("k_sem", "k_geo")}
 CAPACITY_STEP = 256  # attention buffers ("shadow", "contrib") grow by this many positions
 

@@ -1,5 +1,6 @@
-"""caramba.export_onnx / `caramba export-onnx`: a directory with model.onnx (+ model.onnx.data), genai_config.json
-and caramba.json, written completely or not at all.
+"""The ONNX export's files (caramba.export_onnx / `caramba export-onnx`, orchestrated by caramba/export.py): a
+directory with model.onnx (+ model.onnx.data), genai_config.json and caramba.json, written completely or not at
+all.
 
 The directory is built under a temporary sibling name, every file fsynced, checked (onnx.checker, full check),
 then renamed into place; an existing non-empty directory is replaced only with overwrite=True, and then the old one
@@ -21,6 +22,7 @@ from typing import Any, Callable
 import onnx
 import torch
 
+from caramba.codegen.backend import CachedProgram
 from caramba.codegen.onnx.cache import LAYOUTS, ONNX_NAMES
 from caramba.codegen.onnx.model import OnnxModel, build_model, check, resolve_opset
 from caramba.fsutil import fsync_dir
@@ -42,41 +44,25 @@ class ExportResult:
     layout: str = "optimum"
 
 
-def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, cache_kind: Any = "fp16",
-                opset: int | None = None, max_seq_len: int | None = None, dtype: Any = "fp32",
-                cache_mode: str = "concat", cache_layout: str | None = None, ort_contrib: bool = False,
-                qblock: int = 32, external_data: bool | None = None, dump_dir: str | os.PathLike | None = None,
-                overwrite: bool = False, progress: Callable[[str], None] | None = None) -> ExportResult:
-    """Compile `model` for target "onnx" and write it to the directory `out_dir`.
-
-    cache_kind: one kind (fp32, fp16, q8_0, q4_0, nf4) or one per cached tensor ({"k_sem": "q8_0", ...}).
-    cache_mode: "concat" (opset 23, past -> present), "scatter" (opset 24, preallocated buffers of max_seq_len
-    updated in place by TensorScatter) or "shadow" (scatter plus head-major attention buffers, as the runner).
-    cache_layout: "optimum" (the default with concat: fp32/fp16 caches (batch, kv_heads, T, head_dim) and an
-    attention_mask input, for generic tools) or "caramba" (every cache in caramba's (batch, T, width) layout,
-    what the runner binds; the only layout of the in-place modes). ort_contrib=True: mode "contrib", attention
-    through com.microsoft GroupQueryAttention (ONNX Runtime only; limits in caramba/codegen/onnx/cache.py).
-    external_data: None = only when the weights pass 1 GiB. progress: called with one line per phase.
-    """
-    import caramba
-    from caramba.runtime.executor import CacheConfig, lower
-
-    say = progress or (lambda line: log.info("%s", line))
-    start = time.perf_counter()
-    out = Path(out_dir)
-    _check_target(out, overwrite)
+def check_export(out_dir: str | os.PathLike, *, overwrite: bool, cache_mode: str, cache_layout: str | None,
+                 ort_contrib: bool, opset: int | None, max_seq_len: int | None) -> tuple[str, str, int]:
+    """(cache mode, cache layout, opset) of an export, with everything checked before anything is compiled."""
+    _check_target(Path(out_dir), overwrite)
     cache_mode, cache_layout = export_mode(cache_mode, cache_layout, ort_contrib)
     opset = resolve_opset(cache_mode, opset)
     if max_seq_len is not None and (isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int)
                                     or max_seq_len < 2):
         raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
-    say(f"capturing {type(model).__name__} ({dtype})")
-    cm = caramba.compile(model, target="onnx", dtype=dtype, max_seq_len=max_seq_len, dump_dir=dump_dir)
-    config = CacheConfig.of(cm.cache_layout, cache_kind, max_seq_len=max_seq_len or cm.max_positions, qblock=qblock)
-    say(f"lowering the {config.label} KV cache ({len(cm.graph.nodes)} nodes, max_seq_len {config.max_seq_len})")
-    program = lower(cm, config)
+    return cache_mode, cache_layout, opset
+
+
+def write_export(program: CachedProgram, model: torch.nn.Module, out_dir: str | os.PathLike, *, cache_mode: str,
+                 cache_layout: str, opset: int, external_data: bool | None = None,
+                 dump_dir: str | os.PathLike | None = None, say: Callable[[str], None], start: float) -> ExportResult:
+    """Build the ONNX model of a lowered program and publish the export directory (module doc)."""
+    out, config = Path(out_dir), program.config
     om = build_model(program.prefill, program.layout, config.kind_map, max_seq_len=config.max_seq_len,
-                     qblock=qblock, mode=cache_mode, opset=opset, cache_layout=cache_layout)
+                     qblock=config.qblock, mode=cache_mode, opset=opset, cache_layout=cache_layout)
     weight_bytes = sum(t.numel() * t.element_size() for t in program.prefill.weights.values())
     external = weight_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
     say(f"writing {len(om.proto.graph.node)} ONNX nodes, {weight_bytes / 2**20:.1f} MiB of weights"

@@ -21,6 +21,7 @@ from caramba.ir.graph import Graph, Node, Value
 from caramba.ir.registry import get_op
 from caramba.ir.types import DType
 from caramba.passes.kv_layout import CacheLayout
+from caramba._version import __version__
 from caramba.ir.quant import code_width, n_blocks, parse_kind
 
 DEFAULT_OPSET = {"concat": 23, "scatter": 24, "shadow": 24, "contrib": 24}
@@ -124,7 +125,6 @@ def _transposed(b: Builder, graph: Graph, v: Value) -> str:
 def metadata(layout: CacheLayout, kinds: dict[str, str], *, qblock: int, max_seq_len: int, mode: str,
              cache_layout: str = "caramba", attention: list[kv.CachePart] = ()) -> dict[str, str]:
     """What a reader of the file needs to drive the cache: tensors, names, shapes, kinds, layout (metadata_props)."""
-    from caramba import __version__
 
     tensors = []
     for n, (h, d) in layout.heads.items():

@@ -1,4 +1,5 @@
-"""target="onnx": an ONNX Runtime session behind the Executor interface, with the cache bound through IO binding.
+"""target="onnx": an ONNX Runtime session as a Runner (codegen/backend.py; the runtime puts it behind the Executor
+interface), with the cache bound through IO binding.
 
 The KVCache the generator owns stays the one source of truth (caramba's layout, so a cache moves between
 targets); ORT reads and writes its preallocated torch buffers through numpy views, never a Python copy of the
@@ -32,19 +33,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from caramba.codegen.backend import CachedProgram
 from caramba.codegen.onnx.cache import CAPACITY_STEP, KEY_TENSORS
 from caramba.codegen.onnx.model import OnnxModel, build_model
 from caramba.errors import InputError
-from caramba.runtime.executor import CachedProgram, Executor, vocab_size_of
-from caramba.runtime.kv_cache import KVCache
 
-if TYPE_CHECKING:
-    from caramba.compiler import CompiledModel
+KVCache = Any  # the runtime's KVCache, read through its public API (view, layers' lengths, note_append)
 
 log = logging.getLogger("caramba")
 RUNNER_MODES = ("auto", "concat", "scatter", "shadow", "contrib")
@@ -125,13 +124,16 @@ class _Attention:
         return self.key[0].shape[2]
 
 
-class OnnxExecutor(Executor):
+class OnnxRunner:
     """Runs a CachedProgram's prefill graph as one ONNX model (prefill and decode alike)."""
 
-    def __init__(self, program: CachedProgram, vocab_size: int, *, mode: str = "auto", ort_contrib: bool = False,
-                 threads: int | None = None, opset: int | None = None) -> None:
-        """mode: auto | concat | scatter | shadow | contrib (module doc); ort_contrib=True is mode "contrib"."""
-        super().__init__(program, vocab_size, torch.device("cpu"))
+    def __init__(self, program: CachedProgram, vocab_size: int, new_cache: Callable[[int], KVCache], *,
+                 mode: str = "auto", ort_contrib: bool = False, threads: int | None = None,
+                 opset: int | None = None) -> None:
+        """mode: auto | concat | scatter | shadow | contrib (module doc); ort_contrib=True is mode "contrib".
+        new_cache(batch): an empty cache for this program (the auto mode times a decode step on one)."""
+        self.program, self.vocab_size, self.new_cache = program, vocab_size, new_cache
+        self.layout, self.config, self.max_seq_len = program.layout, program.config, program.config.max_seq_len
         if mode not in RUNNER_MODES:
             raise ValueError(f"mode must be one of {', '.join(RUNNER_MODES)}, got {mode!r}")
         if ort_contrib and mode not in ("auto", "contrib"):
@@ -156,9 +158,9 @@ class OnnxExecutor(Executor):
         return self._models[mode]
 
     # -- the step -----------------------------------------------------------------------------------------------
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         if cache.spec.device.type != "cpu":
-            raise InputError(f"target 'onnx' runs on the CPU; this cache lives on {cache.spec.device}")
+            raise InputError(f"ONNX Runtime runs on the CPU here; this cache lives on {cache.spec.device}")
         ids = input_ids.to(torch.int64).contiguous()
         pos = positions.to(torch.int64).contiguous()
         if self.mode == "concat":
@@ -292,7 +294,7 @@ class OnnxExecutor(Executor):
                     layer.lengths = [length]
                 self._resync(cache, length + 1)  # a real decode step finds its buffers in sync: time only the step
                 start = time.perf_counter()
-                self._forward(ids, pos, cache)
+                self.run(ids, pos, cache)
                 best = min(best, time.perf_counter() - start)
             times[mode] = best
         chosen = min(times, key=times.get)
@@ -316,8 +318,3 @@ def _lengths(cache: KVCache) -> tuple:
 
 def _bucket(needed: int, max_seq_len: int) -> int:
     return min(max_seq_len, -(-needed // CAPACITY_STEP) * CAPACITY_STEP)
-
-
-def onnx_executor(program: CachedProgram, cm: "CompiledModel") -> OnnxExecutor:
-    """EXECUTORS["onnx"]: the executor a Generator gets for target="onnx" (cache mode chosen by measurement)."""
-    return OnnxExecutor(program, vocab_size_of(cm.graph), **getattr(cm, "target_options", {}))

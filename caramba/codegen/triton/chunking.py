@@ -23,60 +23,19 @@ decision holds for every length in its bucket; the decode CUDA graph is captured
 max_seq_len's bucket and each partition takes its share of the row's current length in the kernel, so no recapture
 is needed as T grows.
 
-Measured. `ChunkingPlan.tune(key, measure)` times candidate (partitions, block) pairs with a caller's function,
-keeps the fastest, and saves it. The file (JSON, default $CARAMBA_CACHE_DIR/chunking.json, else
-~/.cache/caramba/chunking.json) maps device -> key -> decision; saves are atomic (temp file + rename) and keep
-every other entry. A corrupt file is moved aside to <name>.corrupt-<timestamp>, never overwritten.
+Measured: the shared ChunkingPlan (codegen/chunking.py) keeps decisions timed on a device in its file and asks
+this cost model for the rest.
 """
 from __future__ import annotations
 
 import functools
-import json
-import logging
 import math
-import os
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Callable, Iterable
 
-from caramba.fsutil import atomic_write_text
+from caramba.codegen.chunking import (ChunkKey, Chunking, ChunkingPlan, bucket, default_path, even_split,
+                                      smooth_floor)
 
-log = logging.getLogger("caramba")
-FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class ChunkKey:
-    """What a chunking decision depends on."""
-
-    batch: int
-    length_bucket: int  # a power of two >= the longest row
-    head_dims: tuple[int, ...]  # per cached tensor: (d) for k and v, (d_sem, d_geo, d_v) for DBA
-    kinds: tuple[str, ...]
-    kv_heads: int
-    heads: int
-
-    @classmethod
-    def of(cls, batch: int, length: int, head_dims: Iterable[int], kinds: Iterable[str], kv_heads: int,
-           heads: int) -> ChunkKey:
-        return cls(batch, bucket(length), tuple(head_dims), tuple(kinds), kv_heads, heads)
-
-    def text(self) -> str:
-        return (f"B{self.batch}/T{self.length_bucket}/d{'-'.join(map(str, self.head_dims))}/"
-                f"{'-'.join(self.kinds)}/h{self.heads}x{self.kv_heads}")
-
-
-@dataclass(frozen=True)
-class Chunking:
-    partitions: int
-    block_n: int
-    source: str = "model"  # "model" | "measured"
-    ms: float | None = None
-
-
-def bucket(length: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(1, length))))
+__all__ = ["ChunkKey", "Chunking", "ChunkingPlan", "FLOAT_KINDS", "bucket", "cost_model", "device_plan",
+           "even_split", "heads_per_program", "smooth_floor"]
 
 
 def cost_model(key: ChunkKey, sm_count: int, *, waves: int = 2, min_keys: int = 256,
@@ -103,21 +62,7 @@ def cost_model(key: ChunkKey, sm_count: int, *, waves: int = 2, min_keys: int = 
     return Chunking(partitions, block_n)
 
 
-def smooth_floor(n: int) -> int:
-    """The largest 2^k or 3·2^k that is <= n (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, ...)."""
-    p = 1 << (max(1, n).bit_length() - 1)
-    return p * 3 // 2 if p >= 2 and p * 3 // 2 <= n else p
-
-
 FLOAT_KINDS = ("fp16", "bf16", "fp32")
-
-
-def even_split(tiles: int, partitions: int) -> int:
-    """The partitions that hold keys when `tiles` tiles split into `partitions` spans of whole tiles (the kernel's
-    ceil(tiles / P) a span): 64 tiles in 9 partitions fill 8 spans of 8 and leave the ninth empty, so 8. An empty
-    partition still launches its programs (queries, an empty stream, a partial row, the combine's counter) and is
-    one more row for the combine to read."""
-    return math.ceil(tiles / math.ceil(tiles / partitions))
 
 
 def heads_per_program(key: ChunkKey) -> int:
@@ -128,71 +73,6 @@ def heads_per_program(key: ChunkKey) -> int:
     except ImportError:  # torch missing: the general path's count
         return 1
     return decode_heads_per_program(key.head_dims, key.kinds, key.kv_heads, key.heads)
-
-
-class ChunkingPlan:
-    """Decisions per device, from the file when measured there, else from the cost model."""
-
-    def __init__(self, device: str, sm_count: int, path: str | os.PathLike[str] | None = None) -> None:
-        self.device, self.sm_count = device, sm_count
-        self.path = Path(path) if path is not None else default_path()
-        self._memo: dict[ChunkKey, Chunking] = {}
-
-    def choose(self, key: ChunkKey) -> Chunking:
-        found = self._memo.get(key)
-        if found is None:
-            found = self._load().get(key.text()) or cost_model(key, self.sm_count)
-            self._memo[key] = found
-        return found
-
-    def tune(self, key: ChunkKey, measure: Callable[[Chunking], float],
-             candidates: Iterable[Chunking] | None = None) -> Chunking:
-        """Time each candidate with `measure` (milliseconds), keep and save the fastest."""
-        if candidates is None:
-            base = cost_model(key, self.sm_count)
-            parts = sorted({max(1, base.partitions // 2), base.partitions, base.partitions * 2, 1})
-            candidates = [Chunking(p, b) for p in parts for b in (32, 64)]
-        timed = [(measure(c), c) for c in candidates]
-        ms, best = min(timed, key=lambda t: t[0])
-        best = Chunking(best.partitions, best.block_n, "measured", ms)
-        self._memo[key] = best
-        self._save(key, best)
-        return best
-
-    # -- the file ---------------------------------------------------------------------------------------------
-    def _load(self) -> dict[str, Chunking]:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            entries = data["devices"].get(self.device, {}) if data.get("format_version") == FORMAT_VERSION else {}
-            return {k: Chunking(int(v["partitions"]), int(v["block_n"]), str(v["source"]), v.get("ms"))
-                    for k, v in entries.items()}
-        except FileNotFoundError:
-            return {}
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            log.warning("chunking plan %s is unreadable (%s); using the cost model", self.path, e)
-            return {}
-
-    def _save(self, key: ChunkKey, choice: Chunking) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"format_version": FORMAT_VERSION, "devices": {}}
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            if data.get("format_version") != FORMAT_VERSION or not isinstance(data.get("devices"), dict):
-                raise ValueError("unknown layout")
-        except FileNotFoundError:
-            data = {"format_version": FORMAT_VERSION, "devices": {}}
-        except (ValueError, UnicodeDecodeError) as e:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
-            os.replace(self.path, aside)
-            log.warning("chunking plan %s was corrupt (%s); moved it aside to %s", self.path, e, aside)
-            data = {"format_version": FORMAT_VERSION, "devices": {}}
-        data["devices"].setdefault(self.device, {})[key.text()] = asdict(choice)
-        atomic_write_text(self.path, json.dumps(data, indent=1) + "\n")
-
-
-def default_path() -> Path:
-    root = os.environ.get("CARAMBA_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "caramba") / "chunking.json"
 
 
 def device_plan(device) -> ChunkingPlan:
@@ -213,5 +93,6 @@ def _device_plan(device: str, path: str) -> ChunkingPlan:
     device = torch.device(device)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return ChunkingPlan(f"cuda {props.name} sm_{props.major}{props.minor}", props.multi_processor_count, path)
-    return ChunkingPlan("cpu (triton interpreter)", 4, path)
+        return ChunkingPlan(f"cuda {props.name} sm_{props.major}{props.minor}", props.multi_processor_count,
+                            cost_model, path)
+    return ChunkingPlan("cpu (triton interpreter)", 4, cost_model, path)

@@ -1,22 +1,24 @@
-"""The executor's side of the Triton kernels: which node runs which launch function, with which arguments.
+"""Target "cuda"'s kernels behind the backend interface (codegen/backend.py Kernels): which launch function of
+attention.py, norms.py, rope.py, swiglu.py, gemv.py and kv_append.py runs each fused op family.
 
-Each function here takes what the interpreter hands a node (its input tensors, its attrs, the KVCache as `state`)
-and calls a launch function of attention.py, norms.py, rope.py, swiglu.py or kv_append.py. `launcher_for(node)`
-answers None for ops without a kernel: they keep their torch implementation. Linears with a few rows (decode) go
-to the GEMV kernel, larger ones to cuBLAS (gemv.linear decides per call).
+Linears with a few rows (decode) go to the GEMV kernel, larger ones to cuBLAS (gemv.linear decides per call);
+target option gemv=False keeps every product on cuBLAS. Decode attention's split-K partitions are refined per
+batch at launch from the device's chunking plan (decode_chunking).
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from caramba.ir import cache_format
-from caramba.ir.graph import Node
+from caramba.codegen.backend import Kernels
+from caramba.codegen.triton import attention
+from caramba.codegen.triton.chunking import ChunkKey, Chunking, device_plan
+from caramba.ir.cache_format import CacheView
 
 # op -> (module, launch function); each takes the op's inputs and attrs and returns its outputs
-_ELEMENTWISE = {
+_LAUNCHERS = {
     "rms_norm": ("norms", "rms_norm"),
     "rms_norm_fp32": ("norms", "rms_norm_fp32"),
     "layer_norm": ("norms", "layer_norm"),
@@ -29,88 +31,68 @@ _ELEMENTWISE = {
     "rms_norm_linear": ("gemv", "rms_norm_linear"),  # the norm folded into the GEMV: rstd scales the products
     "add_rms_norm_linear": ("gemv", "add_rms_norm_linear"),  # the same, and the residual add written once
 }
+_LINEARS = frozenset({"linear", "swiglu_linear", "rms_norm_linear", "add_rms_norm_linear"})
+CACHE_OPS = frozenset({"kv_append", "cached_attention", "cached_decoupled_attention"})
 
 
-def _module(name: str):
-    try:
-        return importlib.import_module(f"caramba.codegen.triton.{name}")
-    except ModuleNotFoundError:
-        return None
+def launcher(op: str) -> Callable:
+    module, name = _LAUNCHERS[op]
+    return getattr(importlib.import_module(f"caramba.codegen.triton.{module}"), name)
 
 
-def launcher_for(node: Node) -> Callable | None:
-    found = _ELEMENTWISE.get(node.op)
-    if found is None:
-        return None
-    mod = _module(found[0])
-    return getattr(mod, found[1], None) if mod is not None else None
+class TritonKernels(Kernels):
+    """The Triton kernels of target "cuda"; gemv=False leaves the linear family to its torch reference (cuBLAS)."""
+
+    rope_in_append = True
+
+    def __init__(self, gemv: bool = True) -> None:
+        self.gemv = gemv
+        self.ops = frozenset(op for op in _LAUNCHERS if gemv or op not in _LINEARS) | CACHE_OPS
+
+    def norm(self, op: str, *inputs: torch.Tensor, **attrs: Any) -> Any:
+        return launcher(op)(*inputs, **attrs)
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, **attrs: Any) -> torch.Tensor:
+        return launcher("rope")(x, cos, sin, **attrs)
+
+    def swiglu(self, gate: torch.Tensor, up: torch.Tensor, **attrs: Any) -> torch.Tensor:
+        return launcher("swiglu")(gate, up, **attrs)
+
+    def linear(self, op: str, *inputs: torch.Tensor, constant_weight: bool = False, **attrs: Any) -> Any:
+        # a weight no kernel writes: the GEMV may read its first tile before waiting for the previous kernel
+        return launcher(op)(*inputs, constant_weight=constant_weight, **attrs)
+
+    def kv_append(self, items: Sequence[tuple[CacheView, torch.Tensor, tuple | None]], starts: torch.Tensor,
+                  error: torch.Tensor | None) -> None:
+        from caramba.codegen.triton import kv_append
+
+        kv_append.kv_append_layer(list(items), starts, error=error)
+
+    def decode_attention(self, q: Sequence[torch.Tensor], k: Sequence[CacheView], v: CacheView,
+                         scales: Sequence[float], ready: torch.Tensor, window: torch.Tensor | None,
+                         attrs: Mapping[str, Any], max_seq_len: int) -> torch.Tensor:
+        choice = decode_chunking(q, attrs, max_seq_len)
+        return attention.decode_attention(list(q), list(k), v, ready, scales=list(scales),
+                                          kv_heads=attrs["kv_heads"], window=window,
+                                          residual_len=attrs["residual_len"], partitions=choice.partitions,
+                                          block_n=choice.block_n)
+
+    def prefill_attention(self, q: Sequence[torch.Tensor], k: Sequence[CacheView], v: CacheView,
+                          scales: Sequence[float], starts: torch.Tensor, exact: Sequence[torch.Tensor | None] | None,
+                          window: torch.Tensor | None, attrs: Mapping[str, Any]) -> torch.Tensor:
+        return attention.prefill_attention(list(q), list(k), v, starts, scales=list(scales),
+                                           kv_heads=attrs["kv_heads"], exact=exact, window=window,
+                                           residual_len=attrs["residual_len"])
 
 
-def append(store: Any, x: torch.Tensor, starts: torch.Tensor, error: torch.Tensor | None = None) -> None:
-    """Quantize x (B, T, F) into one cached tensor's buffers at per-row starts (B,) int32 on the device; what the
-    reference would refuse (NaN/inf, overflow, a bad position) sets bits in `error` (kv_append.error_flag)."""
-    mod = _module("kv_append")
-    if mod is not None and hasattr(mod, "kv_append"):
-        mod.kv_append(store, x, starts, error=error)
-        return
-    # reference path (torch ops on the device) until the kernel is there
-    rows = torch.arange(x.shape[0], device=x.device)[:, None]
-    pos = starts.long()[:, None] + torch.arange(x.shape[1], device=x.device)
-    store.write(rows, pos, store.encode(x))
-
-
-def append_layer(items: Sequence[tuple[Any, torch.Tensor, tuple | None]], starts: torch.Tensor,
-                 error: torch.Tensor | None = None) -> None:
-    """Every cached tensor of one append node in one launch: items (store, x (B, T, F), rope or None), rope =
-    (cos, sin, head_dim, rotary_dim, interleaved) when the append applies the rope op to x first."""
-    _module("kv_append").kv_append_layer(list(items), starts, error=error)
-
-
-def error_flag(device: torch.device) -> torch.Tensor:
-    return cache_format.error_flag(device)
-
-
-def raise_if_error(flag: torch.Tensor | None) -> None:
-    """Reads the flag (one device sync), clears it, and raises what LayerCache.append would have raised."""
-    if flag is not None:
-        cache_format.raise_if_error(flag)
-
-
-def error_for(bits: int) -> Exception:
-    """What raise_if_error raises for a flag holding `bits` (nonzero), read by the caller (asynchronously)."""
-    return cache_format.error_for(bits)
-
-
-def _views(lc: Any, names: Sequence[str]):
-    return [lc.view(n) for n in names]
-
-
-def decode_attention(lc: Any, terms: list[tuple[torch.Tensor, str, float]], ready: torch.Tensor,
-                     window: torch.Tensor, attrs: dict, capturing: bool) -> torch.Tensor:
-    """terms: (q (B, H, 1, d), cached tensor name, scale) per score term; returns (B, H, 1, d_v)."""
-    from caramba.codegen.triton import attention
-
-    q = [t[0][:, :, 0] for t in terms]
-    k = _views(lc, [t[1] for t in terms])
-    v, = _views(lc, ["v"])
-    choice = decode_chunking(lc, q, attrs)
-    out = attention.decode_attention(q, k, v, ready, scales=[t[2] for t in terms], kv_heads=attrs["kv_heads"],
-                                     window=window if attrs["residual_len"] else None,
-                                     residual_len=attrs["residual_len"], partitions=choice.partitions,
-                                     block_n=choice.block_n)
-    return out[:, :, None]
-
-
-def decode_chunking(lc: Any, q: Sequence[torch.Tensor], attrs: dict):
+def decode_chunking(q: Sequence[torch.Tensor], attrs: Mapping[str, Any], max_seq_len: int) -> Chunking:
     """Partitions and key block for this batch at the cache's longest length (its max_seq_len bucket: the decode
     graph is captured once and each partition takes its share of the current length): the device's measured
     decision or the cost model (chunking.py). choose_chunking wrote the batch-1 decision into the op; a
     partitions attribute that differs from it was forced (ctx.options["partitions"]) and is kept."""
-    from caramba.codegen.triton.chunking import ChunkKey, Chunking, device_plan
-
     dims = [x.shape[-1] for x in q] + [attrs["v_head_dim"]]
     plan = device_plan(q[0].device)
-    shape = dict(length=lc.spec.max_seq_len, head_dims=dims, kinds=attrs["kinds"], kv_heads=attrs["kv_heads"],
+    shape = dict(length=max_seq_len, head_dims=dims, kinds=attrs["kinds"], kv_heads=attrs["kv_heads"],
                  heads=q[0].shape[1])
     choice = plan.choose(ChunkKey.of(q[0].shape[0], **shape))
     if attrs["partitions"] != plan.choose(ChunkKey.of(1, **shape)).partitions:
@@ -118,46 +100,27 @@ def decode_chunking(lc: Any, q: Sequence[torch.Tensor], attrs: dict):
     return choice
 
 
-def prefill_attention(lc: Any, terms: list[tuple[torch.Tensor, str, float]], positions: torch.Tensor,
-                      ready: torch.Tensor, window: torch.Tensor, attrs: dict) -> torch.Tensor:
-    """terms as decode_attention with q (B, H, S, d); returns (B, H, S, d_v)."""
-    from caramba.codegen.triton import attention
-
-    names = [t[1] for t in terms] + ["v"]
-    views = _views(lc, names)
-    exact = None
-    if attrs["residual_len"]:
-        exact = [lc.read_exact(n, torch.float16) if lc.view(n).ring is not None else None for n in names]
-    starts = positions[:, 0].clone(memory_format=torch.contiguous_format)
-    return attention.prefill_attention([t[0] for t in terms], views[:-1], views[-1], starts,
-                                       scales=[t[2] for t in terms], kv_heads=attrs["kv_heads"], exact=exact,
-                                       window=window if attrs["residual_len"] else None,
-                                       residual_len=attrs["residual_len"])
-
-
 def bench_decode(lc: Any, q_s: torch.Tensor, q_g: torch.Tensor, s_s: float, s_g: float, heads: int,
-                 partitions: int | None = None) -> Callable[[], torch.Tensor]:
+                 partitions: int | None = None, knobs: attention.AttentionKnobs | None = None
+                 ) -> Callable[[], torch.Tensor]:
     """A DBA decode-attention call over layer cache `lc` (benchmarks/decode_attention.py), with the chunking
-    the cuda plan chooses for its shape unless `partitions` is given."""
-    from caramba.codegen.triton import attention
-    from caramba.codegen.triton.chunking import ChunkKey, device_plan
-
+    the cuda plan chooses for its shape unless `partitions` is given; knobs: attention.AttentionKnobs (None: the
+    defaults)."""
     b = q_s.shape[0]
     lengths = torch.tensor(lc.lengths, dtype=torch.int32, device=q_s.device)
     kv_heads = lc.spec.tensors[0].features // q_s.shape[-1]
     if partitions is None:
         key = ChunkKey.of(b, max(lc.lengths), (q_s.shape[-1], q_g.shape[-1], lc.view("v").features // kv_heads),
                           [str(k) for k in lc.spec.kinds.values()], kv_heads, heads)
-        choice = device_plan(q_s.device).choose(key)
-        partitions = choice.partitions
-    k = _views(lc, ["k_sem", "k_geo"])
-    v, = _views(lc, ["v"])
+        partitions = device_plan(q_s.device).choose(key).partitions
+    k = [lc.view("k_sem"), lc.view("k_geo")]
+    v = lc.view("v")
     q = [q_s[:, :, 0], q_g[:, :, 0]]
     out = torch.empty(b, heads, v.features // kv_heads, dtype=q_s.dtype, device=q_s.device)
     workspace = attention.decode_workspace(b, heads, partitions, v.features // kv_heads, q_s.device) \
-        if partitions > 1 and hasattr(attention, "decode_workspace") else None
+        if partitions > 1 else None
 
     def run() -> torch.Tensor:
         return attention.decode_attention(q, k, v, lengths, scales=[s_s, s_g], kv_heads=kv_heads,
-                                          partitions=partitions, out=out, workspace=workspace)
+                                          partitions=partitions, out=out, workspace=workspace, knobs=knobs)
     return run

@@ -1,0 +1,47 @@
+"""`caramba.export_onnx` / `caramba export-onnx`: compile for the ONNX backend, lower the chosen cache, write the
+directory (codegen/onnx/export.py builds and publishes the files)."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import torch
+
+from caramba.codegen.onnx.backend import NAME
+from caramba.codegen.onnx.export import ExportResult, check_export, write_export
+from caramba.compiler import compile, lower
+from caramba.passes.kv_layout import CacheConfig
+
+log = logging.getLogger("caramba")
+
+
+def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, cache_kind: Any = "fp16",
+                opset: int | None = None, max_seq_len: int | None = None, dtype: Any = "fp32",
+                cache_mode: str = "concat", cache_layout: str | None = None, ort_contrib: bool = False,
+                qblock: int = 32, external_data: bool | None = None, dump_dir: str | os.PathLike | None = None,
+                overwrite: bool = False, progress: Callable[[str], None] | None = None) -> ExportResult:
+    """Compile `model` for ONNX Runtime and write it to the directory `out_dir`: model.onnx (+ model.onnx.data),
+    genai_config.json and caramba.json, written completely or not at all.
+
+    cache_kind: one kind (fp32, fp16, q8_0, q4_0, nf4) or one per cached tensor ({"k_sem": "q8_0", ...}).
+    cache_mode: "concat" (opset 23, past -> present), "scatter" (opset 24, preallocated buffers of max_seq_len
+    updated in place by TensorScatter) or "shadow" (scatter plus head-major attention buffers, as the runner).
+    cache_layout: "optimum" (the default with concat: fp32/fp16 caches (batch, kv_heads, T, head_dim) and an
+    attention_mask input, for generic tools) or "caramba" (every cache in caramba's (batch, T, width) layout,
+    what the runner binds; the only layout of the in-place modes). ort_contrib=True: mode "contrib", attention
+    through com.microsoft GroupQueryAttention (ONNX Runtime only; limits in caramba/codegen/onnx/cache.py).
+    external_data: None = only when the weights pass 1 GiB. progress: called with one line per phase.
+    """
+    say = progress or (lambda line: log.info("%s", line))
+    start = time.perf_counter()
+    mode, layout, opset = check_export(out_dir, overwrite=overwrite, cache_mode=cache_mode, cache_layout=cache_layout,
+                                       ort_contrib=ort_contrib, opset=opset, max_seq_len=max_seq_len)
+    say(f"capturing {type(model).__name__} ({dtype})")
+    cm = compile(model, target=NAME, dtype=dtype, max_seq_len=max_seq_len, dump_dir=dump_dir)
+    config = CacheConfig.of(cm.cache_layout, cache_kind, max_seq_len=max_seq_len or cm.max_positions, qblock=qblock)
+    say(f"lowering the {config.label} KV cache ({len(cm.graph.nodes)} nodes, max_seq_len {config.max_seq_len})")
+    program = lower(cm, config)
+    return write_export(program, model, out_dir, cache_mode=mode, cache_layout=layout, opset=opset,
+                        external_data=external_data, dump_dir=dump_dir, say=say, start=start)
