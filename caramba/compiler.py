@@ -66,7 +66,7 @@ class CompiledModel:
         self.debug_options = debug_options or DebugOptions()
         self._interpreter = Interpreter(graph) if self.backend.reference else None
         self._cached: dict = {}
-        self._caches: dict = {}  # (executor, batch) -> a KVCache reused by __call__
+        self._caches: dict = {}  # id(executor) -> the KVCache __call__ prefills (reset each call)
         # compile(..., target_options=): the executor's settings, checked by the backend
         self.target_options: dict[str, Any] = self.backend.check_options(target_options)
 
@@ -79,9 +79,9 @@ class CompiledModel:
             return self._interpreter.run(input_ids)[0]
         batch, seq = input_ids.shape
         ex = self.executor(self._stateless_config(seq))
-        cache = self._caches.get((id(ex), batch))
-        if cache is None:
-            cache = self._caches[(id(ex), batch)] = ex.new_cache(batch)
+        cache = self._caches.get(id(ex))
+        if cache is None or cache.spec.batch != batch:  # one cache per executor, reused while the batch holds
+            cache = self._caches[id(ex)] = ex.new_cache(batch)
         cache.reset()
         positions = torch.arange(seq, dtype=torch.int64).expand(batch, seq)
         logits = ex.forward(input_ids, positions, cache)

@@ -32,7 +32,7 @@ import torch
 
 from caramba.errors import CarambaError
 from caramba.ir.cache_format import CacheView
-from caramba.ir.graph import Graph, Node
+from caramba.ir.graph import Graph
 from caramba.passes.base import TargetNeeds
 from caramba.passes.kv_layout import CacheConfig, CacheLayout
 from caramba.passes.manager import PassRecord

@@ -55,6 +55,9 @@ class Chunking:
     ms: float | None = None
 
 
+CostModel = Callable[[ChunkKey, int], Chunking]  # (key, SM count) -> decision
+
+
 def bucket(length: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, length))))
 

@@ -178,3 +178,18 @@ def test_sampling_with_a_seed_gives_eagers_tokens(models):
     config = GenerateConfig(temperature=0.8, top_k=20, seed=3, cache_kind="fp32", max_seq_len=MAX, max_new_tokens=6)
     prompts = [[1, 2, 3], [4, 5]]
     assert torch.equal(Generator(cuda, config).generate(prompts), Generator(eager, config).generate(prompts))
+
+
+def test_a_compiled_model_call_runs_the_triton_kernels_and_equals_eager(models):
+    """cm(ids) on target cuda prefills the ids through the Triton kernels (an fp32 cache for an fp32 model), not
+    the reference interpreter; the logits equal eager's. Bad ids get the interpreter's InputError."""
+    cuda, eager = models
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    want = eager(ids)
+    got = cuda(ids).cpu()
+    ex = next(iter(cuda._cached.values()))
+    assert type(ex.kernels).__name__ == "TritonKernels" and ex.stats["eager_steps"] >= 1
+    assert ex.config.kind_map == {n: "fp32" for n in cuda.cache_layout.names}
+    assert (got - want).abs().max() <= 2e-4 * want.abs().max()
+    with pytest.raises(caramba.InputError, match="must have dtype torch.int64"):
+        cuda(ids.float())

@@ -97,6 +97,25 @@ def test_fp16_compute_matches_the_interpreter(mode):
     run_both(ref, ex, 2e-2)
 
 
+@pytest.mark.parametrize("attention", MODES)
+def test_a_compiled_model_call_runs_onnx_runtime_and_equals_eager(attention):
+    """cm(ids) on target onnx runs the ids through an ONNX Runtime session (an fp32 cache for an fp32 model), not
+    the reference interpreter; the logits equal eager's, for two lengths sharing one lowered program."""
+    cm = compiled(attention)
+    eager = caramba.compile(_tiny_model(attention), target="eager")  # the same weights as compiled()
+    for seq in (5, 11):
+        ids = torch.randint(0, 256, (2, seq), generator=torch.Generator().manual_seed(seq))
+        want, got = eager(ids), cm(ids)
+        assert rel_err(got, want) < 1e-5
+    runners = [ex.runner for ex in cm._cached.values() if hasattr(ex, "runner")]
+    assert runners and all(type(r).__name__ == "OnnxRunner" and r.session is not None for r in runners)
+
+
+def _tiny_model(attention: str):
+    torch.manual_seed(0)
+    return Transformer(preset("tiny", attention=attention)).eval()
+
+
 def test_every_built_model_passes_the_full_checker():
     cm = compiled("decoupled")
     program = lower(cm, CacheConfig.of(cm.cache_layout, {"k_sem": "q8_0", "k_geo": "q4_0", "v": "fp16"},

@@ -35,7 +35,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from caramba.codegen.backend import CachedProgram

@@ -7,6 +7,7 @@ batch at launch from the device's chunking plan (decode_chunking).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any, Callable, Mapping, Sequence
 
@@ -35,7 +36,9 @@ _LINEARS = frozenset({"linear", "swiglu_linear", "rms_norm_linear", "add_rms_nor
 CACHE_OPS = frozenset({"kv_append", "cached_attention", "cached_decoupled_attention"})
 
 
+@functools.cache
 def launcher(op: str) -> Callable:
+    """The launch function of `op` (its module imported on first use)."""
     module, name = _LAUNCHERS[op]
     return getattr(importlib.import_module(f"caramba.codegen.triton.{module}"), name)
 

@@ -107,7 +107,8 @@ $CODES
         ring_row = (ring_ptr + b * srb + (pos % $RING_C).to(tl.int64) * srs)[:, None]
         tl.store(ring_row + f, h, mask=live & in_ring[:, None] & (f < $F))
     if $CHECK:
-        err = tl.where(nonfinite, 1, 0) | tl.where(out_of_range, 2, 0) | tl.max(tl.where(ok | ~live_row, 0, 4))
+        err = (tl.where(nonfinite, $ERR_NONFINITE, 0) | tl.where(out_of_range, $ERR_RANGE, 0)
+               | tl.max(tl.where(ok | ~live_row, 0, $ERR_POSITION)))
         tl.atomic_or(err_ptr, err, mask=err != 0)
 '''
 
@@ -159,10 +160,15 @@ $LOAD
     tl.store(codes_ptr + (b * scb + pos.to(tl.int64) * scs)[:, None] + f, y, mask=live & ok[:, None])
     if $CHECK:
         yf = $Y_F32
-        err = (tl.max(tl.where(live & ~$FINITE_X, 1, 0)) | tl.max(tl.where(live & $FINITE_X & ~$FINITE_Y, 2, 0))
-               | tl.max(tl.where(ok | ~live_tok, 0, 4)))
+        err = (tl.max(tl.where(live & ~$FINITE_X, $ERR_NONFINITE, 0))
+               | tl.max(tl.where(live & $FINITE_X & ~$FINITE_Y, $ERR_RANGE, 0))
+               | tl.max(tl.where(ok | ~live_tok, 0, $ERR_POSITION)))
         tl.atomic_or(err_ptr, err, mask=err != 0)
 '''
+
+
+# the bits of the shared append error protocol (ir/cache_format.py), baked into every part
+_ERRORS = dict(ERR_NONFINITE=ERR_NONFINITE, ERR_RANGE=ERR_RANGE, ERR_POSITION=ERR_POSITION)
 
 
 @dataclass(frozen=True)
@@ -237,14 +243,15 @@ def _part_source(part: _Part, sfx: int) -> str:
         return source.render(
             _FLOAT_PART, SFX=sfx, KIND=kind.name, F=f, X_DTYPE=part.x_dtype, ROPE=rope, CHECK=part.check,
             NFB=math.ceil(f / part.block), LOAD=_load(part, "live"), CAST=from_f32("x", kind.code_dtype),
-            Y_F32=to_f32("y", kind.code_dtype), FINITE_X=_finite("x"), FINITE_Y=_finite("yf"))
+            Y_F32=to_f32("y", kind.code_dtype), FINITE_X=_finite("x"), FINITE_Y=_finite("yf"), **_ERRORS)
     subs = dict(QBLOCK=part.qblock, HALF=part.qblock // 2, F=f, NB=n_blocks(kind, f, part.qblock))
     return source.render(
         _QUANT_PART, SFX=sfx, KIND=kind.name, X_DTYPE=part.x_dtype, RING_C=part.ring_c or "no", ROPE=rope,
         LOAD=_load(part, f"live & (f < {f})"), FINITE_X=_finite("x"), FINITE_D=_finite("d"),
         FINITE_H=_finite("h.to(tl.float32)"), HAS_RING=part.ring_c > 0, CHECK=part.check,
         SCALE=source.render(_SCALE[kind.name], **subs),
-        CODES=source.render(_CODES[kind.name], RINT_V=_rint("v"), MID7=repr(NF4_MIDPOINTS[7]), **subs), **subs)
+        CODES=source.render(_CODES[kind.name], RINT_V=_rint("v"), MID7=repr(NF4_MIDPOINTS[7]), **subs), **subs,
+        **_ERRORS)
 
 
 # each part's arguments after the shared ones, in its signature's order (before pid and the tile constants)

@@ -113,8 +113,8 @@ def _prefetch(spec: _Spec, with_exact: bool) -> tuple[str, str, str]:
     blocked = [t for t in spec.tensors if _blocked(t)]
     if with_exact or not blocked or not spec.knobs.prefetch:
         return "", "", ""
-    pre = f"    ahead = $LO + tl.arange(0, $BLOCK_N)\n"
-    top = f"        ahead = keys + $BLOCK_N\n"
+    pre = "    ahead = $LO + tl.arange(0, $BLOCK_N)\n"
+    top = "        ahead = keys + $BLOCK_N\n"
     end = ""
     for t in blocked:
         for j in range(t.dim // t.qblock):
