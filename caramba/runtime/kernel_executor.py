@@ -105,7 +105,8 @@ class KernelExecutor(Executor):
         starts = positions[:, 0].tolist()
         n_new = positions.shape[1]
         past = max(cache.lengths(0))
-        deferred = self.check_values == "deferred" and n_new == 1
+        flagged = self._error is not None and self.check_values != "off"  # without an append kernel: nothing
+        deferred = flagged and self.check_values == "deferred" and n_new == 1
         if not deferred:
             self.check()  # the steps before this one answer first: this one reports its own errors at once
         if n_new == 1 and self.launch.graphs:
@@ -119,7 +120,7 @@ class KernelExecutor(Executor):
             self._pending.append(self._slots.send(self._error, cache, starts))
             while len(self._pending) > 1:  # the step before this one: done, or nearly, while the device runs this
                 self._resolve_oldest()
-        elif self.check_values != "off" and self._error is not None:
+        elif flagged:
             try:
                 cache_format.raise_if_error(self._error)
             except Exception:
