@@ -2,7 +2,8 @@
 
 An explicit keyword wins over the environment variable, which wins over the default. Nothing else in caramba
 reads `CARAMBA_*` variables; add a flag here (and to the README's table, which a test checks) to add one.
-CARAMBA_CACHE_DIR (where generated sources and measured plans go) is read here too, by cache_dir().
+CARAMBA_CACHE_DIR (where generated sources and measured plans go) and CARAMBA_METAL_EMULATE (Metal kernels on the
+CPU emulator) are read here too, by cache_dir() and metal_emulate().
 """
 from __future__ import annotations
 
@@ -92,6 +93,17 @@ def cache_dir() -> Path:
     else ~/.cache/caramba. The one place that reads the variable."""
     root = os.environ.get("CARAMBA_CACHE_DIR")
     return Path(root) if root else Path.home() / ".cache" / "caramba"
+
+
+def metal_emulate() -> bool:
+    """Whether target "metal" runs its kernels on the CPU emulator (caramba/codegen/metal/emulator.py) instead of an
+    Apple GPU, so a Linux machine runs the same MSL: $CARAMBA_METAL_EMULATE, a boolean (1/0, true/false, yes/no,
+    on/off), default off. The one place that reads the variable."""
+    text = os.environ.get("CARAMBA_METAL_EMULATE", "")
+    try:
+        return parse_bool(text)
+    except ValueError as e:
+        raise ValueError(f"CARAMBA_METAL_EMULATE={text!r}: {e}") from None
 
 
 def under_pytest() -> bool:
