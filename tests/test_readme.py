@@ -24,3 +24,8 @@ def test_the_readme_python_snippets_run_as_pasted(tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "out" / "model.onnx").exists() and (tmp_path / "dump" / "summary.txt").exists()
+
+
+def test_the_readme_points_only_at_what_users_have():
+    """The README is for the package's users: no links into the developers' ../shared/ folder."""
+    assert "../shared" not in README.read_text()

@@ -71,9 +71,11 @@ def test_swiglu_equals_its_reference(order, dtype):
     assert_close(E.swiglu(gate, up), get_op("swiglu").impl(gate, up), dtype)
 
 
-def test_other_dtypes_are_refused_with_a_clear_error():
+def test_what_the_kernels_do_not_take_is_refused_with_a_clear_error():
     with pytest.raises(TypeError, match="float32 or float16"):
         E.swiglu(randn(2, 4).double(), randn(2, 4).double())
+    with pytest.raises(TypeError, match="last dim only"):
+        E.norm("layer_norm", randn(2, 3, 4), normalized_shape=[3, 4], eps=1e-5)
 
 
 def test_every_rendered_specialisation_passes_the_msl_lint():

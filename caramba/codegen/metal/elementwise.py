@@ -146,6 +146,8 @@ def norm(op: str, *inputs: torch.Tensor, eps: float, dtype: DType | None = None,
          normalized_shape: Any = None) -> Any:
     """One fused norm over the last dim, as the op's reference (ops_fused / ops_core.layer_norm) computes it."""
     add, layer = op.startswith("add_"), op.endswith("layer_norm")
+    if layer and normalized_shape is not None and len(normalized_shape) != 1:
+        raise TypeError(f"metal {op} normalizes over the last dim only, got normalized_shape {normalized_shape}")
     a = inputs[0].contiguous()
     b = inputs[1].contiguous() if add else None
     rest = list(inputs[2 if add else 1:])
