@@ -87,7 +87,7 @@ def translate(source: str, kernels: dict[str, Kernel]) -> str:
 
 # ---- build and load ----------------------------------------------------------------------------------------------
 
-def _compiler() -> tuple[str, ...]:
+def compiler() -> tuple[str, ...]:
     return tuple(shlex.split(os.environ.get("CXX") or "g++"))
 
 
@@ -123,7 +123,7 @@ def _build(cxx: tuple[str, ...], cpp: Path, so: Path) -> None:
 def shared_object(cpp_text: str, name: str) -> Path:
     """The shared object built from `cpp_text`, from the disk cache when built before: its name hashes the text,
     the shim, the compiler and the flags, so a change to any of them builds anew."""
-    cxx = _compiler()
+    cxx = compiler()
     salt = "\n".join([_compiler_version(cxx), *cxx, *CXX_FLAGS, _shim_text(), cpp_text])
     so = cache_dir() / f"{name}_{hashlib.sha256(salt.encode()).hexdigest()[:16]}.so"
     if not so.exists():
