@@ -95,6 +95,14 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "caramba"
 
 
+def metal_build_dir() -> Path:
+    """Where the Metal emulator keeps the shared objects it builds (content-addressed, so a kernel whose text did
+    not change is never rebuilt): $CARAMBA_METAL_BUILD_DIR, else cache_dir() / "metal". The one place that reads
+    the variable."""
+    root = os.environ.get("CARAMBA_METAL_BUILD_DIR")
+    return Path(root) if root else cache_dir() / "metal"
+
+
 def metal_emulate() -> bool:
     """Whether target "metal" runs its kernels on the CPU emulator (caramba/codegen/metal/emulator.py) instead of an
     Apple GPU, so a Linux machine runs the same MSL: $CARAMBA_METAL_EMULATE, a boolean (1/0, true/false, yes/no,

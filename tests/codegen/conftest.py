@@ -1,7 +1,10 @@
-"""Shared by the codegen tests: rendered Triton kernels go to a temporary cache dir, not the user's."""
+"""Shared by the codegen tests: rendered kernels go to a temporary cache dir, not the user's; the Metal emulator's
+built objects (content-addressed, written atomically) persist across runs in ~/.cache/caramba-tests/metal (unless
+CARAMBA_METAL_BUILD_DIR says where), so a run rebuilds only the kernels whose text changed."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +17,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 def kernel_cache_dir(tmp_path_factory):
     old = os.environ.get("CARAMBA_CACHE_DIR")
     os.environ["CARAMBA_CACHE_DIR"] = str(tmp_path_factory.mktemp("kernels"))
+    os.environ.setdefault("CARAMBA_METAL_BUILD_DIR", str(Path.home() / ".cache" / "caramba-tests" / "metal"))
     yield
     if old is None:
         os.environ.pop("CARAMBA_CACHE_DIR")

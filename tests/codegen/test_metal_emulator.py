@@ -271,7 +271,8 @@ kernel void fill(device float* out [[buffer(0)]], constant float& value [[buffer
 """
 
 
-def test_the_disk_cache_builds_each_library_once(monkeypatch):
+def test_the_disk_cache_builds_each_library_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("CARAMBA_METAL_BUILD_DIR", str(tmp_path / "built"))
     builds = []
     build = emulator._build
     monkeypatch.setattr(emulator, "_build", lambda *a: builds.append(a) or build(*a))
@@ -279,7 +280,7 @@ def test_the_disk_cache_builds_each_library_once(monkeypatch):
     emulator.compile_library(FILL + "// a source of its own\n").fill(out, 2.0)  # threads: out.numel()
     assert len(builds) == 1 and torch.equal(out, torch.full((1000,), 2.0))
     so = builds[0][2]
-    assert so.parent == flags.cache_dir() / "metal" and so.with_suffix(".cpp").exists()
+    assert so.parent == tmp_path / "built" and so.with_suffix(".cpp").exists()
     mtime = so.stat().st_mtime_ns
     monkeypatch.setattr(emulator, "_LOADED", {})  # a fresh process: the file is there, nothing is loaded
     emulator.compile_library(FILL + "// a source of its own\n").fill(out, 3.0)

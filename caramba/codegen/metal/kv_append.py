@@ -55,6 +55,9 @@ using namespace metal;
 
 // finiteness on the bits: fast math may fold isfinite to true
 inline bool finite_bits(float v) { return (as_type<uint>(v) & 0x7f800000u) != 0x7f800000u; }
+// whether finite v rounds to a finite half (round to nearest even: from 65520 on it would be inf), tested on the
+// float so that it does not depend on how a conversion saturates
+inline bool fits_half(float v) { return fabs(v) < 65520.0f; }
 '''
 
 # dims: B, T, S, then the element strides x (b, t), codes (b, p), scales (b, p), ring (b, slot)
@@ -90,7 +93,7 @@ $RING_STORE
 $SCALE
     const half d16 = half(d32);
     const float d = float(d16);
-    if (all_finite && !finite_bits(d)) bits |= $ERR_RANGE;
+    if (all_finite && !fits_half(d32)) bits |= $ERR_RANGE;
     if (ok) {
         scales[b * dims[7] + p * dims[8] + f0 / $QBLOCK] = d16;
         device $CODE_T* cr = codes + b * dims[5] + p * dims[6];
@@ -160,7 +163,7 @@ $SIGNATURE)
     if (ok) codes[b * dims[5] + p * dims[6] + f] = y;
     int bits = ok ? 0 : $ERR_POSITION;
     if (!finite_bits(v)) bits |= $ERR_NONFINITE;
-    else if (!finite_bits(float(y))) bits |= $ERR_RANGE;
+    else if ($OVERFLOWS) bits |= $ERR_RANGE;
 $REPORT
 }
 '''
@@ -216,14 +219,14 @@ def kernel_source(spec: Spec) -> tuple[str, str]:
                   REPORT=_REPORT if spec.check else "", **_ERRORS,
                   SIGNATURE=_signature(params, ["uint i [[thread_position_in_grid]]"]))
     if not kind.block_scaled:
-        return render(_FLOAT, **common), spec.name
+        return render(_FLOAT, **common, OVERFLOWS="!fits_half(v)" if kind.code_bits == 16 else "false"), spec.name
     ring_row = ring_store = ""
     if spec.ring_c:  # only the last min(T, C) tokens: the earlier ones would be overwritten within the step
         ring_row = (f"    const bool in_ring = ok && t >= dims[1] - {spec.ring_c};\n"
                     f"    device half* rr = ring + b * dims[9] + (in_ring ? p % {spec.ring_c} : 0) * dims[10];")
         ring_store = ("        if (f < $F) {\n"
                       "            const half h = half(v);\n"
-                      "            if (finite_bits(v) && !finite_bits(float(h))) bits |= $ERR_RANGE;\n"
+                      "            if (finite_bits(v) && !fits_half(v)) bits |= $ERR_RANGE;\n"
                       "            if (in_ring) rr[f] = h;\n"
                       "        }")
     subs = dict(common, QBLOCK=spec.qblock, NB=n_blocks(kind, spec.f, spec.qblock))
