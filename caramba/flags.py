@@ -2,8 +2,9 @@
 
 An explicit keyword wins over the environment variable, which wins over the default. Nothing else in caramba
 reads `CARAMBA_*` variables; add a flag here (and to the README's table, which a test checks) to add one.
-CARAMBA_CACHE_DIR (where generated sources and measured plans go) and CARAMBA_METAL_EMULATE (Metal kernels on the
-CPU emulator) are read here too, by cache_dir() and metal_emulate().
+CARAMBA_CACHE_DIR (where generated sources and measured plans go), CARAMBA_METAL_EMULATE (Metal kernels on the
+CPU emulator) and CARAMBA_TORCH_LOGS (torch's own logs during a capture) are read here too, by cache_dir(),
+metal_emulate() and torch_logs().
 """
 from __future__ import annotations
 
@@ -95,12 +96,12 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "caramba"
 
 
-def metal_build_dir() -> Path:
+def metal_build_dir() -> Path | None:
     """Where the Metal emulator keeps the shared objects it builds (content-addressed, so a kernel whose text did
-    not change is never rebuilt): $CARAMBA_METAL_BUILD_DIR, else cache_dir() / "metal". The one place that reads
-    the variable."""
+    not change is never rebuilt): $CARAMBA_METAL_BUILD_DIR, or None for the emulator's default (under
+    cache_dir()). The one place that reads the variable."""
     root = os.environ.get("CARAMBA_METAL_BUILD_DIR")
-    return Path(root) if root else cache_dir() / "metal"
+    return Path(root) if root else None
 
 
 def metal_emulate() -> bool:
@@ -112,6 +113,18 @@ def metal_emulate() -> bool:
         return parse_bool(text)
     except ValueError as e:
         raise ValueError(f"CARAMBA_METAL_EMULATE={text!r}: {e}") from None
+
+
+def torch_logs() -> bool:
+    """Whether torch's own log lines may reach stderr during a capture: $CARAMBA_TORCH_LOGS, a boolean, default
+    off (a failing torch.export logs hundreds of lines of guards and graph before caramba's CaptureError says what
+    is wrong). Setting torch's own TORCH_LOGS or TORCH_TRACE also asks for them. The one place that reads it."""
+    text = os.environ.get("CARAMBA_TORCH_LOGS", "")
+    try:
+        asked = parse_bool(text)
+    except ValueError as e:
+        raise ValueError(f"CARAMBA_TORCH_LOGS={text!r}: {e}") from None
+    return asked or bool(os.environ.get("TORCH_LOGS") or os.environ.get("TORCH_TRACE"))
 
 
 def under_pytest() -> bool:

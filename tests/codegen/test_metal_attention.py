@@ -213,3 +213,32 @@ def test_every_attention_specialisation_passes_the_msl_lint():
     sources.append(A.combine_source(40, 3, "half")[0])
     for source in sources:
         assert lint(source) == [], source.splitlines()[3]
+
+
+def test_a_pipeline_allowing_fewer_threads_gets_fewer_simdgroups(monkeypatch):
+    """On a Mac a register-heavy kernel's pipeline may allow fewer threads a threadgroup than asked: the launcher
+    re-renders with fewer simdgroups (the result is the same), and dispatch refuses an oversized group clearly."""
+    from caramba.codegen.metal import shaders
+
+    heads, kv_heads, dims, keys, v, scales, g = tensors("mqa", ["q8_0"], 1, 20, 8)
+    q = [torch.randn(1, heads, d, generator=g) for d in dims]
+    ready = torch.tensor([20], dtype=torch.int32)
+    want = A.decode_attention(q, [keys[0].view], v.view, ready, scales=scales, kv_heads=kv_heads, simdgroups=8)
+    launched = []
+    dispatch = A.dispatch
+    monkeypatch.setattr(A, "max_threads", lambda lib, name: 64 if "_sg8_" in name or "_sg4_" in name else 1024)
+    monkeypatch.setattr(A, "dispatch", lambda lib, name, *a, **kw: launched.append(kw["group_size"]) or
+                        dispatch(lib, name, *a, **kw))
+    got = A.decode_attention(q, [keys[0].view], v.view, ready, scales=scales, kv_heads=kv_heads, simdgroups=8)
+    assert launched == [64] and (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+    class Pipeline:
+        max_threads_per_threadgroup = 128
+
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("must not launch")
+
+    class Lib:
+        k = Pipeline()
+    with pytest.raises(shaders.ThreadgroupTooLarge, match="256 threads, but its compiled pipeline allows 128"):
+        shaders.dispatch(Lib(), "k", threads=256, group_size=256, device=torch.device("mps"))

@@ -22,13 +22,14 @@ baked into the text: one kernel per specialisation.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
 
 from caramba.codegen.metal.attention_msl import SENTINEL, _Spec, _Tensor, combine_source, source
 from caramba.codegen.metal.elementwise import msl_type
-from caramba.codegen.metal.shaders import dispatch, library
+from caramba.codegen.metal.shaders import dispatch, library, max_threads
 from caramba.errors import CarambaError
 from caramba.ir.cache_format import CacheView
 from caramba.ir.quant import SCALE_DTYPE, code_width, n_blocks, parse_kind
@@ -160,6 +161,16 @@ def _check_simdgroups(simdgroups: int, dv: int, group: int) -> int:
     return simdgroups
 
 
+def _fitted(spec: _Spec, device: torch.device) -> tuple[_Spec, object]:
+    """The spec's compiled library, with fewer simdgroups while its pipeline allows fewer threads a threadgroup than
+    it asks for (a kernel holding many heads' state in registers)."""
+    while True:
+        lib = library(source(spec), spec.name, device)
+        if spec.simdgroups == 1 or 32 * spec.simdgroups <= max_threads(lib, spec.name):
+            return spec, lib
+        spec = replace(spec, simdgroups=spec.simdgroups // 2)
+
+
 def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: CacheView, ready: torch.Tensor, *,
                      scales: Sequence[float], kv_heads: int, window: torch.Tensor | None = None,
                      residual_len: int = 0, partitions: int = 1, simdgroups: int = 4) -> torch.Tensor:
@@ -182,8 +193,7 @@ def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cache
     spec = _Spec("decode", keys, vt, tuple(float(s) for s in scales), heads, kv_heads, msl_type(q[0].dtype),
                  "int" if ready.dtype == torch.int32 else "long", partitions, simdgroups, residual_len, capacity)
     rows = [view.ring for view in views]
-    text = source(spec)
-    lib = library(text, spec.name, device)
+    spec, lib = _fitted(spec, device)
     out = torch.empty(batch, heads, vt.dim, dtype=q[0].dtype, device=device)
     target = out if partitions == 1 else torch.empty(batch, heads, partitions, vt.dim + 2, dtype=torch.float32,
                                                     device=device)
@@ -192,7 +202,7 @@ def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cache
         args.append(window.to(torch.int32).contiguous())
     args += [target, _strides(views, rows), 1]
     groups = batch * kv_heads * partitions
-    tg = 32 * simdgroups
+    tg = 32 * spec.simdgroups
     dispatch(lib, spec.name, *args, threads=groups * tg, group_size=tg, device=device)
     if partitions > 1:
         text, name = combine_source(vt.dim, partitions, spec.q_t)
@@ -234,13 +244,12 @@ def prefill_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cach
         _check_rows("window (each row's ring start before the step)", window, batch, device)
     spec = _Spec("prefill", keys, vt, tuple(float(s) for s in scales), heads, kv_heads, msl_type(q[0].dtype),
                  "int" if starts.dtype == torch.int32 else "long", 1, simdgroups, residual_len, 0)
-    text = source(spec)
+    spec, lib = _fitted(spec, device)
     out = torch.empty(batch, heads, n_q, vt.dim, dtype=q[0].dtype, device=device)
     args = [*q, *_buffers(views, tensors, rows), starts.contiguous()]
     if spec.ringed:
         args.append(window.to(torch.int32).contiguous())
     args += [out, _strides(views, rows), n_q]
-    tg = 32 * simdgroups
-    dispatch(library(text, spec.name, device), spec.name, *args, threads=batch * kv_heads * n_q * tg, group_size=tg,
-             device=device)
+    tg = 32 * spec.simdgroups
+    dispatch(lib, spec.name, *args, threads=batch * kv_heads * n_q * tg, group_size=tg, device=device)
     return out

@@ -12,8 +12,9 @@ reduction). The decision's block_n is NSG (keys a threadgroup reads per step). L
 so one decision holds for every length in a bucket, and each partition takes its share of the row's current length
 in the kernel.
 
-GPU family: the core count of the chip (`sysctl machdep.cpu.brand_string`, e.g. "Apple M2 Max" -> 38 cores, the
-largest configuration of each chip); an unknown chip counts 10 cores; the emulator 4.
+GPU family: the GPU's core count (torch.backends.mps.get_core_count()), else the chip's family from `sysctl
+machdep.cpu.brand_string` ("Apple M2 Max" -> 38 cores, the largest configuration of each chip); an unknown chip
+counts 10 cores; the emulator 4.
 """
 from __future__ import annotations
 
@@ -58,6 +59,16 @@ def chip_name() -> str:
         return ""
 
 
+def core_count() -> int | None:
+    """The GPU's own core count where torch can read it (binned chips have fewer than their family's largest)."""
+    import torch
+
+    try:
+        return int(torch.backends.mps.get_core_count())
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def gpu_cores(chip: str) -> int:
     """The GPU cores of `chip` ("Apple M3 Pro" -> 18): the longest family name it holds, else DEFAULT_CORES."""
     name = chip.removeprefix("Apple ").strip()
@@ -77,5 +88,5 @@ def device_plan(device) -> ChunkingPlan:
 def _device_plan(device_type: str, path: str) -> ChunkingPlan:
     if device_type == "mps":
         chip = chip_name() or "Apple GPU"
-        return ChunkingPlan(f"mps {chip}", gpu_cores(chip), cost_model, path)
+        return ChunkingPlan(f"mps {chip}", core_count() or gpu_cores(chip), cost_model, path)
     return ChunkingPlan("cpu (metal emulator)", EMULATOR_CORES, cost_model, path)

@@ -4,7 +4,7 @@ torch.mps.compile_shader's calling convention, so Linux CI runs the very text a 
 `compile_library(source)` reads every kernel's signature (msl.py), refuses what Apple's compiler would refuse,
 translates the source into a C++ translation unit (each threadgroup declaration becomes a slot of the
 threadgroup's arena; one `extern "C"` trampoline per kernel binds buffers by index and builtins by attribute),
-builds it once into a shared object under `flags.metal_build_dir()` and loads it once per process.
+builds it once into a shared object under `cache_dir()` and loads it once per process.
 `library.name(*args, threads=, group_size=, lane_order=)` launches as compile_shader dispatches: dispatchThreads
 over `threads`, edge threadgroups partial. How the shim runs a threadgroup, and why: the comment at its top.
 """
@@ -50,7 +50,7 @@ class MetalRunError(CarambaError, RuntimeError):
 
 
 def cache_dir() -> Path:
-    return flags.metal_build_dir()
+    return flags.metal_build_dir() or flags.cache_dir() / "metal"
 
 
 # ---- translation -------------------------------------------------------------------------------------------------

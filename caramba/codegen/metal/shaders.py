@@ -54,7 +54,23 @@ def lane_order(order: int):
         _LANE_ORDER.reset(token)
 
 
+def max_threads(lib: Any, kernel: str) -> int:
+    """The most threads a threadgroup of `kernel` may have: the compiled pipeline's maxTotalThreadsPerThreadgroup
+    on a Mac (it drops below 1024 when a kernel needs many registers), 1024 in the emulator."""
+    return int(getattr(getattr(lib, kernel), "max_threads_per_threadgroup", 1024))
+
+
+class ThreadgroupTooLarge(RuntimeError):
+    """A launch asked for more threads a threadgroup than the compiled pipeline allows."""
+
+
 def dispatch(lib: Any, kernel: str, *args: Any, threads: Any, group_size: Any, device: torch.device) -> None:
-    """Launch `kernel` of `lib` (compile_shader's convention; the emulator also takes the lane order)."""
+    """Launch `kernel` of `lib` (compile_shader's convention; the emulator also takes the lane order). A
+    threadgroup larger than the pipeline allows is refused here, with the numbers, instead of by Metal."""
     extra = {"lane_order": _LANE_ORDER.get()} if emulated(device) else {}
+    group = group_size if isinstance(group_size, int) else int(torch.tensor(group_size).prod())
+    limit = max_threads(lib, kernel)
+    if group > limit:
+        raise ThreadgroupTooLarge(f"metal kernel {kernel}: a threadgroup of {group} threads, but its compiled "
+                                  f"pipeline allows {limit} (maxTotalThreadsPerThreadgroup)")
     getattr(lib, kernel)(*args, threads=threads, group_size=group_size, **extra)
