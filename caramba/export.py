@@ -23,7 +23,10 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, cache_kin
                 qblock: int = 32, external_data: bool | None = None, dump_dir: str | os.PathLike | None = None,
                 overwrite: bool = False, progress: Callable[[str], None] | None = None) -> ExportResult:
     """Compile `model` for ONNX Runtime and write it to the directory `out_dir`: model.onnx (+ model.onnx.data),
-    genai_config.json and caramba.json, written completely or not at all.
+    genai_config.json (where onnxruntime-genai can run it: a standard/GQA model with an fp32/fp16 cache in the
+    optimum layout; otherwise `progress` gets one line saying why not) and caramba.json, written completely or not
+    at all, also when the process is killed or another export writes the same directory at once
+    (codegen/onnx/export.py).
 
     cache_kind: one kind (fp32, fp16, q8_0, q4_0, nf4) or one per cached tensor ({"k_sem": "q8_0", ...}).
     cache_mode: "concat" (opset 23, past -> present), "scatter" (opset 24, preallocated buffers of max_seq_len
@@ -44,4 +47,5 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, cache_kin
     say(f"lowering the {config.label} KV cache ({len(cm.graph.nodes)} nodes, max_seq_len {config.max_seq_len})")
     program = lower(cm, config)
     return write_export(program, model, out_dir, cache_mode=mode, cache_layout=layout, opset=opset,
-                        external_data=external_data, dump_dir=dump_dir, say=say, start=start)
+                        external_data=external_data, dump_dir=dump_dir, say=say, start=start,
+                        overwrite=overwrite)

@@ -1,17 +1,24 @@
 """The ONNX export's files (caramba.export_onnx / `caramba export-onnx`, orchestrated by caramba/export.py): a
-directory with model.onnx (+ model.onnx.data), genai_config.json and caramba.json, written completely or not at
-all.
+directory with model.onnx (+ model.onnx.data), genai_config.json (where onnxruntime-genai can run the model:
+genai.py) and caramba.json, written completely or not at all.
 
-The directory is built under a temporary sibling name, every file fsynced, checked (onnx.checker, full check),
-then renamed into place; an existing non-empty directory is replaced only with overwrite=True, and then the old one
-is moved aside first and removed only after the new one is in place.
+The directory is built under a temporary sibling name `.<name>.<pid>.<hex>.tmp`, flock-ed by its writer, every
+file fsynced, checked (onnx.checker, full check), then renamed into place. An existing non-empty directory is
+replaced only with overwrite=True, by an atomic swap (renameat2 RENAME_EXCHANGE / renamex_np RENAME_SWAP: readers
+see the old export or the new one, never none) after which the old one is removed; where the file system cannot
+swap, the old one is moved aside (`.<name>.<pid>.<hex>.old`) first. Each export first removes the temp
+directories of writers that died (killed mid-write: nobody holds the lock and the pid is gone) and puts back a
+dead writer's moved-aside export when the directory itself is missing. Concurrent exports to one directory all
+succeed: with overwrite the last one's files stay; without it, a directory that another export filled meanwhile
+is accepted when it holds the same files byte for byte (else FileExistsError).
 """
 from __future__ import annotations
 
+import errno
+import filecmp
 import json
 import logging
 import os
-import secrets
 import shutil
 import sys
 import time
@@ -24,8 +31,10 @@ import torch
 
 from caramba.codegen.backend import CachedProgram
 from caramba.codegen.onnx.cache import LAYOUTS, ONNX_NAMES
+from caramba.codegen.onnx.genai import genai_config, genai_unsupported
 from caramba.codegen.onnx.model import OnnxModel, build_model, check, resolve_opset
-from caramba.fsutil import fsync_dir
+from caramba.fsutil import (atomic_copy_file, dead_temp_siblings, exchange_paths, fsync_dir, locked_temp_dir,
+                            temp_sibling)
 
 log = logging.getLogger("caramba")
 MODEL_FILE, DATA_FILE, GENAI_FILE, META_FILE = "model.onnx", "model.onnx.data", "genai_config.json", "caramba.json"
@@ -58,7 +67,8 @@ def check_export(out_dir: str | os.PathLike, *, overwrite: bool, cache_mode: str
 
 def write_export(program: CachedProgram, model: torch.nn.Module, out_dir: str | os.PathLike, *, cache_mode: str,
                  cache_layout: str, opset: int, external_data: bool | None = None,
-                 dump_dir: str | os.PathLike | None = None, say: Callable[[str], None], start: float) -> ExportResult:
+                 dump_dir: str | os.PathLike | None = None, say: Callable[[str], None], start: float,
+                 overwrite: bool = False) -> ExportResult:
     """Build the ONNX model of a lowered program and publish the export directory (module doc)."""
     out, config = Path(out_dir), program.config
     om = build_model(program.prefill, program.layout, config.kind_map, max_seq_len=config.max_seq_len,
@@ -67,18 +77,20 @@ def write_export(program: CachedProgram, model: torch.nn.Module, out_dir: str | 
     external = weight_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
     say(f"writing {len(om.proto.graph.node)} ONNX nodes, {weight_bytes / 2**20:.1f} MiB of weights"
         f"{' as external data' if external else ''}")
-    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    tmp.mkdir(parents=True)
-    try:
-        files = _write(tmp, om, model, program, config, external)
+    swept = sweep_dead_writers(out)
+    if swept:
+        say(f"cleaned up after {len(swept)} killed export{'s' if len(swept) > 1 else ''}: "
+            f"{', '.join(p.name for p in swept)}")
+    no_genai = genai_unsupported(om, model, program)
+    if no_genai is not None:
+        say(f"no {GENAI_FILE}: {no_genai}; examples/onnx_generate.py (onnxruntime + numpy) runs it")
+    with locked_temp_dir(out) as tmp:
+        files = _write(tmp, om, model, program, config, external, None if no_genai else genai_config)
         say("checking the model (onnx.checker, full check)")
         check(onnx.load(str(tmp / MODEL_FILE), load_external_data=False) if not external else str(tmp / MODEL_FILE))
         if dump_dir is not None:
-            shutil.copyfile(tmp / MODEL_FILE, Path(dump_dir) / MODEL_FILE)
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            atomic_copy_file(tmp / MODEL_FILE, Path(dump_dir) / MODEL_FILE)
+        _publish(tmp, out, overwrite)
     size = sum((out / f).stat().st_size for f in files)
     seconds = time.perf_counter() - start
     say(f"wrote {out} ({', '.join(files)}; {size / 2**20:.1f} MiB) in {seconds:.1f}s")
@@ -117,7 +129,7 @@ def _check_target(out: Path, overwrite: bool) -> None:
         raise FileNotFoundError(f"the parent directory of {out} does not exist")
 
 
-def _write(tmp: Path, om: OnnxModel, model, program, config, external: bool) -> list[str]:
+def _write(tmp: Path, om: OnnxModel, model, program, config, external: bool, genai) -> list[str]:
     files = [MODEL_FILE]
     if external:
         onnx.save_model(om.proto, str(tmp / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -125,12 +137,15 @@ def _write(tmp: Path, om: OnnxModel, model, program, config, external: bool) -> 
         files.append(DATA_FILE)
     else:
         onnx.save_model(om.proto, str(tmp / MODEL_FILE))
-    (tmp / GENAI_FILE).write_text(json.dumps(genai_config(om, model, program, config), indent=2) + "\n")
+    if genai is not None:
+        (tmp / GENAI_FILE).write_text(json.dumps(genai(om, model, program, MODEL_FILE), indent=2) + "\n")
+        files.append(GENAI_FILE)
     meta = {"format": "caramba-onnx/1", "model": MODEL_FILE, "opset": om.opset, "ir_version": 10,
             **{k.removeprefix("caramba."): _maybe_json(v) for k, v in om.metadata.items()},
+            "cache_names": {n: f"past_key_values.%d.{ONNX_NAMES[n]}" for n in program.layout.names},
             "inputs": [i.name for i in om.proto.graph.input], "outputs": [o.name for o in om.proto.graph.output]}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    files += [GENAI_FILE, META_FILE]
+    files.append(META_FILE)
     for f in files:
         with open(tmp / f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -145,60 +160,68 @@ def _maybe_json(v: str) -> Any:
         return v
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; an existing out is moved aside first and removed once the new one is in place."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.old"
-        os.replace(out, old)
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Put the directory tmp at out (module doc). A rename succeeds where out is missing or empty; a non-empty out
+    is swapped with tmp (overwrite), or kept when it holds tmp's files (an export that finished meanwhile)."""
+    aside: list[Path] = []
     try:
-        os.replace(tmp, out)
+        _place(tmp, out, overwrite, aside)
     except BaseException:
-        if old is not None:
-            os.replace(old, out)
+        if aside and not out.exists():
+            os.rename(aside.pop(), out)  # the export this call moved aside goes back
         raise
     fsync_dir(out.parent)
-    if old is not None:
+    for old in aside:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def genai_config(om: OnnxModel, model: torch.nn.Module, program, config) -> dict[str, Any]:
-    """onnxruntime-genai's genai_config.json fields, plus a `caramba` block describing the cache.
+def _place(tmp: Path, out: Path, overwrite: bool, aside: list[Path]) -> None:
+    for _ in range(100):  # each turn follows another writer's move; a hundred means something else is wrong
+        try:
+            os.rename(tmp, out)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        if not overwrite:
+            if _same_files(tmp, out):
+                return  # locked_temp_dir removes ours
+            raise FileExistsError(f"{out} was filled by another writer while this export ran, with other files; "
+                                  f"choose another directory or pass overwrite=True (--force)")
+        try:
+            if exchange_paths(tmp, out):
+                return  # tmp now holds the old export: locked_temp_dir removes it
+        except FileNotFoundError:
+            continue  # out went away meanwhile: rename again
+        old = temp_sibling(out, ".old")
+        try:
+            os.rename(out, old)
+        except FileNotFoundError:
+            continue
+        aside.append(old)
+    raise RuntimeError(f"could not rename {tmp.name} to {out}: other writers kept replacing it")
 
-    With the "optimum" layout the float caches are (batch, kv_heads, position, head_dim) and the model takes
-    attention_mask, as genai expects; quantized kinds keep caramba's codes + scales tensors (named in
-    caramba.cache.tensors), which genai cannot bind. With the "caramba" layout every cache is (batch, position,
-    kv_heads·head_dim). DBA caches three tensors (key_sem, key_geo, value): `past_key_names` names key_sem, and
-    `caramba.cache_names` lists all of them."""
-    layout = program.layout
-    attn = next(n for n in program.prefill.nodes if n.op in ("cached_attention", "cached_decoupled_attention"))
-    heads = attn.inputs[0].type.shape[1]
-    hidden = next(n for n in program.prefill.nodes if n.op == "embedding" and n.inputs[1].name == "input_ids")
-    model_config = getattr(model, "config", None)
-    kv_name = "key" if layout.family == "standard" else "key_sem"
-    head_size = layout.heads["k" if layout.family == "standard" else "v"][1]
-    ids = {k: getattr(model_config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    inputs = {"input_ids": "input_ids", "position_ids": "position_ids"}
-    if om.layout == "optimum":
-        inputs["attention_mask"] = "attention_mask"
-    return {
-        "model": {
-            "type": "caramba-dba" if layout.family == "decoupled" else "caramba",
-            "vocab_size": om.vocab_size, "context_length": config.max_seq_len, **ids,
-            "decoder": {
-                "filename": MODEL_FILE, "head_size": head_size, "hidden_size": hidden.outputs[0].type.shape[-1],
-                "num_attention_heads": heads, "num_hidden_layers": layout.n_layers,
-                "num_key_value_heads": next(iter(layout.heads.values()))[0],
-                "inputs": {**inputs, "past_key_names": f"past_key_values.%d.{kv_name}",
-                           "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": f"present.%d.{kv_name}",
-                            "present_value_names": "present.%d.value"},
-            },
-        },
-        "search": {"max_length": config.max_seq_len, "do_sample": False, "num_beams": 1},
-        "caramba": {"cache": json.loads(om.metadata["caramba.cache"]),
-                    "cache_names": {n: f"past_key_values.%d.{ONNX_NAMES[n]}" for n in layout.names}},
-    }
+
+def _same_files(a: Path, b: Path) -> bool:
+    names = sorted(p.name for p in a.iterdir())
+    return names == sorted(p.name for p in b.iterdir()) and all(
+        filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+
+
+def sweep_dead_writers(out: Path) -> list[Path]:
+    """Remove the temp directories that killed exports of `out` left behind (module doc); where out is missing,
+    a dead writer's moved-aside export goes back to it first. Returns what was removed or put back."""
+    done = []
+    for old in dead_temp_siblings(out, ".old"):
+        try:
+            os.rename(old, out)  # only where out is missing or empty
+        except OSError:
+            shutil.rmtree(old, ignore_errors=True)
+        done.append(old)
+    for tmp in dead_temp_siblings(out, ".tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        done.append(tmp)
+    return done
 
 
 def stderr_progress(line: str) -> None:
