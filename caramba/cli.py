@@ -2,13 +2,54 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 from caramba.errors import CarambaError
+
+MIN_SEQ = 5  # caramba.frontend.capture.EXAMPLE_SEQ: the capture traces a 5-token example
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (`caramba generate: error: ...`) with the exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class Status:
+    """A transient status line on stderr (a spinner, what caramba is doing, the phase's elapsed time) while stderr
+    is a terminal; nothing otherwise, so logs and pipes stay clean. Call it with a line as each phase starts."""
+
+    def __init__(self, stream=None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self._live = self._task = None
+
+    def __enter__(self) -> "Status":
+        if self.stream.isatty():
+            from rich.console import Console
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._live = Progress(SpinnerColumn(), TextColumn("[caramba] {task.description}", markup=False),
+                                  TimeElapsedColumn(), console=Console(file=self.stream), transient=True,
+                                  redirect_stdout=False)
+            self._live.start()
+            self._task = self._live.add_task("", total=None)
+        return self
+
+    def __call__(self, line: str) -> None:
+        if self._live is not None:
+            self._live.reset(self._task, description=line)
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
 
 
 def _add_model_args(p: argparse.ArgumentParser, seed_help: str = "seed for a preset's random weights") -> None:
@@ -16,6 +57,11 @@ def _add_model_args(p: argparse.ArgumentParser, seed_help: str = "seed for a pre
                    "checkpoint directory or a Hugging Face model directory (config.json + safetensors)")
     p.add_argument("--attention", choices=["standard", "gqa", "decoupled"], help="attention mode (presets only)")
     p.add_argument("--seed", type=int, default=0, help=seed_help)
+
+
+def _add_extrapolation_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-extrapolation", action="store_true", help="accept a --max-seq-len past the positions "
+                   "the model declares (its config's max_seq_len / max_position_embeddings); text degrades there")
 
 
 def _add_debug_args(p: argparse.ArgumentParser) -> None:
@@ -35,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     from caramba.codegen import backend as targets
     from caramba.flags import describe
 
-    ap = argparse.ArgumentParser(prog="caramba", description="A compiler for transformer inference.")
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = _Parser(prog="caramba", description="A compiler for transformer inference.")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     c = sub.add_parser("compile", help="capture a model, run the pipeline and report what was built",
                        epilog=describe(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(c)
@@ -44,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: the model's)")
     c.add_argument("--print-ir", action="store_true", help="print the final IR to stdout")
     c.add_argument("--max-seq-len", type=int, default=None, help="largest sequence length the graph accepts")
+    _add_extrapolation_arg(c)
     _add_debug_args(c)
     c.set_defaults(func=cmd_compile)
     b = sub.add_parser("bisect", help="name the first pass whose output drifts from eager PyTorch (exit 1 if one does)")
@@ -56,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, default=2, help="batch size of the example input")
     b.add_argument("--seq", type=int, default=7, help="sequence length of the example input")
     b.add_argument("--max-seq-len", type=int, default=None, help="largest sequence length the graph accepts")
+    _add_extrapolation_arg(b)
     b.add_argument("--dump-dir", default=None, help="also write a pass dump of the run here")
     b.set_defaults(func=cmd_bisect)
     _add_generate_parser(sub)
@@ -125,11 +173,14 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     if args.opset == 23 and mode != "concat":
         raise ValueError(f"--cache-mode {mode} needs TensorScatter, which is opset 24: use --opset 24")
     out = Path(args.output)
+    check_output_path(args.output, "-o")
+    check_output_path(args.dump_dir, "--dump-dir")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise ValueError(f"{out} exists and is not an empty directory; choose another -o or pass --force")
     overrides = {"attention": args.attention} if args.attention else {}
     stderr_progress(f"loading {args.model}")
     model = load_model(args.model, seed=args.seed, **overrides)
+    check_positions(args, model)
     result = export_onnx(model, out, cache_kind=cache_kind, opset=args.opset, max_seq_len=args.max_seq_len,
                          dtype=args.dtype, cache_mode=mode, cache_layout=layout, external_data=args.external_data,
                          dump_dir=args.dump_dir, overwrite=args.force, progress=stderr_progress)
@@ -168,6 +219,7 @@ def _add_generate_parser(sub) -> None:
                    "picks within it, a named kind that does not fit is an error")
     g.add_argument("--plan-file", default=None, help="where --cache-kind auto keeps its measured choice")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
+    _add_extrapolation_arg(g)
     g.set_defaults(func=cmd_generate)
 
 
@@ -175,12 +227,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
     import caramba
     from caramba.models.sources import load_model
 
+    check_output_path(args.dump_dir, "--dump-dir")
     overrides = {"attention": args.attention} if args.attention else {}
-    model = load_model(args.model, seed=args.seed, **overrides)
-    start = time.perf_counter()
-    cm = caramba.compile(model, target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                         dump_dir=args.dump_dir, print_after=args.print_after, disable_passes=args.disable_passes,
-                         pass_limit=args.pass_limit, check_numerics=args.check_numerics, verify_each=args.verify_each)
+    with Status() as status:
+        status(f"loading {args.model}")
+        model = load_model(args.model, seed=args.seed, **overrides)
+        check_positions(args, model)
+        start = time.perf_counter()
+        cm = caramba.compile(model, target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                             dump_dir=args.dump_dir, print_after=args.print_after, disable_passes=args.disable_passes,
+                             pass_limit=args.pass_limit, check_numerics=args.check_numerics,
+                             verify_each=args.verify_each, allow_extrapolation=args.allow_extrapolation,
+                             progress=status)
     print(f"compiled {args.model} for {cm.target} ({cm.dtype}) in {time.perf_counter() - start:.2f}s: "
           f"{len(cm.graph.nodes)} nodes, {len(cm.graph.params)} weights "
           f"({len(cm.imported_graph.nodes)} nodes imported, passes {cm.stats.pass_seconds * 1e3:.1f} ms)")
@@ -198,12 +256,59 @@ def cmd_bisect(args: argparse.Namespace) -> int:
 
     if args.batch < 1 or args.seq < 1:
         raise ValueError("--batch and --seq must be at least 1")
+    if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        raise ValueError(f"--tolerance {args.tolerance:g}: expected a relative error >= 0, e.g. 1e-4 (default: by "
+                         f"dtype)")
+    check_output_path(args.dump_dir, "--dump-dir")
     overrides = {"attention": args.attention} if args.attention else {}
-    model = load_model(args.model, seed=args.seed, **overrides)
-    result = bisect(model, target=args.target, tolerance=args.tolerance, dtype=args.dtype,
-                    input_shape=(args.batch, args.seq), max_seq_len=args.max_seq_len, dump_dir=args.dump_dir)
+    with Status() as status:
+        status(f"loading {args.model}")
+        model = load_model(args.model, seed=args.seed, **overrides)
+        check_positions(args, model)
+        status("running the pipeline with the interpreter after every pass")
+        result = bisect(model, target=args.target, tolerance=args.tolerance, dtype=args.dtype,
+                        input_shape=(args.batch, args.seq), max_seq_len=args.max_seq_len, dump_dir=args.dump_dir)
     print(result.report(), end="")
     return 0 if result.ok else 1
+
+
+_INTERNAL_NAME = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.(tmp|old)")
+
+
+def check_output_path(path: str | None, flag: str, *, is_file: bool = False) -> None:
+    """An output argument, checked before any work: a directory (or, with is_file, a file) whose every existing
+    ancestor is a directory, and not one of the hidden temporary names caramba writes through and deletes."""
+    if path is None:
+        return
+    p = Path(path)
+    if _INTERNAL_NAME.fullmatch(p.name):
+        raise ValueError(f"{flag} {path}: a name of caramba's own temporary files (.NAME.PID.HEX.tmp / .old, "
+                         f"written through, then renamed or deleted); choose another name")
+    if is_file and p.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; name a file, e.g. {p / 'caramba_plan.json'}")
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir() and not (is_file and q == p):
+                why = "is a file; name a directory" if q == p else f"lies under {q}, which is a file; choose a path " \
+                    "whose parents are directories"
+                raise ValueError(f"{flag} {path} {why}")
+            return
+
+
+def check_positions(args: argparse.Namespace, model) -> None:
+    """--max-seq-len past the positions the model declares needs --allow-extrapolation (export-onnx has none)."""
+    from caramba.compiler import model_positions
+
+    declared = model_positions(model)
+    if args.max_seq_len is None or declared is None or args.max_seq_len <= declared[0] or \
+            getattr(args, "allow_extrapolation", False):
+        return
+    positions, where = declared  # export-onnx has no --allow-extrapolation: export_onnx() takes no such option
+    fix = ("or pass --allow-extrapolation to compile past them anyway (text degrades past the length a model was "
+           "trained on, and the cache grows with --max-seq-len)" if hasattr(args, "allow_extrapolation") else
+           f"{args.command} does not extrapolate")
+    raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the {positions} positions {args.model} declares "
+                     f"({where}); use --max-seq-len {positions} or less, {fix}")
 
 
 def parse_cache_kind(text: str) -> str | dict[str, str]:
@@ -237,6 +342,34 @@ def stats_line(stats, fp16_bytes: int | None = None) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from caramba.runtime.generate_config import GenerateConfig
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    # Everything that can be checked without the model is checked first: a typo costs no compile.
+    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+                "top_p": args.top_p, "seed": args.seed, "cache_kind": parse_cache_kind(args.cache_kind),
+                "cache_budget_mb": args.cache_budget_mb, "cache_plan_path": args.plan_file}
+    auto = GenerateConfig(**settings, max_seq_len=args.max_seq_len).cache_kind == "auto"
+    if not auto and args.plan_file is not None:
+        raise ValueError("--plan-file only applies to --cache-kind auto (a named kind is never measured)")
+    check_output_path(args.plan_file, "--plan-file", is_file=True)
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # the shell passed bytes that are not UTF-8 (Python keeps them as surrogates)
+        bad = os.fsencode(args.prompt[e.start:e.end])
+        raise ValueError(f"--prompt is not valid UTF-8 (byte {bad[:1].hex()} at character {e.start}); pass UTF-8 "
+                         f"text (check the terminal's or the script's encoding)") from None
+    with Status() as status:
+        gen, tok, ids, fp16_bytes = _prepare_generation(args, settings, auto, status)
+        steps = gen.generate_iter(ids)  # checks the prompt against max_seq_len before any work
+        status(f"prefill of {len(ids)} tokens (the first step also builds the target's kernels)")
+        first = [next(steps)]  # max_new_tokens >= 1: one token at least
+    return _stream(gen, tok.stream(), first, steps, fp16_bytes)
+
+
+def _prepare_generation(args: argparse.Namespace, settings: dict, auto: bool, status: Status):
+    """Load, check against the model, compile, pick the cache: (Generator, tokenizer, prompt ids, fp16 bytes)."""
     import caramba
     from caramba.models.presets import PRESETS
     from caramba.models.sources import load_model
@@ -246,43 +379,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from caramba.runtime.generator import Generator
     from caramba.tokenizer import TOKENIZER_FILE, load_tokenizer
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    # Everything that can be checked without the model is checked first: a typo costs no compile.
-    cache_kind = parse_cache_kind(args.cache_kind)
-    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-                "top_p": args.top_p, "seed": args.seed, "cache_kind": cache_kind,
-                "cache_budget_mb": args.cache_budget_mb, "cache_plan_path": args.plan_file}
-    auto = GenerateConfig(**settings, max_seq_len=args.max_seq_len or args.max_new_tokens + 1).cache_kind == "auto"
-    if not auto and args.plan_file is not None:
-        raise ValueError("--plan-file only applies to --cache-kind auto (a named kind is never measured)")
-
     overrides = {"attention": args.attention} if args.attention else {}
+    status(f"loading {args.model}")
     model = load_model(args.model, seed=args.seed, **overrides)
+    check_positions(args, model)
     tok_spec = args.tokenizer
     if tok_spec is None and args.model not in PRESETS and (Path(args.model) / TOKENIZER_FILE).is_file():
         tok_spec = args.model
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    tok = load_tokenizer(tok_spec, vocab_size=vocab if isinstance(vocab, int) else None)
+    vocab = vocab if isinstance(vocab, int) else None  # a module without a config: the compiled model tells later
+    tok = load_tokenizer(tok_spec, vocab_size=vocab)
     ids = tok.encode(args.prompt)
     if not ids:
         raise ValueError("--prompt is empty: the model needs at least one token to continue from")
-    fit = (args.max_seq_len or 0) - len(ids) + 1  # new tokens that fit (the last one is never fed back)
-    if args.max_seq_len is not None and fit < 1:
-        raise ValueError(f"--prompt is {len(ids)} tokens, longer than --max-seq-len {args.max_seq_len}; shorten it "
-                         f"or raise --max-seq-len")
-    if args.max_seq_len is not None and args.max_new_tokens > fit:
-        raise ValueError(f"--prompt is {len(ids)} tokens: with --max-seq-len {args.max_seq_len} at most {fit} new "
-                         f"tokens fit, not --max-new-tokens {args.max_new_tokens}; shorten the prompt, lower "
-                         f"--max-new-tokens or raise --max-seq-len")
+    from caramba.compiler import model_positions
+
+    limit = args.max_seq_len or (model_positions(model) or (0,))[0]  # 0: a module that declares no positions
+    what = f"--max-seq-len {limit}" if args.max_seq_len else f"the {limit} positions of {args.model}"
+    raise_it = " or raise --max-seq-len" if args.max_seq_len else ""
+    fit = limit - len(ids) + 1  # new tokens that fit (the last one is never fed back)
+    if limit and fit < 1:
+        raise ValueError(f"--prompt is {len(ids)} tokens, longer than {what}; shorten it{raise_it}")
+    if limit and args.max_new_tokens > fit:
+        raise ValueError(f"--prompt is {len(ids)} tokens: with {what} at most {fit} new tokens fit, not "
+                         f"--max-new-tokens {args.max_new_tokens}; shorten the prompt or lower --max-new-tokens"
+                         f"{raise_it}")
     eos = args.eos_id if args.eos_id else tok.eos_token_id
+    _check_eos(args, eos, vocab)
 
     start = time.perf_counter()
-    cm = caramba.compile(model, target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len)
-    config = GenerateConfig(**settings, eos_token_id=eos, max_seq_len=args.max_seq_len or cm.max_positions)
+    cm = caramba.compile(model, target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                         allow_extrapolation=args.allow_extrapolation, progress=status)
+    config = GenerateConfig(**settings, eos_token_id=eos, max_seq_len=args.max_seq_len).resolved(cm.max_positions)
     layout = cm.cache_layout
-    fp16 = CacheConfig.of(layout, "fp16", max_seq_len=config.max_seq_len)
-    fp16_bytes = CacheSpec.for_config(layout, fp16, 1).nbytes
+    fp16_bytes = CacheSpec.for_config(layout, CacheConfig.of(layout, "fp16", max_seq_len=config.max_seq_len), 1).nbytes
     if not auto and config.cache_budget_mb is not None:
         from caramba.runtime.cache_candidates import budget_bytes
 
@@ -296,17 +426,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              f"--max-seq-len, or use --cache-kind auto")
     print(f"[caramba] compiled {args.model} for {cm.target} ({cm.dtype}) in {time.perf_counter() - start:.1f}s; "
           f"prompt {len(ids)} tokens, max_seq_len {config.max_seq_len}", file=sys.stderr, flush=True)
+    runs = cm
+    if auto:
+        from caramba.runtime.cache_policy import choose_cache
 
-    gen = Generator(cm, config)
-    steps = gen.generate_iter(ids)  # checks the prompt against max_seq_len before any work
-    stream, out, code = tok.stream(), sys.stdout, 0
+        start = time.perf_counter()
+        decision = choose_cache(cm, config, 1, progress=lambda line: status(f"cache_kind auto: {line}"))
+        print(f"[caramba] cache_kind auto: {decision.candidate}, {decision.reason} ({time.perf_counter() - start:.1f}s)"
+              f":\n{decision.table}", file=sys.stderr, flush=True)
+        runs = cm.executor(decision.config)
+    status(f"lowering the KV cache into prefill and decode programs for {cm.target}")
+    return Generator(runs, config), tok, ids, fp16_bytes
+
+
+def _check_eos(args: argparse.Namespace, eos, vocab: int | None) -> None:
+    """EOS ids must be tokens of the model (an id past the vocabulary never ends a row, and pads finished rows)."""
+    if bad := sorted(t for t in ([] if eos is None else [eos] if isinstance(eos, int) else eos)
+                     if t < 0 or (vocab is not None and t >= vocab)):
+        what, fix = ("--eos-id", "a token id of the model's tokenizer") if args.eos_id else \
+            ("the tokenizer's EOS id", "the model's own tokenizer (--tokenizer) or an --eos-id")
+        raise ValueError(f"{what} {bad[0]} is outside the vocabulary of {args.model} [0, {vocab}); pass {fix}")
+
+
+def _stream(gen, stream, first: list, steps, fp16_bytes: int) -> int:
+    """Write each token's text to stdout as it comes, then the stats line; 130 after Ctrl-C (the text so far and the
+    stats are still written), 1 when the reader went away."""
+    out, code, eos = sys.stdout, 0, gen.config.eos_ids
     if hasattr(out, "reconfigure"):
         out.reconfigure(errors="replace")  # a terminal that cannot show a character gets "?", not a traceback
     try:
         try:
-            for t in steps:
+            for t in itertools.chain(first, steps):
                 t = int(t[0])
-                if t not in config.eos_ids:
+                if t not in eos:
                     out.write(stream.push([t]))
                     out.flush()
         except KeyboardInterrupt:
@@ -321,18 +473,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "max_seq_len", None) is not None and args.max_seq_len < 2:
-        parser.error("--max-seq-len must be at least 2")
-    if getattr(args, "max_new_tokens", None) is not None and args.max_new_tokens < 1:
-        parser.error("--max-new-tokens must be at least 1")
-    if getattr(args, "threads", None) is not None and args.threads < 1:
-        parser.error("--threads must be at least 1")
+    command = "caramba"
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = f"caramba {args.command}"
+        if getattr(args, "max_seq_len", None) is not None and args.max_seq_len < MIN_SEQ:
+            parser.error(f"--max-seq-len must be at least {MIN_SEQ} (the shortest sequence caramba captures)")
+        if getattr(args, "max_new_tokens", None) is not None and args.max_new_tokens < 1:
+            parser.error("--max-new-tokens must be at least 1")
+        if getattr(args, "threads", None) is not None and args.threads < 1:
+            parser.error("--threads must be at least 1")
         return args.func(args)
-    except (CarambaError, ValueError, NotImplementedError, FileNotFoundError, FileExistsError) as e:
-        print(f"caramba {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C while loading, compiling or measuring: nothing half-written is left
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
+    except (CarambaError, ValueError, NotImplementedError, OSError) as e:
+        # an OSError with an errno: a path that cannot be read or written (permissions, a file where a directory goes)
+        hint = "; check the path and its permissions" if isinstance(e, OSError) and e.errno else ""
+        print(f"{command}: error: {e}{hint}", file=sys.stderr)
         return 2
 
 

@@ -12,7 +12,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -20,8 +20,9 @@ from caramba.codegen import backend as backends
 from caramba.codegen.backend import Backend, CachedProgram
 from caramba.debug.numerics import eager_logits
 from caramba.debug.session import DebugOptions, run_pipeline
-from caramba.errors import UnsupportedOpError
+from caramba.errors import InputError, UnsupportedOpError
 from caramba.frontend import Capture, import_model
+from caramba.frontend.capture import EXAMPLE_BATCH, EXAMPLE_SEQ
 from caramba.ir.graph import Graph
 from caramba.ir.interpreter import Interpreter, bind_symbols
 from caramba.ir.retype import specialize
@@ -75,6 +76,7 @@ class CompiledModel:
         target's kernels for a kernel backend (the prompt prefilled into a fresh cache in the model's own dtype,
         no quantization), the reference interpreter for eager."""
         bind_symbols(self.graph, (input_ids,), None)  # InputError: type, dtype, rank, a length past the capture
+        check_ids(input_ids, self.vocab_size)
         if self.backend.reference:
             return self._interpreter.run(input_ids)[0]
         batch, seq = input_ids.shape
@@ -131,6 +133,48 @@ class CompiledModel:
                 f"params={len(self.graph.params)})")
 
 
+def check_ids(input_ids: torch.Tensor, vocab: int) -> None:
+    """Token ids must index the vocabulary: an embedding lookup past it is an IndexError deep in torch (eager) or
+    an ONNX Runtime failure, so the id and the vocabulary size are named here."""
+    if input_ids.numel() == 0:
+        return
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise InputError(f"token id {bad} is outside the model's vocabulary [0, {vocab}); pass ids from the "
+                         f"model's tokenizer")
+
+
+def model_positions(model: torch.nn.Module) -> tuple[int, str] | None:
+    """The positions a model declares and where (`config.max_seq_len` of a caramba model,
+    `config.max_position_embeddings` of a transformers one); None for a module that declares none."""
+    config = getattr(model, "config", None)
+    for attr in ("max_seq_len", "max_position_embeddings"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, f"config.{attr}"
+    return None
+
+
+def check_lengths(model: torch.nn.Module, max_seq_len: Any, max_batch: Any, allow_extrapolation: bool) -> None:
+    """compile's size bounds: integers the capture can trace (its example input is EXAMPLE_BATCH x EXAMPLE_SEQ),
+    and max_seq_len within the model's declared positions unless extrapolation is asked for."""
+    for name, value, lo in (("max_seq_len", max_seq_len, EXAMPLE_SEQ), ("max_batch", max_batch, EXAMPLE_BATCH)):
+        if value is None and name == "max_seq_len":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ValueError(f"{name} must be an integer >= {lo} (the capture traces a {EXAMPLE_BATCH} x "
+                             f"{EXAMPLE_SEQ} example), got {value!r}"
+                             + ("; pass None for the model's maximum" if name == "max_seq_len" else ""))
+    declared = model_positions(model)
+    if max_seq_len is not None and declared is not None and max_seq_len > declared[0] and not allow_extrapolation:
+        positions, where = declared
+        raise ValueError(f"max_seq_len {max_seq_len} exceeds the {positions} positions {type(model).__name__} "
+                         f"declares ({where}); pass max_seq_len <= {positions} (or None), or allow_extrapolation="
+                         f"True to compile past them anyway (a model degrades past the length it was trained on, "
+                         f"and the cache grows with max_seq_len)")
+
+
 def resolve_target(target: str) -> str:
     """The concrete target for `target`, checked to run here; "auto" picks the best available backend (cuda,
     then metal, then onnx, then eager, by their auto_rank) and logs the choice. Errors name the registered
@@ -155,11 +199,15 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
             max_seq_len: int | None = None, dump_dir: str | os.PathLike | None = None,
             print_after: str | Sequence[str] | None = None, disable_passes: str | Sequence[str] | None = None,
             verify_each: bool | None = None, check_numerics: bool | None = None,
-            pass_limit: int | None = None, target_options: dict[str, Any] | None = None) -> CompiledModel:
+            pass_limit: int | None = None, target_options: dict[str, Any] | None = None,
+            allow_extrapolation: bool = False, progress: Callable[[str], None] | None = None) -> CompiledModel:
     """Capture `model` once (batch and sequence length stay symbolic), run the target's pass pipeline, build it.
 
     dtype: fp32 / fp16 / bf16 (a torch.dtype or a name); the model is captured in that dtype without touching the
-    caller's module. max_batch / max_seq_len bound the symbolic sizes (defaults: 1024, the model's max length).
+    caller's module. max_batch / max_seq_len bound the symbolic sizes (defaults: 1024, the model's max length);
+    a max_seq_len past the positions the model declares (config.max_seq_len, max_position_embeddings) is an error
+    unless allow_extrapolation=True. progress, when given, is called with a short line as each phase starts
+    (capture, import, passes), for a status line.
 
     Pass debugging (each keyword has a CARAMBA_* environment twin in caramba.flags; the keyword wins):
     dump_dir writes the IR after every pass, diffs, drawings and a summary; print_after ("all", a pass name or a
@@ -171,8 +219,10 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"caramba.compile expects a torch.nn.Module, got {type(model).__name__}")
+    check_lengths(model, max_seq_len, max_batch, allow_extrapolation)
     if target != backends.AUTO:
         backends.get(target).check_options(target_options)  # a typo fails before anything else
+    say = progress or (lambda line: None)
     chosen = resolve_target(target)
     backend = backends.get(chosen)
     backend.check_options(target_options)
@@ -187,11 +237,13 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
                               print_after=tuple(n for n in options.print_after if n in names or n == "all"))
     model = cast_model(model, want)
     start = time.perf_counter()
+    say(f"capturing {type(model).__name__} with torch.export")
     imported, cap = import_model(model, max_batch=max_batch, max_seq=max_seq_len)
     verify(imported)
     import_seconds = time.perf_counter() - start - cap.seconds
     log.info("captured %s: %d nodes in %.2fs (target %s, %s)", type(model).__name__, len(imported.nodes),
              cap.seconds, chosen, want)
+    say(f"running the {chosen} pipeline on {len(imported.nodes)} nodes")
     result = run_pipeline(imported, passes, PassContext(target=chosen, dtype=want, needs=backend.needs),
                           compile_options,
                           reference=lambda inputs: eager_logits(model, inputs),

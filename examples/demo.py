@@ -60,9 +60,9 @@ def main() -> None:
     print(f"  ops gone:  {_brief({op: n for op, n in captured.items() if op not in fused})}")
 
     tok = ByteTokenizer()
-    config = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                            cache_kind=args.cache_kind, max_seq_len=cm.max_positions)
-    gen = Generator(cm, config)
+    gen = Generator(cm, GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                       seed=args.seed, cache_kind=args.cache_kind))  # max_seq_len: the model's
+    config = gen.config  # resolved: max_seq_len is the positions the checkpoint declares (config.json)
     start = time.perf_counter()
     steps = gen.generate_iter(tok.encode(args.prompt))  # builds the cached program: cache passes, prefill/decode
     lowering = time.perf_counter() - start

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from caramba.models import ModelConfig, Transformer, count_parameters, save
 
 CONFIG = ModelConfig(vocab_size=256, d_model=192, n_layers=4, n_heads=6, attention="decoupled", sem_dim=96,
-                     geo_dim=192, v_dim=192, d_ff=512, tie_embeddings=True, max_seq_len=512)
+                     geo_dim=192, v_dim=192, d_ff=512, tie_embeddings=True, max_seq_len=256)
 
 
 def stdlib_split(root: Path | None = None, holdout: int = 20) -> tuple[bytes, bytes]:

@@ -40,9 +40,9 @@ def test_compile_checkpoint_and_hf_directories(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["compile", "--model", "nope"], "'nope' is neither a preset"),
     (["compile", "--model", "tiny", "--dtype", "fp13"], "unknown dtype 'fp13'"),
-    (["compile", "--model", "tiny", "--target", "metal"], "invalid choice: 'metal'"),
+    (["compile", "--model", "tiny", "--target", "vulkan"], "invalid choice: 'vulkan'"),
     (["compile", "--model", "tiny", "--target", "tpu"], "invalid choice: 'tpu'"),
-    (["compile", "--model", "tiny", "--max-seq-len", "1"], "--max-seq-len must be at least 2"),
+    (["compile", "--model", "tiny", "--max-seq-len", "1"], "--max-seq-len must be at least 5"),
 ])
 def test_bad_arguments_exit_nonzero_with_message(args, needle):
     r = run_cli(*args)

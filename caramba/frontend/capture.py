@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
+import sys
 import time
 import warnings
 from typing import Iterator
 from dataclasses import dataclass
 import torch
 
+from caramba import flags
 from caramba.errors import CaptureError
 
 DEFAULT_MAX_BATCH = 1024
@@ -64,7 +68,7 @@ def capture(model: torch.nn.Module, *, max_batch: int = DEFAULT_MAX_BATCH, max_s
                           1: torch.export.Dim("seq", min=1, max=max_seq)}}
     start = time.perf_counter()
     try:
-        with torch.no_grad(), _eval_mode(model), warnings.catch_warnings():
+        with torch.no_grad(), _eval_mode(model), warnings.catch_warnings(), _quiet_torch_logs():
             warnings.simplefilter("ignore", FutureWarning)  # torch-internal pytree deprecations, not the user's
             try:
                 ep = torch.export.export(adapter, (ids,), dynamic_shapes=dims, strict=False)
@@ -138,6 +142,32 @@ def _needs_functionalization(ep: torch.export.ExportedProgram) -> bool:
         if schema is not None and schema.is_mutable:
             return True
     return False
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """Keep torch's own output out of the user's way while tracing: a failing export logs and prints hundreds of
+    lines (guards, the partial graph) before caramba's CaptureError, which says what is wrong. Its loggers are
+    silenced, and what is printed to sys.stderr is held back: replayed when the capture succeeds (the model's own
+    prints), dropped when it fails. CARAMBA_TORCH_LOGS=1 (or torch's own TORCH_LOGS / TORCH_TRACE) lets it all
+    through."""
+    if flags.torch_logs():
+        yield
+        return
+    named = [logging.getLogger("torch")] + [
+        lg for name, lg in list(logging.root.manager.loggerDict.items())
+        if name.startswith("torch.") and isinstance(lg, logging.Logger) and lg.level != logging.NOTSET]
+    saved = [(lg, lg.level) for lg in named]
+    for lg, _ in saved:  # loggers left at NOTSET inherit from "torch", those created while tracing included
+        lg.setLevel(logging.CRITICAL + 1)
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+        sys.stderr.write(held.getvalue())
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
 
 
 @contextlib.contextmanager

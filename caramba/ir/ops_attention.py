@@ -6,8 +6,12 @@ Both ops share one contract, which every kernel (prefill, and later the KV-cache
   query head h reads kv head h // (H / Hkv); k and v are never repeated to H heads.
 - causal: key j is visible to query i iff j <= i + (Tk - Tq), i.e. the query block sits at the *end* of the key
   sequence (bottom-right aligned). For Tq == Tk this is SDPA's is_causal; for one decode step it sees every key.
+- window (0: none): with causal, a sliding window of that many keys: key j is visible to query i iff
+  i + (Tk - Tq) - window < j <= i + (Tk - Tq) (Mistral's, Gemma 2's local layers).
+- softcap (0: none): the scores are soft-capped, cap * tanh(scores / cap), after the scale and before any masking
+  (Gemma 2's attn_logit_softcapping).
 - mask (optional, SDPA's convention): bool, True = may attend; or float, added to the scores. It broadcasts to
-  (B, H, Tq, Tk) and is combined with `causal`. It carries what is not plain causal (sliding windows, padding).
+  (B, H, Tq, Tk) and is combined with `causal`. It carries what is not plain causal or a window (padding).
 - Numerics: scores, softmax and the weighted sum in fp32 (fp64 stays fp64), the result rounded once to q's dtype.
   A query row that sees no key at all yields zeros (as torch's SDPA does), not NaN.
 """
@@ -65,7 +69,16 @@ def _check_mask(mask: TensorType, scores: tuple, what: str) -> None:
         raise ShapeError(f"{what}: mask {mask} does not broadcast to the scores {list(scores)}")
 
 
+def _check_variants(a: Attrs, what: str) -> None:
+    window, softcap = a.get("window", 0), a.get("softcap", 0.0)
+    if not isinstance(window, int) or window < 0 or (window and not a.get("causal")):
+        raise ShapeError(f"{what}: window must be an int >= 0, and a window needs causal=True, got {window!r}")
+    if not isinstance(softcap, (int, float)) or softcap < 0:
+        raise ShapeError(f"{what}: softcap must be a float >= 0 (0: none), got {softcap!r}")
+
+
 def _attention_infer(t: Types, a: Attrs) -> list[TensorType]:
+    _check_variants(a, "attention")
     q, k, v = t[:3]
     _check_pair(q, k, "attention")
     _check_value(k, v, "attention")
@@ -76,6 +89,7 @@ def _attention_infer(t: Types, a: Attrs) -> list[TensorType]:
 
 
 def _decoupled_infer(t: Types, a: Attrs) -> list[TensorType]:
+    _check_variants(a, "decoupled_attention")
     q_sem, k_sem, q_geo, k_geo, v = t[:5]
     _check_pair(q_sem, k_sem, "decoupled_attention (semantic)")
     _check_pair(q_geo, k_geo, "decoupled_attention (geometric)")
@@ -107,9 +121,20 @@ def _scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     return (_acc(q) @ _acc(_grouped(k, q.shape[1])).transpose(-2, -1)) * scale
 
 
+def softcapped(scores: torch.Tensor, softcap: float) -> torch.Tensor:
+    """cap * tanh(scores / cap), or the scores as they are for cap 0."""
+    return scores if not softcap else torch.tanh(scores / softcap) * softcap
+
+
 def _attend(scores: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool,
-            out_dtype: torch.dtype) -> torch.Tensor:
-    """softmax(mask(scores))·v, rows that see no key give zeros; scores (B, H, Tq, Tk) fp32 -> (B, H, Tq, dv)."""
+            out_dtype: torch.dtype, softcap: float = 0.0, window: int = 0) -> torch.Tensor:
+    """softmax(mask(softcap(scores)))·v, rows that see no key give zeros; scores (B, H, Tq, Tk) fp32 ->
+    (B, H, Tq, dv)."""
+    scores = softcapped(scores, softcap)
+    if window:
+        tq, tk = scores.shape[-2:]
+        old = torch.ones(tq, tk, dtype=torch.bool, device=scores.device).tril(tk - tq - window)
+        scores = scores.masked_fill(old, -math.inf)
     if mask is not None:
         scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask.to(scores.dtype)
     if causal:
@@ -122,22 +147,28 @@ def _attend(scores: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, ca
     return (probs @ _acc(_grouped(v, scores.shape[1]))).to(out_dtype)
 
 
-@register_op("attention", ["q", "k", "v", "mask?"], _attention_infer, attrs={"scale": REQUIRED, "causal": REQUIRED},
-             tags=["attention"])
-def _attention(q, k, v, mask=None, *, scale, causal):
+ATTENTION_ATTRS = {"softcap": 0.0, "window": 0}
+
+
+@register_op("attention", ["q", "k", "v", "mask?"], _attention_infer,
+             attrs={"scale": REQUIRED, "causal": REQUIRED, **ATTENTION_ATTRS}, tags=["attention"])
+def _attention(q, k, v, mask=None, *, scale, causal, softcap=0.0, window=0):
     """softmax(q·kᵀ·scale [+ mask] [causal]) · v with native GQA.
 
     q (B, H, Tq, d), k (B, Hkv, Tk, d), v (B, Hkv, Tk, dv), Hkv | H; query head h reads kv head h // (H/Hkv).
     scale: float multiplying q·kᵀ. causal: key j visible to query i iff j <= i + Tk - Tq (bottom-right aligned).
     mask (optional): bool (True = may attend) or float (added), broadcast to (B, H, Tq, Tk).
-    fp32 scores/softmax/accumulation; result (B, H, Tq, dv) in q's dtype; a row with no visible key is zeros.
+    softcap, window: see the module doc. fp32 scores/softmax/accumulation; result (B, H, Tq, dv) in q's dtype; a
+    row with no visible key is zeros.
     """
-    return _attend(_scores(q, k, scale), v, mask, causal, q.dtype)
+    return _attend(_scores(q, k, scale), v, mask, causal, q.dtype, softcap, window)
 
 
 @register_op("decoupled_attention", ["q_sem", "k_sem", "q_geo", "k_geo", "v", "mask?"], _decoupled_infer,
-             attrs={"scale_sem": REQUIRED, "scale_geo": REQUIRED, "causal": REQUIRED}, tags=["attention"])
-def _decoupled_attention(q_sem, k_sem, q_geo, k_geo, v, mask=None, *, scale_sem, scale_geo, causal):
+             attrs={"scale_sem": REQUIRED, "scale_geo": REQUIRED, "causal": REQUIRED, **ATTENTION_ATTRS},
+             tags=["attention"])
+def _decoupled_attention(q_sem, k_sem, q_geo, k_geo, v, mask=None, *, scale_sem, scale_geo, causal, softcap=0.0,
+                         window=0):
     """Decoupled bottleneck attention (SPEC §1 steps 5-6): one softmax over two summed score terms.
 
     S = (q_sem·k_semᵀ)·scale_sem + (q_geo·k_geoᵀ)·scale_geo, then `attention`'s masking, softmax and ·v.
@@ -148,4 +179,4 @@ def _decoupled_attention(q_sem, k_sem, q_geo, k_geo, v, mask=None, *, scale_sem,
     over q, never over the keys, so the KV cache stores the plain k_sem, k_geo and v.
     """
     scores = _scores(q_sem, k_sem, scale_sem) + _scores(q_geo, k_geo, scale_geo)
-    return _attend(scores, v, mask, causal, q_sem.dtype)
+    return _attend(scores, v, mask, causal, q_sem.dtype, softcap, window)

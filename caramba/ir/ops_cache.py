@@ -162,11 +162,21 @@ def _window_infer(t: Types, a: Attrs) -> list[TensorType]:
 
 
 @register_op("kv_window_mask", ["positions", "ready"], _window_infer, tags=_CACHE_TAGS,
-             attrs={"layer": REQUIRED, "ctx": REQUIRED})
-def _kv_window_mask(positions, ready, *, layer, ctx, state=None):
+             attrs={"layer": REQUIRED, "ctx": REQUIRED, "window": 0})
+def _kv_window_mask(positions, ready, *, layer, ctx, window=0, state=None):
     """bool (batch, 1, seq, 2·ctx) over [keys through the storage kind ; keys read exact]: every key j <= p once,
-    from the exact half iff it is in the query's residual window (LayerCache.window_mask)."""
-    return _state(state, "kv_window_mask").layers[layer].window_mask(positions, ctx)
+    from the exact half iff it is in the query's residual window (LayerCache.window_mask); with a sliding window
+    of W keys (window > 0) only keys j > p - W, in either half."""
+    mask = _state(state, "kv_window_mask").layers[layer].window_mask(positions, ctx)
+    return mask & sliding(positions, ctx, window).repeat(1, 1, 1, 2) if window else mask
+
+
+def sliding(positions: torch.Tensor, ctx: int, window: int) -> torch.Tensor:
+    """bool (batch, 1, seq, ctx): key j is inside the query at p's sliding window of `window` keys, j > p - window
+    (True everywhere for window 0)."""
+    keys = torch.arange(ctx, device=positions.device)
+    return (keys > positions[..., None] - window).unsqueeze(1) if window else \
+        torch.ones(*positions.shape, ctx, dtype=torch.bool, device=positions.device).unsqueeze(1)
 
 
 def _mask_infer(t: Types, a: Attrs) -> list[TensorType]:
@@ -176,12 +186,16 @@ def _mask_infer(t: Types, a: Attrs) -> list[TensorType]:
     return [TensorType((p.shape[0], 1, p.shape[1], a["ctx"]), DType.bool)]
 
 
-@register_op("position_mask", ["positions"], _mask_infer, attrs={"ctx": REQUIRED})
-def _position_mask(positions, *, ctx):
+@register_op("position_mask", ["positions"], _mask_infer, attrs={"ctx": REQUIRED, "window": 0})
+def _position_mask(positions, *, ctx, window=0):
     """bool (batch, 1, seq, ctx): key j is visible to the query at position p iff j <= p (causal by position,
-    per row, so rows of a ragged batch each see exactly their own past)."""
+    per row, so rows of a ragged batch each see exactly their own past), and with a sliding window of W keys
+    (window > 0) also j > p - W."""
     keys = torch.arange(ctx, device=positions.device)
-    return (keys <= positions[..., None]).unsqueeze(1)
+    visible = keys <= positions[..., None]
+    if window:
+        visible &= keys > positions[..., None] - window
+    return visible.unsqueeze(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,7 +324,8 @@ def _kv_ring_merge(x, ready, *, layer, tensor, state=None):
 # Stage 3: attention reading the cache through its kinds (what backends implement as one kernel)
 # ---------------------------------------------------------------------------------------------------------------
 CACHED_ATTRS = {"layer": REQUIRED, "names": REQUIRED, "kinds": REQUIRED, "qblock": REQUIRED,
-                "residual_len": REQUIRED, "kv_heads": REQUIRED, "v_head_dim": REQUIRED, "partitions": 1}
+                "residual_len": REQUIRED, "kv_heads": REQUIRED, "v_head_dim": REQUIRED, "partitions": 1,
+                "softcap": 0.0, "window": 0}
 
 
 def _cached_out(q: TensorType, positions: TensorType, a: Attrs, what: str) -> list[TensorType]:
@@ -342,10 +357,11 @@ def _read_layer(cache: Any, layer: int, names: Sequence[str], kinds, qblock, res
     return [torch.cat([lc.read_stored(n, dtype), lc.read_exact(n, dtype)], dim=1) for n in names]
 
 
-def _cached_mask(cache: Any, layer: int, positions: torch.Tensor, keys: int, residual_len: int) -> torch.Tensor:
+def _cached_mask(cache: Any, layer: int, positions: torch.Tensor, keys: int, residual_len: int,
+                 window: int = 0) -> torch.Tensor:
     if not residual_len:
-        return _position_mask(positions, ctx=keys)
-    return cache.layers[layer].window_mask(positions, keys // 2)
+        return _position_mask(positions, ctx=keys, window=window)
+    return _kv_window_mask(positions, None, layer=layer, ctx=keys // 2, window=window, state=cache)
 
 
 def split_k(scores: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, partitions: int,
@@ -375,9 +391,10 @@ def split_k(scores: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, partition
 
 
 def _attend_cached(scores: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, partitions: int,
-                   out_dtype: torch.dtype) -> torch.Tensor:
-    from caramba.ir.ops_attention import _acc, _attend, _grouped
+                   out_dtype: torch.dtype, softcap: float = 0.0) -> torch.Tensor:
+    from caramba.ir.ops_attention import _acc, _attend, _grouped, softcapped
 
+    scores = softcapped(scores, softcap)
     if partitions == 1:
         return _attend(scores, v, mask, False, out_dtype)
     return split_k(scores, _acc(_grouped(v, scores.shape[1])), mask, partitions, out_dtype)
@@ -392,18 +409,18 @@ def _cached_infer(t: Types, a: Attrs) -> list[TensorType]:
 @register_op("cached_attention", ["q", "positions", "ready"], _cached_infer, attrs={"scale": REQUIRED, **CACHED_ATTRS},
              tags=("attention", *_CACHE_TAGS))
 def _cached_attention(q, positions, ready, *, scale, layer, names, kinds, qblock, residual_len, kv_heads,
-                      v_head_dim, partitions, state=None):
+                      v_head_dim, partitions, softcap=0.0, window=0, state=None):
     """`attention` of q (B, H, seq, d) over layer `layer`'s cached k and v read through their kinds, key j
     visible to the query at position p iff j <= p, read exact (fp16) iff it is in that query's residual window
     (residual_len > 0; see kv_window_mask). partitions > 1 computes the softmax split-K (SPEC §7); the result is
-    the same up to rounding."""
+    the same up to rounding. softcap, window: as `attention`'s (window: key j also needs j > p - window)."""
     from caramba.ir.ops_attention import _scores
 
     cache = _state(state, "cached_attention")
     k, v = _read_layer(cache, layer, names, kinds, qblock, residual_len, q.dtype, "cached_attention")
-    mask = _cached_mask(cache, layer, positions, k.shape[1], residual_len)
+    mask = _cached_mask(cache, layer, positions, k.shape[1], residual_len, window)
     k, v = _heads(k, kv_heads), _heads(v, kv_heads)
-    return _attend_cached(_scores(q, k, scale), v, mask, partitions, q.dtype)
+    return _attend_cached(_scores(q, k, scale), v, mask, partitions, q.dtype, softcap)
 
 
 def _cached_decoupled_infer(t: Types, a: Attrs) -> list[TensorType]:
@@ -418,7 +435,7 @@ def _cached_decoupled_infer(t: Types, a: Attrs) -> list[TensorType]:
 @register_op("cached_decoupled_attention", ["q_sem", "q_geo", "positions", "ready"], _cached_decoupled_infer,
              attrs={"scale_sem": REQUIRED, "scale_geo": REQUIRED, **CACHED_ATTRS}, tags=("attention", *_CACHE_TAGS))
 def _cached_decoupled_attention(q_sem, q_geo, positions, ready, *, scale_sem, scale_geo, layer, names, kinds, qblock,
-                                residual_len, kv_heads, v_head_dim, partitions, state=None):
+                                residual_len, kv_heads, v_head_dim, partitions, softcap=0.0, window=0, state=None):
     """`decoupled_attention` (SPEC §1) over layer `layer`'s cached k_sem, k_geo and v read through their kinds;
     masking and partitions as cached_attention."""
     from caramba.ir.ops_attention import _scores
@@ -426,7 +443,7 @@ def _cached_decoupled_attention(q_sem, q_geo, positions, ready, *, scale_sem, sc
     cache = _state(state, "cached_decoupled_attention")
     k_sem, k_geo, v = _read_layer(cache, layer, names, kinds, qblock, residual_len, q_sem.dtype,
                                   "cached_decoupled_attention")
-    mask = _cached_mask(cache, layer, positions, v.shape[1], residual_len)
+    mask = _cached_mask(cache, layer, positions, v.shape[1], residual_len, window)
     k_sem, k_geo, v = (_heads(x, kv_heads) for x in (k_sem, k_geo, v))
     scores = _scores(q_sem, k_sem, scale_sem) + _scores(q_geo, k_geo, scale_geo)
-    return _attend_cached(scores, v, mask, partitions, q_sem.dtype)
+    return _attend_cached(scores, v, mask, partitions, q_sem.dtype, softcap)

@@ -7,7 +7,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -67,6 +67,7 @@ def load(directory: str | os.PathLike[str], dtype: torch.dtype | None = None) ->
     with torch.device("meta"):
         model = Transformer(config)  # no memory, no init: every weight comes from the file
     _check_tensors(model, tensors, path / WEIGHTS_FILE)
+    check_finite(tensors.items(), path / WEIGHTS_FILE)
     model.load_state_dict(tensors, assign=True)
     model.rotary.reset_inv_freq("cpu")  # non-persistent, so still on meta after assign
     if dtype is not None:
@@ -165,6 +166,18 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({e}); it is damaged or truncated, re-save the model."
         ) from e
+
+
+def check_finite(named: Iterable[tuple[str, torch.Tensor]], source: str | os.PathLike[str]) -> None:
+    """Refuse weights holding NaN or inf: every target would compute garbage from them (NaN logits, NUL bytes
+    sampled), and the eager interpreter alone would notice, at the first cache write. Names the first bad tensor."""
+    for name, t in named:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise CheckpointError(
+                f"{source}: tensor {name!r} holds non-finite values ({nan:,} NaN, {inf:,} inf of {t.numel():,}); "
+                "the checkpoint is damaged or was saved after training diverged: re-save it from good weights."
+            )
 
 
 def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:

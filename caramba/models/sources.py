@@ -1,6 +1,7 @@
 """Name a model the way the CLI does: a caramba preset, a caramba checkpoint directory, or a Hugging Face directory."""
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -8,7 +9,7 @@ from typing import Any
 import torch
 
 from caramba.errors import CarambaError
-from caramba.models.io import CONFIG_FILE, load
+from caramba.models.io import CONFIG_FILE, check_finite, load
 from caramba.models.presets import PRESETS, preset
 from caramba.models.transformer import Transformer
 
@@ -58,4 +59,6 @@ def _load_hf(path: Path) -> torch.nn.Module:
     if not any(path.glob("*.safetensors")):
         raise ModelSourceError(f"{path} has no *.safetensors weights; caramba loads Hugging Face models offline from "
                                f"safetensors only (save with model.save_pretrained(dir, safe_serialization=True))")
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
+    check_finite(itertools.chain(model.named_parameters(), model.named_buffers()), path)
+    return model

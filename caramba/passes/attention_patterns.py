@@ -32,6 +32,29 @@ def scaled(scores: Pat, scale: str) -> list[Pat]:
     ]
 
 
+def capped(scores: Sequence[Pat]) -> list[Pat]:
+    """Each scores form as is, and soft-capped: cap · tanh(s / cap) (or s · (1 / cap)); the nodes bound to
+    "cap_in_op" and "cap_out_op", the factors to "cap_in" and "cap_out" (describe checks they agree)."""
+    out = list(scores)
+    for s in scores:
+        inner = Pat(("div", "mul"), s, scalar=Var.float("cap_in"), reverse=False, name="cap_in_op")
+        out.append(Pat("mul", Pat("tanh", inner, name="cap_tanh"), scalar=Var.float("cap_out"), reverse=False,
+                       name="cap_out_op"))
+    return out
+
+
+def softcap_of(m: Match) -> float | None:
+    """The matched soft cap (0.0 when there is none), None when its two factors disagree."""
+    op = m.get("cap_in_op")
+    if op is None:
+        return 0.0
+    if m["cap_in"] == 0:
+        return None
+    cap = m["cap_in"] if op.op == "div" else 1.0 / m["cap_in"]
+    out = m["cap_out"]
+    return float(out) if out > 0 and abs(cap - out) <= 1e-6 * out else None
+
+
 def _masked(s: Pat) -> list[Pat]:
     """The masking step: none, or each way a model writes it (the node bound to "masked")."""
     return [
@@ -60,7 +83,7 @@ def softmax_chains(scores: Sequence[Pat]) -> list[Pat]:
 
 
 SCORES = scaled(Pat("matmul", Var("q"), Var("kt")), "scale")
-CHAINS = softmax_chains(SCORES)
+CHAINS = softmax_chains(capped(SCORES))
 SDPA = [Pat("sdpa", Var("q"), Var("k"), Var("v")), Pat("sdpa", Var("q"), Var("k"), Var("v"), Var("mask"))]
 
 # Views looked through on the operands (matched at the operand's producer, each with the reused-intermediate guard).
@@ -100,6 +123,8 @@ class Attn:
     causal: bool
     mask: Value | None
     out: TensorType
+    softcap: float = 0.0  # cap · tanh(scores / cap) before masking; 0: none
+    window: int = 0  # causal with a sliding window of this many keys; 0: none
 
 
 @dataclass
@@ -210,15 +235,16 @@ def scale_of(m: Match, name: str) -> float:
     return m[name] if op.op == "mul" else 1.0 / m[name]
 
 
-def chain_causal(m: Match, views: Views) -> bool | None:
-    """For a matched softmax chain: True when its mask is provably causal, False when it has no mask, None when
-    it does not fuse (a mask that is not provably causal, one that widens the scores, a softmax over another dim)."""
+def chain_causal(m: Match, views: Views) -> tuple[bool, int] | None:
+    """For a matched softmax chain: (True, W) when its mask is provably causal (W > 0: with a sliding window of W
+    keys), (False, 0) when it has no mask, None when it does not fuse (a mask that is neither, one that widens the
+    scores, a softmax over another dim)."""
     rank = m["softmax"].output.type.rank
     if norm_dim(m["dim"], rank) != rank - 1:
         return None
     node = m.get("masked")
     if node is None:
-        return False
+        return False, 0
     operands = {m.get(k) for k in ("keep", "drop", "bias", "fill_t")} - {None}
     scores = [x for x in node.inputs if x not in operands]
     if len(scores) != 1 or not same_shape(scores[0].type.shape, node.output.type.shape, views.ranges):
@@ -229,21 +255,24 @@ def chain_causal(m: Match, views: Views) -> bool | None:
         fill = m["fill"] if "fill" in m else views.prover.constant(m["fill_t"])
         if fill is None or not masks_out(fill, st.dtype):
             return None
-    if not views.prover.is_causal(m[kind], kind, st):
+    window = views.prover.causal_window(m[kind], kind, st)
+    if window is None:
         return None
     for v in operands:
         views.drop(v)
-    return True
+    return True, window
 
 
 def describe_chain(m: Match, views: Views) -> Attn | None:
     """matmul(softmax(mask(q·kᵀ·c)), v), before k and v are un-repeated."""
-    causal = chain_causal(m, views)
-    if causal is None or m["kt"].type.rank < 2:
+    found, softcap = chain_causal(m, views), softcap_of(m)
+    if found is None or softcap is None or m["kt"].type.rank < 2:
         return None
+    if softcap:
+        views.state.dead.extend([m["cap_in_op"], m["cap_tanh"], m["cap_out_op"]])
     k = views.key(m["kt"])
     q, factor, _ = views.scalar_factor(m["q"])
-    return Attn(q, k, m["v"], factor * scale_of(m, "scale"), causal, None, m.root.output.type)
+    return Attn(q, k, m["v"], factor * scale_of(m, "scale"), found[0], None, m.root.output.type, softcap, found[1])
 
 
 def describe_sdpa(m: Match, views: Views) -> Attn | None:
@@ -259,19 +288,20 @@ def describe_sdpa(m: Match, views: Views) -> Attn | None:
     scale = attrs["scale"] if attrs["scale"] is not None else (1.0 / math.sqrt(d) if isinstance(d, int) else None)
     if scale is None:
         return None
-    mask, causal = m.get("mask"), attrs["is_causal"]
+    mask, causal, window = m.get("mask"), attrs["is_causal"], 0
     scores = TensorType((q.type.shape[0], q.type.shape[1], tq, tk), q.type.dtype)
     kind = "keep" if mask is not None and mask.type.dtype == DType.bool else "bias"
-    if mask is not None and views.prover.is_causal(mask, kind, scores):
+    if mask is not None and not causal and (w := views.prover.causal_window(mask, kind, scores)) is not None:
         views.drop(mask)
-        mask, causal = None, True
-    return Attn(q, Operand(k), v, float(scale), causal, mask, node.output.type)
+        mask, causal, window = None, True, w
+    return Attn(q, Operand(k), v, float(scale), causal, mask, node.output.type, window=window)
 
 
 def describe_attention_op(m: Match, views: Views) -> Attn:
     """An `attention` op already fused (what fuse_decoupled_attention reads after fuse_attention)."""
-    a = m.root.attrs
-    return Attn(m["q"], Operand(m["k"]), m["v"], a["scale"], a["causal"], m.get("mask"), m.root.output.type)
+    a = get_op("attention").full_attrs(m.root.attrs)
+    return Attn(m["q"], Operand(m["k"]), m["v"], a["scale"], a["causal"], m.get("mask"), m.root.output.type,
+                a["softcap"], a["window"])
 
 
 def emit_cast(b: Builder, x: Value, out: TensorType) -> Value:

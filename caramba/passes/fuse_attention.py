@@ -23,7 +23,9 @@ def finish_attention(a: Attn | None, views: Views) -> Attn | None:
 def emit_attention(b: Builder, a: Attn, state: FusionState) -> Value:
     inputs = [a.q, a.k.emit(b), a.v] + ([a.mask] if a.mask is not None else [])
     state.explicit_masks += a.mask is not None
-    out = b.op("attention", inputs, [a.out.with_dtype(a.q.type.dtype)], scale=float(a.scale), causal=a.causal)
+    variants = {k: v for k, v in (("softcap", float(a.softcap)), ("window", a.window)) if v}
+    out = b.op("attention", inputs, [a.out.with_dtype(a.q.type.dtype)], scale=float(a.scale), causal=a.causal,
+               **variants)
     return emit_cast(b, out, a.out)
 
 

@@ -42,6 +42,9 @@ def fuse_cached_attention(graph: Graph, ctx: PassContext) -> Graph:
         heads = {name: node.inputs[i].type.shape for name, i in CACHED_OPERANDS[node.op].items()}
         attrs = dict(layer=layer, names=names, kinds=kinds, qblock=append.attrs["qblock"],
                      residual_len=append.attrs["residual_len"], kv_heads=heads["v"][1], v_head_dim=heads["v"][3])
+        window = producers[node.inputs[-1]].attrs.get("window", 0)  # the mask's sliding window
+        softcap = node.attrs.get("softcap", 0.0)
+        attrs.update({k: v for k, v in (("window", window), ("softcap", softcap)) if v})
         b = Builder(graph, node)
         if node.op == "attention":
             out = b.op("cached_attention", [node.inputs[0], positions, new_ready], name=node.outputs[0].name,

@@ -7,13 +7,14 @@ from caramba.ir.graph import Graph, Value
 from caramba.ir.types import TensorType
 from caramba.passes.attention_patterns import (CHAINS, SDPA, Attn, FusionState, Operand, Views, chain_causal,
                                                describe_attention_op, describe_chain, describe_sdpa, emit_cast,
-                                               make_rules, scale_of, scaled, softmax_chains)
+                                               capped, make_rules, scale_of, scaled, softcap_of,
+                                               softmax_chains)
 from caramba.passes.base import PassContext
 from caramba.passes.rewrite import Builder, Match, Pat, Var, apply_rules
 
 SEMANTIC = scaled(Pat("matmul", Var("q_sem"), Var("kt_sem")), "scale_sem")
 GEOMETRIC = scaled(Pat("matmul", Var("q_geo"), Var("kt_geo")), "scale_geo")
-TWO_SCORES = softmax_chains([Pat("add", s, g) for s in SEMANTIC for g in GEOMETRIC])
+TWO_SCORES = softmax_chains(capped([Pat("add", s, g) for s in SEMANTIC for g in GEOMETRIC]))
 ATTENTION = [Pat("attention", Var("q"), Var("k"), Var("v")),
              Pat("attention", Var("q"), Var("k"), Var("v"), Var("mask"))]
 
@@ -32,27 +33,31 @@ class Dba:
     causal: bool
     mask: Value | None
     out: TensorType
+    softcap: float = 0.0
+    window: int = 0
 
 
 def finish(views: Views, sem: tuple[Value, Operand, float], geo: tuple[Value, Operand, float], v: Value,
-           causal: bool, mask: Value | None, out: TensorType) -> Dba | None:
+           causal: bool, mask: Value | None, out: TensorType, softcap: float = 0.0, window: int = 0) -> Dba | None:
     """The description with k_sem, k_geo and v read before repeat_kv, if the op accepts it."""
     (k_sem, k_geo), v = views.grouped([sem[1], geo[1]], v)
-    d = Dba(sem[0], k_sem, geo[0], k_geo, v, sem[2], geo[2], causal, mask, out)
+    d = Dba(sem[0], k_sem, geo[0], k_geo, v, sem[2], geo[2], causal, mask, out, softcap, window)
     types = [d.q_sem.type, k_sem.type, d.q_geo.type, k_geo.type, v.type] + ([mask.type] if mask is not None else [])
     return d if views.valid("decoupled_attention", types, out) else None
 
 
 def describe_two_scores(m: Match, views: Views) -> Dba | None:
     """matmul(softmax(mask(q_s·k_sᵀ·a + q_g·k_gᵀ·b)), v); scalar factors on the queries fold into a and b."""
-    causal = chain_causal(m, views)
-    if causal is None:
+    found, softcap = chain_causal(m, views), softcap_of(m)
+    if found is None or softcap is None:
         return None
+    if softcap:
+        views.state.dead.extend([m["cap_in_op"], m["cap_tanh"], m["cap_out_op"]])
     sides = []
     for side in ("sem", "geo"):
         q, factor, _ = views.scalar_factor(m[f"q_{side}"])
         sides.append((q, views.key(m[f"kt_{side}"]), factor * scale_of(m, f"scale_{side}")))
-    return finish(views, sides[0], sides[1], m["v"], causal, None, m.root.output.type)
+    return finish(views, sides[0], sides[1], m["v"], found[0], None, m.root.output.type, softcap, found[1])
 
 
 def describe_concat(a: Attn | None, views: Views) -> Dba | None:
@@ -69,14 +74,15 @@ def describe_concat(a: Attn | None, views: Views) -> Dba | None:
     if not (own_sem or own_geo):
         return None
     return finish(views, (q_sem, ks[0], a.scale * f_sem), (q_geo, ks[1], a.scale * f_geo), a.v, a.causal, a.mask,
-                  a.out)
+                  a.out, a.softcap, a.window)
 
 
 def emit_dba(b: Builder, d: Dba, state: FusionState) -> Value:
     inputs = [d.q_sem, d.k_sem.emit(b), d.q_geo, d.k_geo.emit(b), d.v] + ([d.mask] if d.mask is not None else [])
     state.explicit_masks += d.mask is not None
+    variants = {k: v for k, v in (("softcap", float(d.softcap)), ("window", d.window)) if v}
     out = b.op("decoupled_attention", inputs, [d.out.with_dtype(d.q_sem.type.dtype)], scale_sem=float(d.scale_sem),
-               scale_geo=float(d.scale_geo), causal=d.causal)
+               scale_geo=float(d.scale_geo), causal=d.causal, **variants)
     return emit_cast(b, out, d.out)
 
 

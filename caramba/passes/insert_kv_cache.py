@@ -24,7 +24,8 @@ With an fp16 residual ring (ctx.options["cache_residual_len"] > 0) every layer r
 `kv_window_mask(%position_ids, %len)` (2·ctx keys): each query reads a key exact iff it lies in that query's
 residual window, so prefill and speculative verification compute what one token at a time would (ops_cache.py).
 
-Refused with a clear error: attention that is not causal or carries its own mask (a sliding window), a query
+A sliding window (the op's `window`) moves into the mask: position_mask / kv_window_mask {window}. Soft-capping
+stays on the attention op. Refused with a clear error: attention that is not causal or carries its own mask, a query
 length that is not the step's, position-dependent values other than such tables (an arange over seq still live).
 Options (ctx.options): max_seq_len (required), the longest row the cache will hold; cache_residual_len.
 """
@@ -68,13 +69,14 @@ def insert_kv_cache(graph: Graph, ctx: PassContext) -> Graph:
     retype(graph)
     total = symbolic.canonical(symbolic.symbol(PAST) + seq)
     ring = int(ctx.options.get("cache_residual_len", 0)) > 0
-    mask = None
+    masks: dict[int, Value] = {}  # one position mask per sliding window (0: plain causal)
     for layer, node in enumerate(attention_nodes(graph)):
+        window = node.attrs.get("window", 0)
         b = Builder(graph, node)
-        if mask is None and not ring:
-            mask = b.op("position_mask", [positions], ctx=total)
+        if window not in masks and not ring:
+            masks[window] = b.op("position_mask", [positions], ctx=total, **({"window": window} if window else {}))
         splice(graph, node, b.nodes)
-        _cache_layer(graph, node, layer, positions, mask, total)
+        _cache_layer(graph, node, layer, positions, masks.get(window), total)
         ctx.count("attention")
     dce(graph, PassContext())
     _refuse_positions_left(graph, seq)
@@ -88,7 +90,7 @@ def _check_attention(node: Node, seq: sympy.Symbol) -> None:
         raise UnsupportedOpError(
             f"insert_kv_cache: {node.op}{where} is not plain causal attention (causal={node.attrs.get('causal')}, "
             f"{'with' if len(node.inputs) in (4, 6) else 'without'} a mask); a KV cache needs causal attention "
-            f"without an extra mask (sliding windows and padding masks are not supported by the cache yet)")
+            f"without an extra mask (padding masks are not supported by the cache)")
     q, k = node.inputs[0].type, node.inputs[1].type
     if q.shape[2] != seq or k.shape[2] != seq:
         raise UnsupportedOpError(f"insert_kv_cache: {node.op}{where} attends {q.shape[2]} queries to {k.shape[2]} "
@@ -141,8 +143,10 @@ def _cache_layer(graph: Graph, node: Node, layer: int, positions: Value, mask: V
                           shape=(bsz, s, h * dh)))
     ready = b.op("kv_append", [positions, *flats], name="kv_len", layer=layer, names=list(operands))
     cached, keys, ring = {}, total, mask is None
+    window = node.attrs.get("window", 0)
     if ring:
-        mask = b.op("kv_window_mask", [positions, ready], name="window", layer=layer, ctx=total)
+        mask = b.op("kv_window_mask", [positions, ready], name="window", layer=layer, ctx=total,
+                    **({"window": window} if window else {}))
         keys = symbolic.canonical(2 * total)
     for name, i in operands.items():
         bsz, h, s, dh = node.inputs[i].type.shape
@@ -154,7 +158,8 @@ def _cache_layer(graph: Graph, node: Node, layer: int, positions: Value, mask: V
                              for view in ("stored", "exact")], name=f"{name}_both", dim=1)
         cached[i] = b.op("transpose", [b.op("reshape", [x], shape=(bsz, keys, h, dh))], dim0=1, dim1=2)
     inputs = [cached.get(i, v) for i, v in enumerate(node.inputs)] + [mask]
-    out = b.op(node.op, inputs, name=node.outputs[0].name, **{**node.attrs, "causal": False})
+    attrs = {k: v for k, v in node.attrs.items() if k != "window"}  # the window is the mask's now
+    out = b.op(node.op, inputs, name=node.outputs[0].name, **{**attrs, "causal": False})
     splice(graph, node, b.nodes, replace=True)
     graph.replace_uses(node.outputs[0], out)
 

@@ -109,19 +109,34 @@ class MaskProver:
         kind: "keep" (bool, True = may attend), "drop" (bool, True = masked out) or "bias" (added to the scores:
         0 where kept, -inf or at most the dtype's lowest where masked).
         """
+        return self.causal_window(mask, kind, scores) == 0
+
+    def causal_window(self, mask: Value, kind: str, scores: TensorType) -> int | None:
+        """0 when `mask` is exactly bottom-right causal masking (see is_causal), W when it is causal with a sliding
+        window of W keys (key j kept for query i iff i + Tk - Tq - W < j <= i + Tk - Tq, W a constant), else
+        None."""
         e = self.element(mask)
         r = mask.type.rank
         if e is None or r < 2 or scores.rank < 2:
-            return False
+            return None
         try:
             e = _broadcast(e, mask.type.shape, r)  # a size-1 dim's coordinate is always 0
             keep = {"keep": lambda: _bool(e), "drop": lambda: sp.Not(_bool(e)),
                     "bias": lambda: _bias_keep(e, scores.dtype)}[kind]()
-            f = _one_inequality(keep) if keep is not None else None
+            fs = _inequalities(keep) if keep is not None else None
         except (NotProvable, TypeError, ValueError):  # sympy refusing an expression means "not proven"
-            return False
+            return None
         tq, tk = scores.shape[-2], scores.shape[-1]
-        return f is not None and sp.expand(f - (_C[r - 1] - _C[r - 2] - (tk - tq))) == 0
+        causal = _C[r - 1] - _C[r - 2] - (tk - tq)  # key - query - (Tk - Tq) <= 0
+        if not fs or not any(sp.expand(f - causal) == 0 for f in fs):
+            return None
+        rest = [f for f in fs if sp.expand(f - causal) != 0]
+        if not rest:
+            return 0
+        if len(rest) != 1:
+            return None
+        w = sp.expand(1 - (rest[0] + causal))  # the window's bound: query + Tk - Tq - W + 1 - key <= 0
+        return int(w) if w.is_Integer and int(w) >= 1 else None
 
 
 def _bias_keep(e: Any, dtype: DType) -> Any:
@@ -147,8 +162,9 @@ def _le_zero(rel: Any) -> Any:
     return f if f is not None and f.is_integer else None
 
 
-def _one_inequality(cond: Any) -> Any:
-    """f with cond <=> f <= 0 when cond is one integer inequality once its atoms are put in that form, else None.
+def _inequalities(cond: Any) -> list[Any] | None:
+    """[f1, ...] with cond <=> all fi <= 0 when cond is a conjunction of integer inequalities once its atoms are put
+    in that form, else None.
 
     Each atom becomes a boolean symbol standing for `g <= 0`, with `not (g <= 0)` written as `1 - g <= 0`, so
     atoms that differ only in how they are written (c1 - c0 >= 1, c0 < c1) become one symbol before
@@ -176,11 +192,15 @@ def _one_inequality(cond: Any) -> Any:
     except NotProvable:
         return None
     by_symbol = {s: f for f, s in names.items()}
-    if isinstance(b, sp.Symbol):
-        return by_symbol[b]
-    if isinstance(b, sp.Not) and isinstance(b.args[0], sp.Symbol):
-        return sp.expand(1 - by_symbol[b.args[0]])
-    return None
+
+    def one(x: Any) -> Any:
+        if isinstance(x, sp.Symbol):
+            return by_symbol[x]
+        if isinstance(x, sp.Not) and isinstance(x.args[0], sp.Symbol):
+            return sp.expand(1 - by_symbol[x.args[0]])
+        return None
+    fs = [one(x) for x in (b.args if isinstance(b, sp.And) else (b,))]
+    return None if any(f is None for f in fs) else fs
 
 
 # -- element rules: node, its inputs' elements (each in its own coordinates) -> the node's element ---------------

@@ -33,7 +33,8 @@ The steps, in this order:
    one is measured again and replaced.
 
 If no candidate fits the budget and passes the gates, NoCacheKindError carries the measured table. The choice
-and the table are logged (logger "caramba", INFO) whether measured or read from the plan file.
+and the table are logged (logger "caramba", INFO) whether measured or read from the plan file; the decision's
+`reason` says in one line why it was chosen (what `caramba generate --cache-kind auto` prints with the table).
 
 Cost: by default 4 windows x 256 tokens and 16 decode steps per candidate (6 candidates for DBA, 5 for standard
 attention), each executor lowered once (CompiledModel.executor keeps it). Pass ProbeSettings to trade precision
@@ -50,7 +51,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -123,6 +124,7 @@ class CacheDecision:
     from_plan_file: bool
     plan_path: Path | None = None
     signature: PlanSignature | None = None  # None when no plan file was asked for
+    reason: str = ""  # why it was chosen, one line: "the fastest of 4 passing ..." or "from plan file ..."
 
 
 @dataclass
@@ -166,15 +168,19 @@ class Quality:
 # The policy
 # ---------------------------------------------------------------------------------------------------------------
 def choose_cache(cm: CompiledLike, config: GenerateConfig, batch: int, *, eval_text: EvalText = None,
-                 benchmark: bool = True, probe: ProbeSettings | None = None) -> CacheDecision:
+                 benchmark: bool = True, probe: ProbeSettings | None = None,
+                 progress: Callable[[str], None] | None = None) -> CacheDecision:
     """Run SPEC §6 for `cm` generating `batch` rows under `config` (its budget, gates, qblock, ring, max_seq_len
     and plan path); see the module docstring. eval_text: None (the default text), text, a path, or token ids
     (a sequence of ints or a 1-D tensor: for models whose tokens are not bytes). probe: how much to measure
-    (default DEFAULT_PROBE). Raises NoCacheKindError, with the table, when nothing fits and passes."""
+    (default DEFAULT_PROBE). progress, when given, is called with a short line as each measurement starts (a
+    status line for the seconds this takes). Raises NoCacheKindError, with the table, when nothing fits and
+    passes."""
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
     if not isinstance(config, GenerateConfig):
         raise TypeError(f"config must be a GenerateConfig, got {type(config).__name__}")
+    config = config.resolved(cm.max_positions)  # max_seq_len None: the model's maximum
     probe = DEFAULT_PROBE if probe is None else probe
     layout = cm.cache_layout
     cands = candidates(layout.names)
@@ -193,19 +199,24 @@ def choose_cache(cm: CompiledLike, config: GenerateConfig, batch: int, *, eval_t
         signature = _signature(cm, config, batch, tokens, benchmark, probe, cands)
         plan = _load_plan(plan_file, signature, probe.reprobe_s)
         if plan is not None and plan.choice in cands:
-            decision = _decision(cm, config, plan.choice, list(plan.table), True, plan_file.path, signature)
-            log.info("cache_kind 'auto': %s, from plan file %s (measured %s; re-probed after %s):\n%s",
-                     plan.choice, plan_file.path, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(plan.created)),
-                     _age(probe.reprobe_s), decision.table)
+            why = (f"from plan file {plan_file.path} (measured "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(plan.created))}; re-probed after "
+                   f"{_age(probe.reprobe_s)})")
+            decision = _decision(cm, config, plan.choice, list(plan.table), True, plan_file.path, signature, why)
+            log.info("cache_kind 'auto': %s, %s:\n%s", plan.choice, why, decision.table)
             return decision
 
+    say = progress or (lambda line: None)
     quality = measure_quality(cm, [row.candidate for row in fits], tokens, probe, qblock=config.cache_qblock,
-                              residual_len=config.cache_residual_len)
+                              residual_len=config.cache_residual_len, progress=say)
     gated = [_gate(row, quality[row.candidate], config) for row in fits]
     survivors = [row for row in gated if row.passed]
     if survivors and benchmark:
-        speeds = {row.candidate: benchmark_decode(cm, _cache_config(layout, row.candidate, config), batch, probe,
-                                                  tokens) for row in survivors}
+        speeds = {}
+        for i, row in enumerate(survivors, 1):
+            say(f"timing decode with the {row.candidate} cache ({i}/{len(survivors)})")
+            speeds[row.candidate] = benchmark_decode(cm, _cache_config(layout, row.candidate, config), batch, probe,
+                                                     tokens)
         gated = [_with(row, tokens_per_s=speeds[row.candidate]) if row.passed else row for row in gated]
         survivors = [row for row in gated if row.passed]
     rows = _in_order(cands, gated + over)
@@ -217,19 +228,21 @@ def choose_cache(cm: CompiledLike, config: GenerateConfig, batch: int, *, eval_t
         best = max(survivors, key=lambda row: (row.tokens_per_s, -cands.index(row.candidate)))
     else:
         best = min(survivors, key=lambda row: (row.nbytes, cands.index(row.candidate)))
-    decision = _decision(cm, config, best.candidate, rows, False, plan_file.path if plan_file else None, signature)
     saved = plan_file is not None and _save_plan(plan_file, Plan(signature, best.candidate, tuple(rows),
                                                                   plan_file.clock()))
-    log.info("cache_kind 'auto': %s, the %s of %d passing%s:\n%s", best.candidate,
-             "fastest" if benchmark else "smallest (benchmark off)", len(survivors),
-             f"; saved to plan file {plan_file.path}" if saved else "", decision.table)
+    why = (f"the {'fastest' if benchmark else 'smallest (benchmark off)'} of the {len(survivors)} of "
+           f"{len(cands)} candidates that fit the budget and pass the quality gates against fp16"
+           f"{f'; saved to plan file {plan_file.path}' if saved else ''}")
+    decision = _decision(cm, config, best.candidate, rows, False, plan_file.path if plan_file else None, signature,
+                         why)
+    log.info("cache_kind 'auto': %s, %s:\n%s", best.candidate, why, decision.table)
     return decision
 
 
 def _decision(cm: CompiledLike, config: GenerateConfig, chosen: Candidate, rows: list[CandidateRow],
-              from_plan: bool, path: Path | None, signature: PlanSignature | None) -> CacheDecision:
+              from_plan: bool, path: Path | None, signature: PlanSignature | None, why: str) -> CacheDecision:
     return CacheDecision(_cache_config(cm.cache_layout, chosen, config), chosen, rows, format_table(rows, chosen),
-                         from_plan, path, signature)
+                         from_plan, path, signature, why)
 
 
 def _cache_config(layout, candidate: Candidate, config: GenerateConfig) -> CacheConfig:
@@ -288,7 +301,8 @@ def _signature(cm: CompiledLike, config: GenerateConfig, batch: int, tokens: tor
     device = _device(cm)
     if device.type == "cpu" and benchmark:
         options["cpu_threads"] = torch.get_num_threads()  # CPU speed depends on it as much as on the chip
-    return PlanSignature.of(model, cm.graph.weights, device, cm.dtype.torch, batch, config.max_seq_len, options)
+    length = config.max_seq_len or cm.max_positions  # None: the model's maximum, as choose_cache resolves it
+    return PlanSignature.of(model, cm.graph.weights, device, cm.dtype.torch, batch, length, options)
 
 
 def _load_plan(plan_file: PlanFile, signature: PlanSignature, max_age_s: float | None) -> Plan | None:
@@ -352,7 +366,8 @@ def eval_tokens(eval_text: EvalText, probe: ProbeSettings, vocab_size: int) -> t
 
 
 def measure_quality(cm: CompiledLike, cands: Sequence[Candidate], tokens: torch.Tensor, probe: ProbeSettings, *,
-                    qblock: int = 32, residual_len: int = 0) -> dict[Candidate, Quality]:
+                    qblock: int = 32, residual_len: int = 0,
+                    progress: Callable[[str], None] | None = None) -> dict[Candidate, Quality]:
     """Each candidate's Quality against an fp16 cache on `tokens` (eval_tokens), by the procedure of the module
     docstring. The fp16 reference runs once; an fp16 candidate gets exactly (0, 1, 0) from it."""
     tokens, probe = _fit_to_model(cm, tokens, probe)
@@ -363,9 +378,12 @@ def measure_quality(cm: CompiledLike, cands: Sequence[Candidate], tokens: torch.
         return cm.executor(CacheConfig.of(cm.cache_layout, kind, max_seq_len=length, qblock=qblock,
                                           residual_len=ring))
 
+    say = progress or (lambda line: None)
+    say(f"measuring the {REFERENCE_KIND} reference on {tokens.shape[0]} x {tokens.shape[1]} tokens")
     reference = probe_run(executor(REFERENCE_KIND), tokens, probe)
     out = {}
-    for c in cands:
+    for i, c in enumerate(cands, 1):
+        say(f"measuring the quality of the {c} cache ({i}/{len(cands)})")
         run = reference if c == Candidate.of(REFERENCE_KIND, c.names) else \
             probe_run(executor(c.mapping), tokens, probe, reference)
         delta = run.nll - reference.nll

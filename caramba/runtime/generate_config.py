@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from os import PathLike
 from pathlib import Path
 from typing import Mapping, NoReturn
@@ -112,6 +112,10 @@ class GenerateConfig:
     prefix by probability that reaches p. eos_token_id is an int, or a set/list of ints (held as a frozenset).
     seed None draws a fresh seed per Generator; an int makes sampling reproducible.
 
+    max_seq_len: the longest conversation (prompt + new tokens) the cache holds. None (the default) means the
+    model's maximum, resolved by the Generator (`resolved`): the positions it was compiled for, or an executor's
+    max_seq_len. An explicit value past the model's positions is an error there.
+
     cache_kind: one kind for every cached tensor ("fp32", "fp16", "bf16", "q8_0", "q4_0", "nf4"; case-insensitive,
     stored canonical), a per-tensor mapping naming exactly k, v or k_sem, k_geo, v (e.g. {"k_sem": "q8_0",
     "k_geo": "q8_0", "v": "q4_0"}), or "auto" for the policy of SPEC §6, which uses cache_budget_mb (MiB),
@@ -132,7 +136,7 @@ class GenerateConfig:
     top_k: int | None = None
     top_p: float | None = None
     eos_token_id: EosSpec | None = None
-    max_seq_len: int = 2048
+    max_seq_len: int | None = None
     seed: int | None = None
     cache_kind: CacheKindSpec = "fp16"
     cache_qblock: int = 32
@@ -158,10 +162,27 @@ class GenerateConfig:
 
     def _check_lengths(self) -> None:
         check_int("max_new_tokens", self.max_new_tokens, 1)
+        if self.max_seq_len is None:
+            return  # the model's maximum: checked by resolved() once the model is known
         check_int("max_seq_len", self.max_seq_len, 2)
         if self.max_new_tokens >= self.max_seq_len:
             _fail("max_new_tokens", f"{self.max_new_tokens} leaves no room for a prompt in max_seq_len "
                   f"{self.max_seq_len}", "lower max_new_tokens or raise max_seq_len")
+
+    def resolved(self, positions: int) -> "GenerateConfig":
+        """This config for a model of `positions` positions: max_seq_len None becomes `positions`; an explicit
+        max_seq_len past them is an error (the cache would hold positions the model was never compiled for)."""
+        if self.max_seq_len is not None:
+            if self.max_seq_len > positions:
+                _fail("max_seq_len", f"{self.max_seq_len} exceeds the {positions} positions this model was compiled "
+                      f"for", f"pass GenerateConfig(max_seq_len<={positions}) or None (the model's maximum), or "
+                      f"compile with caramba.compile(model, max_seq_len={self.max_seq_len}) (past the model's own "
+                      f"positions that also needs allow_extrapolation=True)")
+            return self
+        if self.max_new_tokens >= positions:
+            _fail("max_new_tokens", f"{self.max_new_tokens} leaves no room for a prompt in the model's {positions} "
+                  "positions (max_seq_len None: the model's maximum)", f"lower max_new_tokens below {positions}")
+        return replace(self, max_seq_len=positions)
 
     def _check_cache(self) -> None:
         object.__setattr__(self, "cache_kind", _check_cache_kind(self.cache_kind))
@@ -170,7 +191,7 @@ class GenerateConfig:
         except CacheKindError as e:
             raise GenerateConfigError(f"cache_qblock: {e}") from e
         check_int("cache_residual_len", self.cache_residual_len, 0)
-        if self.cache_residual_len > self.max_seq_len:
+        if self.max_seq_len is not None and self.cache_residual_len > self.max_seq_len:
             _fail("cache_residual_len", f"{self.cache_residual_len} exceeds max_seq_len {self.max_seq_len}",
                   "the fp16 ring holds at most max_seq_len tokens")
         _check_budget(self.cache_budget_mb)

@@ -72,9 +72,12 @@ def prompt_rows(input_ids: Prompt, attention_mask: torch.Tensor | None = None) -
         ids = input_ids.reshape(-1, input_ids.shape[-1]).cpu()
         if attention_mask is None:
             return ids.tolist()
-        mask = attention_mask.reshape(ids.shape).cpu().bool() if isinstance(attention_mask, torch.Tensor) else None
-        if mask is None or mask.shape != ids.shape:
-            raise InputError(f"attention_mask must be a tensor shaped like input_ids {list(ids.shape)}")
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            got = list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else \
+                type(attention_mask).__name__
+            raise InputError(f"attention_mask must be a tensor shaped like input_ids {list(input_ids.shape)} (1 = "
+                             f"token, 0 = left padding), got {got}")
+        mask = attention_mask.reshape(ids.shape).cpu().bool()
         rows = []
         for b in range(ids.shape[0]):
             n = int(mask[b].sum())
@@ -92,6 +95,15 @@ def prompt_rows(input_ids: Prompt, attention_mask: torch.Tensor | None = None) -
         return [list(r) for r in input_ids]
     raise InputError(f"input_ids must be a tensor, a list of ints or a list of lists of ints, got "
                      f"{type(input_ids).__name__}")
+
+
+def check_eos(config: GenerateConfig, vocab: int) -> None:
+    """EOS ids must be tokens of the model: one past the vocabulary never ends a row, and the padding fed to
+    finished rows (pad_id) would be out of range."""
+    bad = sorted(t for t in config.eos_ids if t >= vocab)
+    if bad:
+        raise GenerateConfigError(f"eos_token_id: {bad} outside the model's vocabulary [0, {vocab}); pass the EOS id "
+                                  f"of the tokenizer that goes with this model")
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
@@ -146,10 +158,13 @@ class Generator:
     """Stateful generation over a compiled model (or an Executor) with a KV cache; see the module doc."""
 
     def __init__(self, model: CompiledLike | Executor, config: GenerateConfig | None = None) -> None:
-        self.config = config if config is not None else GenerateConfig()
-        if not isinstance(self.config, GenerateConfig):
-            raise TypeError(f"config must be a GenerateConfig, got {type(self.config).__name__}")
+        config = config if config is not None else GenerateConfig()
+        if not isinstance(config, GenerateConfig):
+            raise TypeError(f"config must be a GenerateConfig, got {type(config).__name__}")
         check_model("model", model)
+        # max_seq_len None: the model's maximum (an executor's own max_seq_len); an explicit one past it is refused
+        self.config = config.resolved(model.max_seq_len if isinstance(model, Executor) else model.max_positions)
+        check_eos(self.config, model.vocab_size)
         self.model = model
         self._executor: Executor | None = model if isinstance(model, Executor) else None
         self.cache: KVCache | None = None
@@ -183,11 +198,6 @@ class Generator:
 
     def _resolve_executor(self, batch: int) -> Executor:
         cm, c = self.model, self.config
-        if c.max_seq_len > cm.max_positions:
-            raise GenerateConfigError(
-                f"max_seq_len: {c.max_seq_len} exceeds the {cm.max_positions} positions this model was compiled "
-                f"for; pass GenerateConfig(max_seq_len<={cm.max_positions}) or compile with "
-                f"caramba.compile(model, max_seq_len={c.max_seq_len})")
         if c.cache_kind == "auto":
             from caramba.runtime.cache_policy import choose_cache
 

@@ -166,8 +166,9 @@ class SpeculativeGenerator:
         """Generator's checks, before any work: rows, ids, and the length against max_seq_len (and against the
         max_seq_len of executors passed in directly, which the loop cannot exceed either)."""
         c = self.config
-        limit = min([c.max_seq_len] + [g.model.max_seq_len for g in (self._target, self._draft)
-                                       if isinstance(g.model, Executor)])
+        # each Generator resolved its own max_seq_len (None in the config: its model's maximum)
+        limit = min([g.config.max_seq_len for g in (self._target, self._draft)] +
+                    [g.model.max_seq_len for g in (self._target, self._draft) if isinstance(g.model, Executor)])
         plan_feed("SpeculativeGenerator", self.tokens, rows, self._target.model.vocab_size, c.max_new_tokens, limit)
         self._target._ensure(len(rows))
         self._draft._ensure(len(rows))

@@ -49,7 +49,7 @@ class Cached:
                               kind, x.shape[2], 32, capacity)
 
 
-def reference(q, keys, v, scales, kv_heads, positions, window=None, residual=0):
+def reference(q, keys, v, scales, kv_heads, positions, window=None, residual=0, softcap=0.0, sliding=0):
     """float64 attention: the query of row b at positions[b][s] sees keys 0 .. that position, read exact (fp16)
     iff max(window[b], p - R + 1) <= j when the tensor has a ring, else through its kind."""
     batch, heads, n_q = q[0].shape[:3]
@@ -59,19 +59,22 @@ def reference(q, keys, v, scales, kv_heads, positions, window=None, residual=0):
     for b in range(batch):
         for s in range(n_q):
             p = int(positions[b][s])
-            j = torch.arange(p + 1)
+            first = max(0, p + 1 - sliding) if sliding else 0
+            j = torch.arange(first, p + 1)
             exact = j >= (max(int(window[b]), p - residual + 1) if window is not None else p + 1)
 
             def read(t, h, d):
                 cols = slice(h * d, (h + 1) * d)
-                stored = t.stored[b, :p + 1, cols]
+                stored = t.stored[b, first:p + 1, cols]
                 if t.view.ring is None:
                     return stored
-                return torch.where(exact[:, None], t.x[b, :p + 1, cols].half().double(), stored)
+                return torch.where(exact[:, None], t.x[b, first:p + 1, cols].half().double(), stored)
             for h in range(heads):
                 kvh = h // group
                 score = sum(sc * (read(t, kvh, qi.shape[-1]) @ qi[b, h, s].double())
                             for qi, t, sc in zip(q, keys, scales))
+                if softcap:
+                    score = softcap * torch.tanh(score / softcap)
                 out[b, h, s] = torch.softmax(score, 0) @ read(v, kvh, dv)
     return out
 
@@ -242,3 +245,29 @@ def test_a_pipeline_allowing_fewer_threads_gets_fewer_simdgroups(monkeypatch):
         k = Pipeline()
     with pytest.raises(shaders.ThreadgroupTooLarge, match="256 threads, but its compiled pipeline allows 128"):
         shaders.dispatch(Lib(), "k", threads=256, group_size=256, device=torch.device("mps"))
+
+
+@pytest.mark.parametrize("family", ["gqa", "dba"])
+def test_soft_capping_and_a_sliding_window(order, family):
+    """Gemma 2's variants: scores soft-capped (cap · tanh(s / cap)) and only the last W keys visible, at decode
+    (split-K over the window: partitions start at the window's first key) and prefill, with and without a ring."""
+    lengths = [37, 5]
+    heads, kv_heads, dims, keys, v, scales, g = tensors(family, ["q8_0", "q4_0"], 2, 40, 9, lengths, capacity=8)
+    q = [torch.randn(2, heads, d, generator=g) * 4 for d in dims]  # large scores: the cap matters
+    ready = torch.tensor(lengths, dtype=torch.int32)
+    window = torch.tensor([32, 0], dtype=torch.int32)
+    kw = dict(scales=scales, kv_heads=kv_heads, softcap=5.0, sliding=11)
+    got = A.decode_attention(q, [t.view for t in keys], v.view, ready, window=window, residual_len=8, partitions=3,
+                             **kw)
+    positions = (ready - 1)[:, None]
+    want = reference([x[:, :, None] for x in q], keys, v, scales, kv_heads, positions, window, 8, 5.0, 11)
+    check(got, want[:, :, 0], torch.float32)
+    assert (reference([x[:, :, None] for x in q], keys, v, scales, kv_heads, positions, window, 8) - want).abs().max() > 1e-3
+    plain = tensors(family, ["nf4"], 2, 30, 10)
+    heads, kv_heads, dims, keys, v, scales, g = plain
+    q = [torch.randn(2, heads, 7, d, generator=g) * 4 for d in dims]
+    starts = torch.tensor([0, 19], dtype=torch.int64)
+    got = A.prefill_attention(q, [t.view for t in keys], v.view, starts, **{**kw, "scales": scales,
+                                                                             "kv_heads": kv_heads})
+    check(got, reference(q, keys, v, scales, kv_heads, starts[:, None] + torch.arange(7), softcap=5.0, sliding=11),
+          torch.float32)

@@ -175,7 +175,7 @@ def test_cli_export_then_standalone_generation_equals_caramba(tmp_path, kind):
     (["--cache-mode", "scatter", "--opset", "23"], "opset 24"),
     (["--cache-mode", "scatter", "--cache-layout", "optimum"], "needs cache_layout 'caramba'"),
     (["--cache-mode", "scatter", "--ort-contrib"], "cannot be combined with cache_mode='scatter'"),
-    (["--max-seq-len", "1"], "--max-seq-len must be at least 2"),
+    (["--max-seq-len", "1"], "--max-seq-len must be at least 5"),
     (["--opset", "22"], "invalid choice: 22"),
     (["--model", "nope"], "nope"),
 ])

@@ -255,12 +255,19 @@ NOT_FUSED = {
   %i: i64[seq] = arange() {start = 0, end = <seq>, step = 1, dtype = i64}
   %pad: bool[seq] = gt(%i) {scalar = 3}
   %m: f32[batch, 4, seq, seq] = masked_fill(%ss, %pad) {value = -inf}"""),
-    "sliding-window": lambda: chain("""
+    "window-without-causal": lambda: chain("""
+  %i: i64[seq] = arange() {start = 0, end = <seq>, step = 1, dtype = i64}
+  %qi: i64[seq, 1] = unsqueeze(%i) {dim = 1}
+  %ki: i64[1, seq] = unsqueeze(%i) {dim = 0}
+  %lo: i64[seq, 1] = sub(%qi) {scalar = 3}
+  %old: bool[seq, seq] = le(%ki, %lo)
+  %m: f32[batch, 4, seq, seq] = masked_fill(%ss, %old) {value = -inf}"""),
+    "window-of-positions-not-a-constant": lambda: chain("""
   %i: i64[seq] = arange() {start = 0, end = <seq>, step = 1, dtype = i64}
   %qi: i64[seq, 1] = unsqueeze(%i) {dim = 1}
   %ki: i64[1, seq] = unsqueeze(%i) {dim = 0}
   %fut: bool[seq, seq] = gt(%ki, %qi)
-  %lo: i64[seq, 1] = sub(%qi) {scalar = 3}
+  %lo: i64[seq, 1] = sub(%qi, %qi)
   %old: bool[seq, seq] = le(%ki, %lo)
   %drop: bool[seq, seq] = logical_or(%fut, %old)
   %m: f32[batch, 4, seq, seq] = masked_fill(%ss, %drop) {value = -inf}"""),
@@ -273,6 +280,25 @@ NOT_FUSED = {
                                   inputs=QKV + ", %c: f32[1]"),
     "softmax-over-queries": lambda: chain(MASKED, softmax=SOFTMAX.replace("dim = -1", "dim = -2")),
 }
+
+
+def test_a_sliding_window_mask_fuses_as_the_window_attribute():
+    """drop = key > query | key <= query - 3: causal with a window of 3 keys (Mistral's form), proven for every
+    length: the mask goes, the op says causal with window 3, and the numerics are unchanged."""
+    before = chain("""
+  %i: i64[seq] = arange() {start = 0, end = <seq>, step = 1, dtype = i64}
+  %qi: i64[seq, 1] = unsqueeze(%i) {dim = 1}
+  %ki: i64[1, seq] = unsqueeze(%i) {dim = 0}
+  %fut: bool[seq, seq] = gt(%ki, %qi)
+  %lo: i64[seq, 1] = sub(%qi) {scalar = 3}
+  %old: bool[seq, seq] = le(%ki, %lo)
+  %drop: bool[seq, seq] = logical_or(%fut, %old)
+  %m: f32[batch, 4, seq, seq] = masked_fill(%ss, %drop) {value = -inf}""")
+    after, counts = run(fuse_attention, before)
+    assert counts == {"attention": 1}
+    (node,) = fused(after, "attention")
+    assert node.attrs["causal"] is True and node.attrs["window"] == 3 and len(node.inputs) == 3
+    assert_same_numerics(before, after)
 
 
 @pytest.mark.parametrize("case", sorted(NOT_FUSED))
@@ -332,10 +358,21 @@ def test_sdpa_with_a_provably_causal_mask_drops_the_mask():
     assert_same_numerics(before, after)
 
 
-@pytest.mark.parametrize("mask", ["window", "input"])
+def test_sdpa_with_a_sliding_window_mask_becomes_the_window_attribute():
+    """Key position <= query position and > query position - 3, gathered per row (Hugging Face's form)."""
+    before = sdpa(WINDOW, ", %mask) {scale = 0.25}")
+    after, counts = run(fuse_attention, before)
+    assert counts == {"attention": 1}
+    (node,) = fused(after, "attention")
+    assert node.attrs == {"scale": 0.25, "causal": True, "window": 3}
+    assert [v.name for v in node.inputs] == ["q", "k", "v"]
+    assert_same_numerics(before, after)
+
+
+@pytest.mark.parametrize("mask", ["input"])
 def test_sdpa_mask_that_is_not_causal_stays_an_input(mask):
     inputs = QKV + (", %mask: f32[batch, 1, seq, seq]" if mask == "input" else "")
-    before = sdpa(WINDOW if mask == "window" else "", ", %mask) {scale = 0.25}", inputs=inputs)
+    before = sdpa("", ", %mask) {scale = 0.25}", inputs=inputs)
     after, counts = run(fuse_attention, before)
     assert counts == {"attention": 1, "attention_explicit_mask": 1}
     (node,) = fused(after, "attention")
@@ -416,10 +453,11 @@ MODELS = {
     "llama": lambda: hf_model("llama"),
     "llama-eager": lambda: hf_model("llama", attn_implementation="eager"),  # matmul chain, additive fp32 mask
     "qwen2": lambda: hf_model("qwen2"),
-    "mistral": lambda: hf_model("mistral"),  # window 4096: not causal for every length, so kept as a mask
+    "mistral": lambda: hf_model("mistral"),  # window 4096: not causal for every length: the op's window
     "mistral-window4": lambda: hf_model("mistral", sliding_window=4),
 }
-EXPLICIT_MASK = {"mistral", "mistral-window4"}
+EXPLICIT_MASK: set[str] = set()  # sliding windows fuse as the op's window (Mistral's, proven for every length)
+MODEL_WINDOWS = {"mistral": 4096, "mistral-window4": 4}
 FP16 = ["tiny-gqa", "llama"]
 
 
@@ -447,6 +485,7 @@ def test_model_fuses_one_attention_per_layer(name, dtype):
         assert node.inputs[1].type.shape[1] == kv_heads  # k before repeat_kv
         assert node.attrs["causal"] is (name not in EXPLICIT_MASK)
         assert len(node.inputs) == (4 if name in EXPLICIT_MASK else 3)
+        assert node.attrs.get("window", 0) == MODEL_WINDOWS.get(name, 0)
     assert counts.get("attention_explicit_mask", 0) == (layers if name in EXPLICIT_MASK else 0)
 
 

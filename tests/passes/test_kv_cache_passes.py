@@ -211,11 +211,22 @@ def test_table_shorter_than_the_cache_is_refused():
         lower(cm, CacheConfig.of(cm.cache_layout, "fp16", max_seq_len=64))
 
 
-def test_sliding_window_attention_is_refused_clearly():
-    """A mask that is not plain causal cannot be cached yet; the error says so instead of caching wrongly."""
-    cm = caramba.compile(hf_model("mistral", sliding_window=4), target="eager")
-    with pytest.raises(CarambaError, match="not plain causal attention"):
-        lower(cm, CacheConfig.of(cm.cache_layout, "fp16", max_seq_len=64))
+def test_a_sliding_window_moves_into_the_cached_mask():
+    """Mistral's window (4 keys) is the fused op's attribute; lowering puts it in the position mask and the cached
+    op, whose reference then sees only the last 4 keys: prefill + decode logits equal the uncached model's."""
+    model = hf_model("mistral", sliding_window=4)
+    cm = caramba.compile(model, target="eager")
+    program = lower(cm, CacheConfig.of(cm.cache_layout, "fp32", max_seq_len=64))
+    cached = [n for n in program.decode.nodes if n.op == "cached_attention"]
+    assert cached and all(n.attrs["window"] == 4 for n in cached)
+    ids = torch.randint(0, 90, (1, 10), generator=torch.Generator().manual_seed(2))
+    ex = cm.executor(CacheConfig.of(cm.cache_layout, "fp32", max_seq_len=64))
+    cache = ex.new_cache(1)
+    got = torch.cat([ex.forward(ids[:, :7], torch.arange(7)[None], cache)] +
+                    [ex.forward(ids[:, t:t + 1], torch.tensor([[t]]), cache) for t in range(7, 10)], dim=1)
+    with torch.no_grad():
+        want = model(ids).logits
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 def test_dumps_show_each_cache_pass(tmp_path, compiled):

@@ -14,7 +14,7 @@ from caramba.runtime.generate_config import GenerateConfig, GenerateConfigError,
 def test_generate_defaults_are_spec_section_4():
     c = GenerateConfig()
     assert (c.max_new_tokens, c.temperature, c.top_k, c.top_p, c.eos_token_id) == (64, 1.0, None, None, None)
-    assert (c.max_seq_len, c.seed, c.cache_kind, c.cache_qblock, c.cache_residual_len) == (2048, None, "fp16", 32, 0)
+    assert (c.max_seq_len, c.seed, c.cache_kind, c.cache_qblock, c.cache_residual_len) == (None, None, "fp16", 32, 0)
     assert (c.cache_budget_mb, c.cache_plan_path, c.decode_plan) == (None, None, "auto")
     assert (c.max_delta_nll, c.max_ppl_ratio, c.max_mean_kl) == (0.05, 1.05, 0.05)
     assert c.eos_ids == frozenset() and not c.greedy
@@ -96,7 +96,7 @@ def test_paths_greedy_and_gates_off():
     ({"cache_qblock": 33}, "cache_qblock: qblock must be a positive even integer (e.g. 32), got 33"),
     ({"cache_qblock": -32}, "cache_qblock: qblock must be a positive even integer"),
     ({"cache_residual_len": -1}, "cache_residual_len: expected an integer >= 0, got -1"),
-    ({"cache_residual_len": 4096}, "cache_residual_len: 4096 exceeds max_seq_len 2048"),
+    ({"cache_residual_len": 4096, "max_seq_len": 2048}, "cache_residual_len: 4096 exceeds max_seq_len 2048"),
     ({"cache_budget_mb": 0}, "cache_budget_mb: expected a positive finite number or None, got 0"),
     ({"cache_budget_mb": -10.0}, "cache_budget_mb: expected a positive finite number"),
     ({"cache_budget_mb": math.inf}, "cache_budget_mb: expected a positive finite number"),

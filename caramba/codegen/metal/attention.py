@@ -161,6 +161,14 @@ def _check_simdgroups(simdgroups: int, dv: int, group: int) -> int:
     return simdgroups
 
 
+def _variants(softcap: float, sliding: int) -> tuple[float, int]:
+    if not isinstance(softcap, (int, float)) or softcap < 0:
+        raise AttentionLaunchError(f"softcap must be a float >= 0 (0: none), got {softcap!r}")
+    if not isinstance(sliding, int) or sliding < 0:
+        raise AttentionLaunchError(f"sliding must be an int >= 0 (0: no window), got {sliding!r}")
+    return float(softcap), sliding
+
+
 def _fitted(spec: _Spec, device: torch.device) -> tuple[_Spec, object]:
     """The spec's compiled library, with fewer simdgroups while its pipeline allows fewer threads a threadgroup than
     it asks for (a kernel holding many heads' state in registers)."""
@@ -173,10 +181,12 @@ def _fitted(spec: _Spec, device: torch.device) -> tuple[_Spec, object]:
 
 def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: CacheView, ready: torch.Tensor, *,
                      scales: Sequence[float], kv_heads: int, window: torch.Tensor | None = None,
-                     residual_len: int = 0, partitions: int = 1, simdgroups: int = 4) -> torch.Tensor:
+                     residual_len: int = 0, partitions: int = 1, simdgroups: int = 4, softcap: float = 0.0,
+                     sliding: int = 0) -> torch.Tensor:
     """One query per row against keys 0 .. ready[b] - 1. q: 1 or 2 tensors (B, H, d_i); k: a CacheView per term;
     v: the values' view; ready (B,) int32/int64; window (B,) int32 (each row's ring start) when a view has a ring;
-    partitions: split-K partitions (a combine kernel merges them); simdgroups: 1, 2, 4 or 8 (32 threads each).
+    partitions: split-K partitions (a combine kernel merges them); simdgroups: 1, 2, 4 or 8 (32 threads each);
+    softcap: scores soft-capped, cap · tanh(s / cap) (0: none); sliding: only the last `sliding` keys (0: all).
     Returns (B, H, d_v) in q's dtype."""
     q = _check_queries(q, 3, len(k))
     keys, vt = _common(q, k, v, scales, kv_heads, residual_len)
@@ -191,7 +201,8 @@ def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cache
     views = (*k, v)
     capacity = max((view.capacity for view in views if view.ring is not None), default=0)
     spec = _Spec("decode", keys, vt, tuple(float(s) for s in scales), heads, kv_heads, msl_type(q[0].dtype),
-                 "int" if ready.dtype == torch.int32 else "long", partitions, simdgroups, residual_len, capacity)
+                 "int" if ready.dtype == torch.int32 else "long", partitions, simdgroups, residual_len, capacity,
+                 *_variants(softcap, sliding))
     rows = [view.ring for view in views]
     spec, lib = _fitted(spec, device)
     out = torch.empty(batch, heads, vt.dim, dtype=q[0].dtype, device=device)
@@ -213,8 +224,8 @@ def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cache
 
 def prefill_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: CacheView, starts: torch.Tensor, *,
                       scales: Sequence[float], kv_heads: int, exact: Sequence[torch.Tensor | None] | None = None,
-                      window: torch.Tensor | None = None, residual_len: int = 0,
-                      simdgroups: int = 4) -> torch.Tensor:
+                      window: torch.Tensor | None = None, residual_len: int = 0, simdgroups: int = 4,
+                      softcap: float = 0.0, sliding: int = 0) -> torch.Tensor:
     """S queries per row, causal: query s of row b sits at position starts[b] + s and sees keys 0 .. that position
     (the cache after the step's append). q: 1 or 2 tensors (B, H, S, d_i). With a residual ring, `exact` holds per
     tensor (k terms, then v) LayerCache.read_exact's values (B, ctx, F) fp16, or None for a tensor without a ring,
@@ -243,7 +254,8 @@ def prefill_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cach
     if any(t.ringed for t in tensors):
         _check_rows("window (each row's ring start before the step)", window, batch, device)
     spec = _Spec("prefill", keys, vt, tuple(float(s) for s in scales), heads, kv_heads, msl_type(q[0].dtype),
-                 "int" if starts.dtype == torch.int32 else "long", 1, simdgroups, residual_len, 0)
+                 "int" if starts.dtype == torch.int32 else "long", 1, simdgroups, residual_len, 0,
+                 *_variants(softcap, sliding))
     spec, lib = _fitted(spec, device)
     out = torch.empty(batch, heads, n_q, vt.dim, dtype=q[0].dtype, device=device)
     args = [*q, *_buffers(views, tensors, rows), starts.contiguous()]

@@ -42,6 +42,8 @@ class _Spec:
     simdgroups: int
     residual_len: int
     capacity: int  # ring slots
+    softcap: float = 0.0  # cap · tanh(score / cap); 0: none
+    sliding: int = 0  # a sliding window of this many keys (j > p - sliding); 0: none
 
     @property
     def group(self) -> int:
@@ -60,7 +62,9 @@ class _Spec:
         parts = "_".join(f"{t.kind}{t.dim}{'r' if t.ringed else ''}" for t in self.tensors)
         scales = "_".join(f"{_bits(s):08x}" for s in self.scales)
         return (f"attn_{self.mode}_{parts}_h{self.heads}x{self.kv_heads}_{self.q_t}_{self.pos_t}_p{self.partitions}"
-                f"_sg{self.simdgroups}_r{self.residual_len}c{self.capacity}_q{self.keys[0].qblock}_{scales}")
+                f"_sg{self.simdgroups}_r{self.residual_len}c{self.capacity}_q{self.keys[0].qblock}_{scales}"
+                + (f"_cap{_bits(self.softcap):08x}" if self.softcap else "") + (f"_w{self.sliding}" if self.sliding
+                                                                                 else ""))
 
 
 def _bits(x: float) -> int:
@@ -78,7 +82,7 @@ _KERNEL = '''#include <metal_stdlib>
 using namespace metal;
 $TABLE
 // caramba $MODE attention: tensors $TENSORS, $HEADS heads over $KVH kv heads (G = $G), $P partition(s),
-// $NSG simdgroup(s) a threadgroup, ring: $RING
+// $NSG simdgroup(s) a threadgroup, ring: $RING, soft cap: $SOFTCAP, sliding window: $SLIDING
 kernel void $NAME(
 $SIGNATURE)
 {
@@ -90,8 +94,9 @@ $SIGNATURE)
     const uint kvh = (tg / ($P * $S)) % $KVH;
     const long b = long(tg / ($P * $S * $KVH));
 $POSITION
-    const long chunk = (n + $P - 1) / $P;
-    const long lo = long(part) * chunk;
+    const long first = $FIRST;  // the oldest visible key
+    const long chunk = (n - first + $P - 1) / $P;
+    const long lo = first + long(part) * chunk;
     const long hi = lo + chunk < n ? lo + chunk : n;
 $EXACT_FROM
 $QUERIES
@@ -252,6 +257,8 @@ def source(spec: _Spec) -> str:
                   f"            for (uint i = 0; i < {nf}; ++i) d{i} += q{i}r[g][i] * k{i}v[i];"]
         terms.append(f"{_f(sc)} * simd_sum(d{i})")
     score.append(f"            score[g] = {' + '.join(terms)};")
+    if spec.softcap:
+        score.append(f"            score[g] = {_f(spec.softcap)} * precise::tanh(score[g] / {_f(spec.softcap)});")
     values = _read(spec, spec.v, len(spec.keys), "vv")
     if spec.partitions > 1:  # partial row (acc, max, sum) of (row, head, partition)
         w = dv + 2
@@ -271,7 +278,9 @@ def source(spec: _Spec) -> str:
         P=spec.partitions, NSG=spec.simdgroups, TG=32 * spec.simdgroups, RING=(
             f"R={spec.residual_len}, {spec.capacity} slots" if spec.ringed else "none"),
         NAME=spec.name, SIGNATURE=_signature(params, builtins), DV=dv, NV=math.ceil(dv / 32),
-        S="n_q", POSITION=position, EXACT_FROM=exact_from, QUERIES="\n".join(queries), SENTINEL=SENTINEL,
+        SOFTCAP=spec.softcap or "none", SLIDING=spec.sliding or "none", S="n_q", POSITION=position,
+        FIRST=f"n > {spec.sliding} ? n - {spec.sliding} : 0" if spec.sliding else "0", EXACT_FROM=exact_from,
+        QUERIES="\n".join(queries), SENTINEL=SENTINEL,
         IS_EXACT=is_exact, KEYS=keys, SCORE="\n".join(score), VALUES=values, STORE=store)
 
 

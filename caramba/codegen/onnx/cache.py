@@ -164,6 +164,7 @@ class CacheLowering:
             self.mask = self._index_mask(past, attention_mask)
         elif mode != "contrib":
             self.mask = self._position_mask(b.op("Squeeze", [self.ctx]))
+        self._windowed: dict[int, str] = {}  # sliding window -> its mask (mask_for)
         self.present: dict[int, dict[str, tuple[str, str | None]]] = {}
         self.new: dict[int, dict[str, str]] = {}  # layer -> tensor -> the step's tokens as read, (B, S, F)
         self.outputs: list[tuple[str, CachePart]] = []
@@ -182,7 +183,21 @@ class CacheLowering:
         b = self.b
         keys = b.op("Range", [b.const(0), n_keys, b.const(1)], "keys")
         pos3 = b.op("Unsqueeze", [self.positions, b.const([2])], "pos3")  # (B, S, 1)
+        self._query_at = (keys, b.op("Unsqueeze", [pos3, b.const([1])], "pos4"))  # (n_keys,), (B, 1, S, 1)
         return b.op("Unsqueeze", [b.op("LessOrEqual", [keys, pos3], "visible"), b.const([1])], "mask")
+
+    def mask_for(self, window: int) -> str:
+        """The attention mask of a layer with a sliding window of `window` keys (0: the plain causal mask): the
+        causal mask and key j > p - window."""
+        if not window:
+            return self.mask
+        if window not in self._windowed:
+            b = self.b
+            keys, query = self._query_at
+            low = b.op("Sub", [query, b.const(window)], "window_low")
+            self._windowed[window] = b.op("And", [self.mask, b.op("Greater", [keys, low], "in_window")],
+                                          f"mask_w{window}")
+        return self._windowed[window]
 
     def _index_mask(self, past: str, attention_mask: str) -> str:
         """(B, 1, S, ctx) bool: key j visible to the step's token i iff j <= past + i and attention_mask[b, j]."""
@@ -190,7 +205,8 @@ class CacheLowering:
         ctx = b.op("Squeeze", [self.ctx])
         keys = b.op("Range", [b.const(0), ctx, b.const(1)], "keys")  # (ctx,)
         rows = b.op("Range", [b.op("Squeeze", [past]), ctx, b.const(1)], "query_index")  # (S,)
-        causal = b.op("LessOrEqual", [keys, b.op("Unsqueeze", [rows, b.const([1])])], "causal")  # (S, ctx)
+        self._query_at = (keys, b.op("Unsqueeze", [rows, b.const([1])], "query_at"))  # (ctx,), (S, 1)
+        causal = b.op("LessOrEqual", [keys, self._query_at[1]], "causal")  # (S, ctx)
         keep = b.op("Cast", [attention_mask], "keep", to=onnx_dtype(DType.bool))
         keep = b.op("Unsqueeze", [keep, b.const([1, 2])], "keep")  # (B, 1, 1, ctx)
         return b.op("And", [causal, keep], "mask")
@@ -400,16 +416,22 @@ class CacheLowering:
             q = b.op("Concat", [self._scaled(lw[n.inputs[0]], n.attrs["scale_sem"], q_dt),
                                 self._scaled(lw[n.inputs[1]], n.attrs["scale_geo"], q_dt)], "q_cat", axis=-1)
             scale, key_names = 1.0, ["k_sem", "k_geo"]
+        window, softcap = n.attrs.get("window", 0), float(n.attrs.get("softcap", 0.0))
         if self.mode == "contrib":
+            if window or softcap:
+                raise UnsupportedOpError(f"layer {layer}: the GroupQueryAttention path (ort_contrib) takes no "
+                                         f"sliding window or soft cap here; compile without ort_contrib")
             return [self._group_query_attention(layer, q, heads, hkv, scale, key_names, n.attrs["v_head_dim"])]
+        mask = self.mask_for(window)
+        cap = {"softcap": softcap} if softcap else {}
         if self.mode == "shadow":
             k, v = self.present[layer]["attn_key"][0], self.present[layer]["attn_value"][0]
-            return [b.op("Attention", [q, k, v, self.mask], "attention", scale=scale)]
+            return [b.op("Attention", [q, k, v, mask], "attention", scale=scale, **cap)]
         if self.layout == "optimum":
             keys = [self._bhsd(layer, t, q_dt, hkv) for t in key_names]
             k = keys[0] if len(keys) == 1 else b.op("Concat", keys, "k_cat", axis=-1)
             v = self._bhsd(layer, "v", q_dt, hkv)
-            return [b.op("Attention", [q, k, v, self.mask], "attention", scale=scale)]
+            return [b.op("Attention", [q, k, v, mask], "attention", scale=scale, **cap)]
         if len(key_names) == 1:
             k = self.read(layer, "k", q_dt)
         else:
@@ -418,7 +440,7 @@ class CacheLowering:
             k = b.op("Reshape", [b.op("Concat", per_head, "k_cat", axis=-1), b.const([0, 0, -1])], "k_cat")
         v = self.read(layer, "v", q_dt)
         q3 = b.op("Reshape", [b.op("Transpose", [q], perm=[0, 2, 1, 3]), b.const([0, 0, -1])], "q3")
-        y = b.op("Attention", [q3, k, v, self.mask], "attention", scale=scale, q_num_heads=heads, kv_num_heads=hkv)
+        y = b.op("Attention", [q3, k, v, mask], "attention", scale=scale, q_num_heads=heads, kv_num_heads=hkv, **cap)
         y = b.op("Reshape", [y, b.const([0, 0, heads, n.attrs["v_head_dim"]])], "y4")
         return [b.op("Transpose", [y], "attn_out", perm=[0, 2, 1, 3])]
 

@@ -78,14 +78,16 @@ class TritonKernels(Kernels):
         return attention.decode_attention(list(q), list(k), v, ready, scales=list(scales),
                                           kv_heads=attrs["kv_heads"], window=window,
                                           residual_len=attrs["residual_len"], partitions=choice.partitions,
-                                          block_n=choice.block_n)
+                                          block_n=choice.block_n, softcap=attrs.get("softcap", 0.0),
+                                          sliding=attrs.get("window", 0))
 
     def prefill_attention(self, q: Sequence[torch.Tensor], k: Sequence[CacheView], v: CacheView,
                           scales: Sequence[float], starts: torch.Tensor, exact: Sequence[torch.Tensor | None] | None,
                           window: torch.Tensor | None, attrs: Mapping[str, Any]) -> torch.Tensor:
         return attention.prefill_attention(list(q), list(k), v, starts, scales=list(scales),
                                            kv_heads=attrs["kv_heads"], exact=exact, window=window,
-                                           residual_len=attrs["residual_len"])
+                                           residual_len=attrs["residual_len"], softcap=attrs.get("softcap", 0.0),
+                                           sliding=attrs.get("window", 0))
 
 
 def decode_chunking(q: Sequence[torch.Tensor], attrs: Mapping[str, Any], max_seq_len: int) -> Chunking:

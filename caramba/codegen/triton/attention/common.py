@@ -78,6 +78,16 @@ class _Spec:
     wide: _Wide | None = None  # the wide decode path's tile, None for the general path
     fused: bool = False  # P > 1: the partitions' last program merges them (no decode_combine launch)
     knobs: AttentionKnobs = AttentionKnobs()  # the source and tile choices the kernel was rendered with
+    softcap: float = 0.0  # scores soft-capped, cap · tanh(s / cap); 0: none
+    sliding: int = 0  # only the last `sliding` keys before each query are visible; 0: all
+
+    def capped(self, indent: str = "        ") -> str:
+        """The line soft-capping s (log2 units: cap · log2(e) · tanh(s / (cap · log2(e))), tanh as 2σ(2x) - 1), or
+        nothing."""
+        if not self.softcap:
+            return ""
+        c = self.softcap * _LOG2E
+        return f"{indent}s = {c!r} * (2.0 * tl.sigmoid(s * {2.0 / c!r}) - 1.0)\n"
 
     @property
     def tensors(self) -> tuple[_Tensor, ...]:

@@ -269,6 +269,17 @@ def _decode_queries(spec: _Spec) -> str:
     return text
 
 
+_MASK_SCORES = '        s = tl.where(valid[None, :], s, float("-inf"))\n'
+_SPAN = """    span = tl.cdiv(tl.cdiv(n_keys, $BLOCK_N), $P) * $BLOCK_N
+    start = part * span
+"""
+_WINDOW_SPAN = """    first = tl.maximum(n_keys - $W, 0)
+    base = first // $BLOCK_N * $BLOCK_N
+    span = tl.cdiv(tl.cdiv(n_keys - base, $BLOCK_N), $P) * $BLOCK_N
+    start = base + part * span
+"""
+
+
 def _decode_source(spec: _Spec) -> tuple[str, list[str]]:
     queries = [p for i in range(len(spec.keys)) for p in (f"q{i}", f"q{i}_sb", f"q{i}_sh")]
     tail = ["lengths", *(["window"] if spec.ringed else []), "out", "o_sb", "o_sh", "ws", "ws_sb", "ws_sh", "ws_sp",
@@ -276,7 +287,10 @@ def _decode_source(spec: _Spec) -> tuple[str, list[str]]:
     params = _signature(spec, queries, tail)
     subs = dict(BLOCK_N=spec.block_n, P=spec.partitions, BLOCK_G=_pow2(spec.group), G=spec.group,
                 R=spec.residual_len)
-    body = source.render(_DECODE_PROLOGUE, **subs)
+    prologue = _DECODE_PROLOGUE
+    if spec.sliding:  # the partitions split the window's tiles: from the tile holding the first visible key
+        prologue = prologue.replace(_SPAN, _WINDOW_SPAN.replace("$W", str(spec.sliding)))
+    body = source.render(prologue, **subs)
     body += _decode_queries(spec) + _v_offsets(spec) + source.render(_DECODE_INIT, **subs)
     body += "".join(f"    {a.acc} = tl.zeros([{_pow2(spec.group)}, {a.width}], tl.float32)\n" for a in _v_parts(spec))
     if spec.ringed:
@@ -288,6 +302,9 @@ def _decode_source(spec: _Spec) -> tuple[str, list[str]]:
         scores = "".join(_decode_scores(spec, i, t, with_exact) for i, t in enumerate(spec.keys))
         pre, top, end = _prefetch(spec, with_exact)
         loop = _DECODE_LOOP.replace("$PRE", pre).replace("$NEXT", top).replace("$ROTATE", end)
+        if spec.sliding:  # each tile holds a visible key (it starts at or after the first one's tile)
+            loop = loop.replace("        valid = keys < end\n", "        valid = (keys < end) & (keys >= first)\n")
+        loop = loop.replace(_MASK_SCORES, spec.capped() + _MASK_SCORES)
         values = _decode_values(spec, with_exact)
         # two passes: the score and value lines hold $BLOCK_N and $LO themselves
         first = source.render(loop, **{**subs, "BLOCK_N": "$BLOCK_N"}, LO="$LO", HI=hi, MASKS=masks, SCORES=scores,

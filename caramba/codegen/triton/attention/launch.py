@@ -173,6 +173,14 @@ def _check_common(q: list[torch.Tensor], k: Sequence[CacheView], v: CacheView, s
     return keys, vt, heads // kv_heads
 
 
+def _check_variants(softcap: object, sliding: object) -> tuple[float, int]:
+    if not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or softcap < 0:
+        raise AttentionLaunchError(f"softcap must be a float >= 0 (0: none), got {softcap!r}")
+    if not isinstance(sliding, int) or isinstance(sliding, bool) or sliding < 0:
+        raise AttentionLaunchError(f"sliding must be an int >= 0 (0: no window), got {sliding!r}")
+    return float(softcap), sliding
+
+
 def _check_knobs(knobs: AttentionKnobs | None) -> AttentionKnobs:
     if knobs is None:
         return AttentionKnobs()
@@ -227,7 +235,7 @@ def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cache
                      scales: Sequence[float], kv_heads: int, window: torch.Tensor | None = None,
                      residual_len: int = 0, partitions: int = 1, out: torch.Tensor | None = None,
                      workspace: torch.Tensor | None = None, block_n: int | None = None,
-                     knobs: AttentionKnobs | None = None) -> torch.Tensor:
+                     knobs: AttentionKnobs | None = None, softcap: float = 0.0, sliding: int = 0) -> torch.Tensor:
     """One query per row over the cache, flash-decoding split-K. Returns (B, H, d_v) in q's dtype.
 
     q          sequence of 1 (MHA/GQA) or 2 (DBA: q_sem, q_geo) tensors (B, H, d_i), one query per row
@@ -247,8 +255,11 @@ def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cache
     out        optional (B, H, d_v) in q's dtype; workspace optional fp32 (B, H, P, d_v + 2) (decode_workspace)
     block_n    keys per tile (a power of two >= 16); None: tuned per kind (_DECODE_TUNING)
     knobs      source, tile and launch choices (AttentionKnobs); None: the defaults
+    softcap    scores soft-capped, cap · tanh(s / cap) (0: none); sliding: only keys j > p - sliding (0: all).
+               Either takes the general path
     """
     knobs = _check_knobs(knobs)
+    softcap, sliding = _check_variants(softcap, sliding)
     q = _check_queries(q, 3, len(k))
     keys, vt, group = _check_common(q, k, v, scales, kv_heads, residual_len)
     batch, heads, device = q[0].shape[0], q[0].shape[1], q[0].device
@@ -266,12 +277,12 @@ def decode_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cache
     views = (*k, v)
     capacity = _ring_capacity(views, (*keys, vt), residual_len, batch, device)
     options = {"num_warps": warps, "num_stages": stages}
-    wide = _wide_plan((*keys, vt), group, kv_heads, warps, block_n, knobs)
+    wide = None if softcap or sliding else _wide_plan((*keys, vt), group, kv_heads, warps, block_n, knobs)
     if wide and (wide.words or wide.idot or wide.idot8) and not _words_aligned((*k, v)):
         wide = dataclasses.replace(wide, words=False, idot=False, idot8=False)
     fused = partitions > 1 and knobs.fused_combine
     spec = _Spec(keys, vt, tuple(float(s) for s in scales), group, _DTYPES[q[0].dtype], residual_len, capacity,
-                 partitions, 16, block_n, source.interpreting(), wide, fused, knobs)
+                 partitions, 16, block_n, source.interpreting(), wide, fused, knobs, softcap, sliding)
     options = {**options, **_register_cap(spec, batch * kv_heads // wide.heads if wide else 0)}
     out = _check_out(out, (batch, heads, vt.dim), q[0])
     ws = out
@@ -324,7 +335,8 @@ def _ring_capacity(views: Sequence[CacheView], tensors: Sequence[_Tensor], resid
 def prefill_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: CacheView, starts: torch.Tensor, *,
                       scales: Sequence[float], kv_heads: int, exact: Sequence[torch.Tensor | None] | None = None,
                       window: torch.Tensor | None = None, residual_len: int = 0, out: torch.Tensor | None = None,
-                      block_m: int = 64, block_n: int = 64, knobs: AttentionKnobs | None = None) -> torch.Tensor:
+                      block_m: int = 64, block_n: int = 64, knobs: AttentionKnobs | None = None,
+                      softcap: float = 0.0, sliding: int = 0) -> torch.Tensor:
     """S queries per row over the cache after the step's append, causal by position, flash-style. Returns
     (B, H, S, d_v) in q's dtype.
 
@@ -336,8 +348,10 @@ def prefill_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cach
     window, residual_len, scales, kv_heads as for decode_attention (the window rule applied per query and key)
     block_m, block_n  queries and keys per tile (powers of two >= 16)
     knobs      AttentionKnobs (prefill reads num_warps / num_stages); None: the defaults
+    softcap, sliding  as for decode_attention
     """
     knobs = _check_knobs(knobs)
+    softcap, sliding = _check_variants(softcap, sliding)
     q = _check_queries(q, 4, len(k))
     keys, vt, group = _check_common(q, k, v, scales, kv_heads, residual_len)
     batch, heads, n_q, device = *q[0].shape[:3], q[0].device
@@ -358,7 +372,7 @@ def prefill_attention(q: Sequence[torch.Tensor], k: Sequence[CacheView], v: Cach
                                        f"ctx, {view.features}) on {device} (LayerCache.read_exact), got "
                                        f"{_describe(x)}")
     spec = _Spec(keys, vt, tuple(float(s) for s in scales), group, _DTYPES[q[0].dtype], residual_len, 0, 1,
-                 block_m, block_n, source.interpreting(), knobs=knobs)
+                 block_m, block_n, source.interpreting(), knobs=knobs, softcap=softcap, sliding=sliding)
     out = _check_out(out, (batch, heads, n_q, vt.dim), q[0])
     mod, params = _kernels(spec, "prefill")
     args: dict[str, Any] = {"levels": _levels(device), "starts": starts, "window": window, "n_q": n_q, "out": out,

@@ -58,6 +58,17 @@ _PREFILL_EPILOGUE = '''    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
 '''
 
 
+_MASK_SCORES = '        s = tl.where(vis, s, float("-inf"))\n'
+_VISIBLE = "        vis = (keys[None, :] <= pos[:, None]) & kv[None, :]\n"
+_RESCALE = """        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+"""
+_SAFE_RESCALE = """        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+"""
+
+
 def _prefill_tile(spec: _Spec, with_exact: bool) -> tuple[str, str, str]:
     """(exact mask, score lines, value lines) of one key tile; with_exact: the band where rings matter."""
     exact = "        exact = vis & (keys[None, :] >= lo_exact[:, None])\n" if with_exact else ""
@@ -93,9 +104,19 @@ def _prefill_source(spec: _Spec) -> tuple[str, list[str]]:
     body += _v_offsets(spec) + source.render(_PREFILL_INIT, **subs)
     if spec.ringed:
         body += source.render(_PREFILL_BAND, **subs)
-    ranges = [("0", "band", False), ("band", "end", True)] if spec.ringed else [("0", "end", False)]
+    lo = "0"
+    tile = _PREFILL_TILE.replace(_MASK_SCORES, spec.capped() + _MASK_SCORES)
+    if spec.sliding:
+        # keys from the tile holding the tile's first query's oldest visible key; a later query may see none of a
+        # tile's keys, so the running max is guarded (a row with no visible key yet rescales nothing)
+        body += source.render(f"    lo_win = tl.maximum(start + mt * $BLOCK_M - {spec.sliding - 1}, 0) "
+                              f"// $BLOCK_N * $BLOCK_N\n", **subs)
+        lo = "lo_win"
+        tile = tile.replace(_VISIBLE, _VISIBLE[:-1] + f" & (keys[None, :] > pos[:, None] - {spec.sliding})\n")
+        tile = tile.replace(_RESCALE, _SAFE_RESCALE)
+    ranges = [(lo, "band", False), ("band", "end", True)] if spec.ringed else [(lo, "end", False)]
     for lo, hi, with_exact in ranges:
         exact, scores, values = _prefill_tile(spec, with_exact)
-        body += source.render(_PREFILL_TILE, LO=lo, HI=hi, EXACT=exact, SCORES=scores, VALUES=values, **subs)
+        body += source.render(tile, LO=lo, HI=hi, EXACT=exact, SCORES=scores, VALUES=values, **subs)
     body += source.render(_PREFILL_EPILOGUE, **subs)
     return _header(spec, "prefill") + _def("prefill", params) + body, params
