@@ -224,7 +224,8 @@ def test_an_os_error_is_one_line_that_names_the_path(capsys, monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
-def test_target_cuda_without_a_gpu_is_one_line(capsys):
+def test_target_cuda_without_a_gpu_is_one_line(capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the kernel tests run cuda through Triton's interpreter
     line = cli_error(capsys, "generate", "--model", "tiny", "--prompt", "hi", "--target", "cuda")
     assert line.startswith("caramba generate: error: target 'cuda' cannot run on this machine: no CUDA GPU")
 
@@ -279,8 +280,10 @@ def test_sigint_during_a_capture_from_the_shell(tmp_path):
     script = ("import sys, time\nimport caramba.compiler as c\nfrom caramba.cli import main\n"
               "def slow(*a, **k):\n    print('capturing', file=sys.stderr, flush=True)\n    time.sleep(120)\n"
               "c.import_model = slow\nsys.exit(main(sys.argv[1:]))\n")
+    # as from a shell: SIGINT handled by default (a pytest-xdist worker ignores it, and children inherit that)
     p = subprocess.Popen([sys.executable, "-c", script, "compile", "--model", "tiny", "--target", "eager"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         while p.stderr.readline() not in ("capturing\n", ""):  # anything else torch may warn about first
             pass
