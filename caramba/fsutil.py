@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from caramba.errors import CarambaError
+
 try:
     import fcntl
 except ImportError:  # Windows: no flock; the pid in a temp name is the only sign of life
@@ -35,6 +37,36 @@ def temp_sibling(path: Path, suffix: str = ".tmp") -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
 
 
+class UnsafeCachePathError(CarambaError, OSError):
+    """A path under the cache directory goes through a symlink that leads out of it: caramba will not write there."""
+
+
+def safe_cache_path(root: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """`path` (under the cache root `root`), checked before caramba writes it: neither `path` nor a directory
+    between `root` and it may be a symlink that resolves outside `root`, or a write would land wherever the link
+    points (UnsafeCachePathError, naming the link). Links that stay inside the root, and `root` itself being a
+    link (a cache moved to another disk), are fine. A `path` not under `root` is a ValueError (a caller bug)."""
+    root, path = Path(root), Path(path)
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        raise ValueError(f"{path} is not under the cache directory {root}") from None
+    if ".." in rel.parts:
+        raise UnsafeCachePathError(f"{path}: a cache path may not climb out of {root} through '..'")
+    real_root = root.resolve()
+    current = root
+    for part in rel.parts:
+        current = current / part
+        if not current.is_symlink():
+            continue
+        target = current.resolve()
+        if target != real_root and real_root not in target.parents:
+            raise UnsafeCachePathError(
+                f"{current} is a symlink to {target}, outside the cache directory {real_root}; caramba will not "
+                f"write through it. Remove the link (or point $CARAMBA_CACHE_DIR at a directory you trust)")
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = True, mkdir: bool = False) -> None:
     """Write `text` to `path` so a reader sees the old file or the new one, never a torn one: a temp file in the
     same directory renamed over `path`. durable (the default) also fsyncs the file before the rename and the
@@ -45,7 +77,8 @@ def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = Tru
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
     try:
-        with open(tmp, "x", encoding="utf-8") as f:  # "x": honours the umask, never follows an existing name
+        # "x" (O_CREAT | O_EXCL, mode 0o666): the file gets the user's umask and never follows an existing name
+        with open(tmp, "x", encoding="utf-8") as f:
             f.write(text)
             if durable:
                 f.flush()

@@ -4,7 +4,8 @@ rest.
 
 `ChunkingPlan.tune(key, measure)` times candidate (partitions, block) pairs with a caller's function, keeps the
 fastest, and saves it. The file (JSON, flags.cache_dir() / chunking.json) maps device -> key -> decision; saves are
-atomic (temp file + rename) and keep every other entry. A corrupt file is moved aside to <name>.corrupt-<timestamp>,
+atomic (temp file + rename, the user's umask) and keep every other entry; a symlink under the cache directory
+that leads out of it is refused. A corrupt file is moved aside to <name>.corrupt-<timestamp>,
 never overwritten. Length buckets are powers of two (4k covers 2049..4096), so a decision holds for every length
 in its bucket.
 """
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from caramba import flags
-from caramba.fsutil import atomic_write_text
+from caramba.fsutil import atomic_write_text, safe_cache_path
 
 log = logging.getLogger("caramba")
 FORMAT_VERSION = 1
@@ -120,6 +121,7 @@ class ChunkingPlan:
             return {}
 
     def _save(self, key: ChunkKey, choice: Chunking) -> None:
+        _check_cache_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = {"format_version": FORMAT_VERSION, "devices": {}}
         try:
@@ -135,6 +137,15 @@ class ChunkingPlan:
             data = {"format_version": FORMAT_VERSION, "devices": {}}
         data["devices"].setdefault(self.device, {})[key.text()] = asdict(choice)
         atomic_write_text(self.path, json.dumps(data, indent=1) + "\n")
+
+
+def _check_cache_path(path: Path) -> None:
+    """A plan file under the cache directory is never written through a symlink leading out of it
+    (fsutil.UnsafeCachePathError); a path the caller chose elsewhere is the caller's to trust."""
+    root = Path(os.path.abspath(flags.cache_dir()))
+    target = Path(os.path.abspath(path))
+    if target.is_relative_to(root):
+        safe_cache_path(root, target)
 
 
 def default_path() -> Path:

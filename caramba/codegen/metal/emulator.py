@@ -26,7 +26,7 @@ from caramba import flags
 from caramba.codegen.metal.msl import (BUILTINS, SHIM, Kernel, MetalSourceError, Param, ThreadgroupDecl,
                                        dialect_problems, parse_kernels, rewrite_threadgroup, strip_comments)
 from caramba.errors import CarambaError
-from caramba.fsutil import atomic_write_text, temp_sibling
+from caramba.fsutil import atomic_write_text, safe_cache_path, temp_sibling
 
 CXX_FLAGS = ("-std=c++20", "-O1", "-pthread", "-shared", "-fPIC",
              "-fvisibility=hidden",  # each library keeps its own copy of the shim's runtime; trampolines are exported
@@ -126,8 +126,10 @@ def shared_object(cpp_text: str, name: str) -> Path:
     cxx = compiler()
     salt = "\n".join([_compiler_version(cxx), *cxx, *CXX_FLAGS, _shim_text(), cpp_text])
     so = cache_dir() / f"{name}_{hashlib.sha256(salt.encode()).hexdigest()[:16]}.so"
+    root = flags.metal_build_dir() or flags.cache_dir()  # never load or write through a link leading out of it
+    cpp = safe_cache_path(root, so.with_suffix(".cpp"))
+    safe_cache_path(root, so)
     if not so.exists():
-        cpp = so.with_suffix(".cpp")
         atomic_write_text(cpp, cpp_text, mkdir=True)
         _build(cxx, cpp, so)
     return so
