@@ -93,6 +93,27 @@ class ChunkingPlan:
             self._memo[key] = found
         return found
 
+    def entry_partitions(self, node, max_seq_len: int) -> int:
+        """The split-K partitions of one cached attention node of a decode entry graph: this plan's choice for
+        batch 1 at max_seq_len's bucket (backends' TargetNeeds.chunking; the executor refines it per batch)."""
+        q = node.inputs[0].type.shape
+        dims = [v.type.shape[3] for v in node.inputs[:2 if node.op == "cached_decoupled_attention" else 1]]
+        dims.append(node.attrs["v_head_dim"])
+        return self.choose(ChunkKey.of(1, max_seq_len, dims, node.attrs["kinds"], node.attrs["kv_heads"],
+                                       q[1])).partitions
+
+    def step_choice(self, q, attrs, max_seq_len: int) -> Chunking:
+        """The decision for one decode step's batch (q: the query terms, (B, H, d_i) tensors; attrs: the cached
+        op's) at max_seq_len's bucket; a partitions attribute other than the batch-1 choice was forced
+        (ctx.options["partitions"]) and is kept with this batch's block."""
+        dims = [x.shape[-1] for x in q] + [attrs["v_head_dim"]]
+        shape = dict(length=max_seq_len, head_dims=dims, kinds=attrs["kinds"], kv_heads=attrs["kv_heads"],
+                     heads=q[0].shape[1])
+        choice = self.choose(ChunkKey.of(q[0].shape[0], **shape))
+        if attrs["partitions"] != self.choose(ChunkKey.of(1, **shape)).partitions:
+            return Chunking(attrs["partitions"], choice.block_n)
+        return choice
+
     def tune(self, key: ChunkKey, measure: Callable[[Chunking], float],
              candidates: Iterable[Chunking] | None = None) -> Chunking:
         """Time each candidate with `measure` (milliseconds), keep and save the fastest."""

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from caramba.codegen.backend import Kernels
-from caramba.codegen.chunking import ChunkKey, Chunking
+from caramba.codegen.chunking import Chunking
 from caramba.codegen.metal import attention, elementwise
 from caramba.codegen.metal.chunking import device_plan
 from caramba.ir.cache_format import CacheView
@@ -68,11 +68,4 @@ class MetalKernels(Kernels):
 def decode_chunking(q: Sequence[torch.Tensor], attrs: Mapping[str, Any], max_seq_len: int) -> Chunking:
     """Partitions and simdgroups (Chunking.block_n) for this batch at max_seq_len's bucket, from the device's
     plan; a partitions attribute other than the plan's batch-1 choice was forced (ctx.options) and is kept."""
-    dims = [x.shape[-1] for x in q] + [attrs["v_head_dim"]]
-    plan = device_plan(q[0].device)
-    shape = dict(length=max_seq_len, head_dims=dims, kinds=attrs["kinds"], kv_heads=attrs["kv_heads"],
-                 heads=q[0].shape[1])
-    choice = plan.choose(ChunkKey.of(q[0].shape[0], **shape))
-    if attrs["partitions"] != plan.choose(ChunkKey.of(1, **shape)).partitions:
-        return Chunking(attrs["partitions"], choice.block_n)
-    return choice
+    return device_plan(q[0].device).step_choice(q, attrs, max_seq_len)

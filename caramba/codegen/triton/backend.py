@@ -38,14 +38,9 @@ def partitions(node: Node, ctx: PassContext) -> int:
     executor refines the choice per batch when it launches (kernels.decode_chunking)."""
     if ctx.options.get("entry") != "decode":
         return 1
-    from caramba.codegen.triton.chunking import ChunkKey, device_plan
+    from caramba.codegen.triton.chunking import device_plan
 
-    q = node.inputs[0].type.shape
-    dims = [v.type.shape[3] for v in node.inputs[:2 if node.op == "cached_decoupled_attention" else 1]]
-    dims.append(node.attrs["v_head_dim"])
-    key = ChunkKey.of(1, int(ctx.options.get("max_seq_len", 4096)), dims, node.attrs["kinds"],
-                      node.attrs["kv_heads"], q[1])
-    return device_plan(device()).choose(key).partitions
+    return device_plan(device()).entry_partitions(node, int(ctx.options.get("max_seq_len", 4096)))
 
 
 def kernels(dev: torch.device, options: Mapping[str, Any]):

@@ -95,14 +95,7 @@ def decode_chunking(q: Sequence[torch.Tensor], attrs: Mapping[str, Any], max_seq
     graph is captured once and each partition takes its share of the current length): the device's measured
     decision or the cost model (chunking.py). choose_chunking wrote the batch-1 decision into the op; a
     partitions attribute that differs from it was forced (ctx.options["partitions"]) and is kept."""
-    dims = [x.shape[-1] for x in q] + [attrs["v_head_dim"]]
-    plan = device_plan(q[0].device)
-    shape = dict(length=max_seq_len, head_dims=dims, kinds=attrs["kinds"], kv_heads=attrs["kv_heads"],
-                 heads=q[0].shape[1])
-    choice = plan.choose(ChunkKey.of(q[0].shape[0], **shape))
-    if attrs["partitions"] != plan.choose(ChunkKey.of(1, **shape)).partitions:
-        return Chunking(attrs["partitions"], choice.block_n)
-    return choice
+    return device_plan(q[0].device).step_choice(q, attrs, max_seq_len)
 
 
 def bench_decode(lc: Any, q_s: torch.Tensor, q_g: torch.Tensor, s_s: float, s_g: float, heads: int,
