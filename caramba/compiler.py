@@ -7,10 +7,12 @@ its pipeline needs, which options it takes and how it runs; it never compares ta
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
@@ -29,10 +31,12 @@ from caramba.ir.retype import specialize
 from caramba.ir.types import DType
 from caramba.ir.verifier import verify
 from caramba.passes.base import PassContext
+from caramba.passes.cache_fallback import Blocker, cache_blockers
 from caramba.passes.kv_layout import CacheConfig, cache_layout
 from caramba.passes.manager import PassRecord, check_names
 from caramba.passes.pipeline import cache_pipeline_for, entry_pipeline_for, pipeline_for
 from caramba.runtime.executor import Executor, build_executor, vocab_size_of
+from caramba.runtime.recompute import RecomputeExecutor
 
 log = logging.getLogger("caramba")
 
@@ -79,6 +83,8 @@ class CompiledModel:
         check_ids(input_ids, self.vocab_size)
         if self.backend.reference:
             return self._interpreter.run(input_ids)[0]
+        if self.cache_blockers:  # no KV cache to prefill: the target runs the stateless graph itself
+            return self._stateless(input_ids)
         batch, seq = input_ids.shape
         ex = self.executor(self._stateless_config(seq))
         cache = self._caches.get(id(ex))
@@ -99,9 +105,43 @@ class CompiledModel:
         length = min(self.max_positions, max(128, 1 << (seq - 1).bit_length()))
         return CacheConfig.of(self.cache_layout, kind, max_seq_len=max(length, seq))
 
+    @functools.cached_property
+    def cache_blockers(self) -> tuple[Blocker, ...]:
+        """Why this model takes no KV cache, per layer (module path and reason); () when it does. A model with
+        blockers still generates: every step recomputes the whole conversation (recompute_executor)."""
+        return tuple(cache_blockers(self.graph, self.max_positions))
+
+    @functools.cached_property
+    def _stateless(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """input_ids -> logits of the stateless graph on this target (models without a KV cache)."""
+        if self.backend.reference:
+            return lambda ids: self._interpreter.run(ids)[0]
+        device = self.backend.device()
+        if self.backend.stateless is not None:
+            return self.backend.stateless(self.graph, device, self.target_options)
+        weights = {k: w.to(device) for k, w in self.graph.weights.items()}
+        return lambda ids: Interpreter(self.graph, weights).run(ids.to(device))[0]
+
+    def recompute_executor(self, max_seq_len: int) -> RecomputeExecutor:
+        """The executor of a model without a KV cache (cache_blockers): each step runs the whole conversation
+        (runtime/recompute.py). Warns once, naming the layers that fell back and why."""
+        if not self.cache_blockers:
+            raise InputError("this model takes a KV cache; use executor(CacheConfig.of(cm.cache_layout, ...))")
+        key = ("recompute", max_seq_len)
+        if key not in self._cached:
+            warnings.warn(fallback_message(self.cache_blockers), CacheFallbackWarning, stacklevel=3)
+            self._cached[key] = RecomputeExecutor(self._stateless, self.graph, vocab_size=self.vocab_size,
+                                                  max_seq_len=max_seq_len, dtype=self.dtype,
+                                                  device=self.backend.device(), blockers=self.cache_blockers)
+        return self._cached[key]
+
     @property
     def cache_layout(self):
-        """Which tensors each attention layer caches (k, v or k_sem, k_geo, v), their widths and the layer count."""
+        """Which tensors each attention layer caches (k, v or k_sem, k_geo, v), their widths and the layer count.
+        A model that takes no KV cache (cache_blockers) has none: the error says why."""
+        if self.cache_blockers:
+            raise UnsupportedOpError(f"this model takes no KV cache ({'; '.join(map(str, self.cache_blockers))}); "
+                                     f"Generator runs it by recomputing every step (cm.recompute_executor)")
         return cache_layout(self.graph)
 
     def executor(self, config: CacheConfig, *, partitions: int | None = None, **target_options: Any) -> Executor:
@@ -131,6 +171,18 @@ class CompiledModel:
     def __repr__(self) -> str:
         return (f"CompiledModel(target={self.target!r}, dtype={self.dtype}, nodes={len(self.graph.nodes)}, "
                 f"params={len(self.graph.params)})")
+
+
+class CacheFallbackWarning(UserWarning):
+    """A model generates without a KV cache (some attention layer was not fused): slower, still exact."""
+
+
+def fallback_message(blockers: Sequence[Blocker]) -> str:
+    """One paragraph: that generation recomputes, and which layers fell back and why (the first four)."""
+    shown = "; ".join(str(b) for b in blockers[:4])
+    more = f"; and {len(blockers) - 4} more" if len(blockers) > 4 else ""
+    return (f"no KV cache for this model: generation recomputes each row's whole conversation every step (slower, "
+            f"exact; cache_kind does not apply). Fell back: {shown}{more}")
 
 
 def check_ids(input_ids: torch.Tensor, vocab: int) -> None:

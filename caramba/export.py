@@ -12,6 +12,7 @@ import torch
 from caramba.codegen.onnx.backend import NAME
 from caramba.codegen.onnx.export import ExportResult, check_export, write_export
 from caramba.compiler import compile, lower
+from caramba.errors import UnsupportedOpError
 from caramba.passes.kv_layout import CacheConfig
 
 log = logging.getLogger("caramba")
@@ -43,6 +44,11 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, cache_kin
                                        ort_contrib=ort_contrib, opset=opset, max_seq_len=max_seq_len)
     say(f"capturing {type(model).__name__} ({dtype})")
     cm = compile(model, target=NAME, dtype=dtype, max_seq_len=max_seq_len, dump_dir=dump_dir)
+    if cm.cache_blockers:
+        raise UnsupportedOpError(
+            f"export-onnx writes a model with a KV cache, and this one takes none "
+            f"({'; '.join(map(str, cm.cache_blockers))}). It still runs on target {NAME!r} (caramba.compile(model, "
+            f"target={NAME!r}) with a Generator, which recomputes each step), but has nothing to export with a cache")
     config = CacheConfig.of(cm.cache_layout, cache_kind, max_seq_len=max_seq_len or cm.max_positions, qblock=qblock)
     say(f"lowering the {config.label} KV cache ({len(cm.graph.nodes)} nodes, max_seq_len {config.max_seq_len})")
     program = lower(cm, config)

@@ -157,6 +157,10 @@ class Backend:
     runner: Callable[..., Runner] | None = None
     device: Callable[[], torch.device] = lambda: torch.device("cpu")
     reference: bool = False  # its executor is the reference interpreter (it runs graphs with nothing to cache)
+    # runs a stateless graph (input_ids -> logits) for a model that takes no KV cache and generates by recomputing
+    # (runtime/recompute.py): (graph, device, options) -> run(input_ids). None: the ops' torch references on the
+    # backend's device (the kernel backends: such a model's attention is not one of their kernels anyway)
+    stateless: Callable[[Graph, torch.device, Mapping[str, Any]], Callable[[torch.Tensor], torch.Tensor]] | None = None
 
     def __post_init__(self) -> None:
         if (self.kernels is None) == (self.runner is None):

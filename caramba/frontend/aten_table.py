@@ -413,6 +413,23 @@ def _matmul(ctx: ImportContext, a: dict) -> Any:
     return ctx.emit_as_node("matmul", [ctx.value(a["self"]), ctx.value(a["other"] if "other" in a else a["mat2"])])
 
 
+@converts(aten.addmm.default, aten.baddbmm.default)
+def _addmm(ctx: ImportContext, a: dict) -> Any:
+    """beta·input + alpha·(mat1 @ mat2) (addmm: GPT-2's Conv1D; baddbmm: Bloom's ALiBi scores), as matmul, the
+    scalings that are not 1, and add."""
+    x, y = (a["mat1"], a["mat2"]) if "mat1" in a else (a["batch1"], a["batch2"])
+    prod = ctx.emit("matmul", [ctx.value(x), ctx.value(y)])
+    alpha, beta = a.get("alpha", 1), a.get("beta", 1)
+    if alpha != 1:
+        prod = ctx.emit("mul", [prod], {"scalar": alpha})
+    if beta == 0:  # torch ignores input (even NaN in it) when beta is 0
+        return ctx.emit_as_node("add", [prod], {"scalar": 0})
+    bias = ctx.value(a["self"])
+    if beta != 1:
+        bias = ctx.emit("mul", [bias], {"scalar": beta})
+    return ctx.emit_as_node("add", [bias, prod])
+
+
 @converts(aten.scaled_dot_product_attention.default)
 def _sdpa(ctx: ImportContext, a: dict) -> Any:
     if a["dropout_p"]:

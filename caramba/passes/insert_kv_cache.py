@@ -84,17 +84,26 @@ def insert_kv_cache(graph: Graph, ctx: PassContext) -> Graph:
 
 
 def _check_attention(node: Node, seq: sympy.Symbol) -> None:
-    where = f" (module {node.loc})" if node.loc else ""
+    why = attention_blocker(node, seq)
+    if why:
+        where = f" (module {node.loc})" if node.loc else ""
+        raise UnsupportedOpError(f"insert_kv_cache: {node.op}{where} {why}")
+
+
+def attention_blocker(node: Node, seq: sympy.Symbol) -> str | None:
+    """Why the cache cannot take this attention node (None: it can): what insert_kv_cache refuses it for."""
     if not node.attrs.get("causal") or len(node.inputs) != len(CACHED_OPERANDS[node.op]) + (
             1 if node.op == "attention" else 2):
-        raise UnsupportedOpError(
-            f"insert_kv_cache: {node.op}{where} is not plain causal attention (causal={node.attrs.get('causal')}, "
-            f"{'with' if len(node.inputs) in (4, 6) else 'without'} a mask); a KV cache needs causal attention "
-            f"without an extra mask (padding masks are not supported by the cache)")
+        masked = len(node.inputs) in (4, 6)
+        return (f"is not plain causal attention (causal={node.attrs.get('causal')}, "
+                f"{'with' if masked else 'without'} a mask); a KV cache needs causal attention "
+                f"without an extra mask" + (" (a mask computed from positions, such as a padding mask or an ALiBi "
+                                            "bias, is not re-indexed for cached keys)" if masked else ""))
     q, k = node.inputs[0].type, node.inputs[1].type
     if q.shape[2] != seq or k.shape[2] != seq:
-        raise UnsupportedOpError(f"insert_kv_cache: {node.op}{where} attends {q.shape[2]} queries to {k.shape[2]} "
-                                 f"keys; self-attention over the step's {seq} tokens is required")
+        return f"attends {q.shape[2]} queries to {k.shape[2]} keys; self-attention over the step's {seq} tokens is " \
+               f"required"
+    return None
 
 
 def _gather_tables(graph: Graph, positions: Value, seq: sympy.Symbol, max_seq: int) -> int:

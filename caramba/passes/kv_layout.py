@@ -56,8 +56,10 @@ class CacheConfig:
 
     @property
     def label(self) -> str:
-        """"q8_0" when uniform, else "k_sem=q8_0,k_geo=q8_0,v=q4_0"."""
+        """"q8_0" when uniform, else "k_sem=q8_0,k_geo=q8_0,v=q4_0"; "none" when nothing is cached."""
         kinds = {k for _, k in self.kinds}
+        if not kinds:
+            return "none"
         return kinds.pop() if len(kinds) == 1 else ",".join(f"{n}={k}" for n, k in self.kinds)
 
 

@@ -48,7 +48,9 @@ class CompiledLike(Protocol):
 
 def check_model(role: str, model: object) -> None:
     """A generator's model must be a compiled model (caramba.compile(model)) or an Executor."""
-    if isinstance(model, (CompiledLike, Executor)):
+    # the class, not the instance: a model without a KV cache raises (a clear error) from its cache_layout
+    if isinstance(model, Executor) or all(hasattr(type(model), a) for a in ("cache_layout", "max_positions",
+                                                                          "executor")):
         return
     hint = " (compile it first: caramba.compile(model))" if isinstance(model, torch.nn.Module) else ""
     raise TypeError(f"the {role} must be a caramba.CompiledModel or an Executor, got {type(model).__name__}{hint}")

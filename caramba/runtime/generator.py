@@ -198,6 +198,8 @@ class Generator:
 
     def _resolve_executor(self, batch: int) -> Executor:
         cm, c = self.model, self.config
+        if getattr(cm, "cache_blockers", ()):  # some attention layer takes no cache: recompute (warns once)
+            return cm.recompute_executor(c.max_seq_len)
         if c.cache_kind == "auto":
             from caramba.runtime.cache_policy import choose_cache
 

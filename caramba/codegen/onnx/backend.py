@@ -20,6 +20,12 @@ def availability() -> Availability:
     return Availability(True, "ONNX Runtime on the CPU")
 
 
+def stateless(graph, device: torch.device, options: Mapping[str, Any]):
+    from caramba.codegen.onnx.stateless import stateless_runner
+
+    return stateless_runner(graph, options.get("threads"))
+
+
 def runner(program: CachedProgram, vocab_size: int, new_cache: Callable[[int], Any], options: Mapping[str, Any]):
     from caramba.codegen.onnx.runner import OnnxRunner
 
@@ -37,5 +43,6 @@ BACKEND = Backend(
     options={"ort_contrib": bool, "mode": str, "threads": int},
     auto_rank=20,
     runner=runner,
+    stateless=stateless,
     device=lambda: torch.device("cpu"),
 )

@@ -146,7 +146,10 @@ def _arith(lw: Lowering, n: Node) -> list[str]:
     dt = _out(n)
     if n.op == "div" and not dt.is_float:
         raise UnsupportedOpError(f"integer division at {n.loc!r} has no exact ONNX form here yet")
-    return [lw.b.op(_ARITH[n.op], _operands(lw, n, dt), n.op)]
+    name = _ARITH[n.op]
+    if dt == DType.bool and name.startswith("Bitwise"):  # ONNX's Bitwise* take integers; on bool they are logic
+        name = name.removeprefix("Bitwise")
+    return [lw.b.op(name, _operands(lw, n, dt), n.op)]
 
 
 @op(*_COMPARE, "ne")

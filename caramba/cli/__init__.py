@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
-import os
 import re
 import sys
 import time
@@ -243,6 +241,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
           f"{len(cm.graph.nodes)} nodes, {len(cm.graph.params)} weights "
           f"({len(cm.imported_graph.nodes)} nodes imported, passes {cm.stats.pass_seconds * 1e3:.1f} ms)")
     print("ops: " + ", ".join(f"{op} {n}" for op, n in cm.graph.op_counts().items()))
+    if cm.cache_blockers:  # the report's fallback lines: which layers take no KV cache, and why
+        print(f"KV cache: none, generation recomputes every step; {len(cm.cache_blockers)} fell back:")
+        for b in cm.cache_blockers:
+            print(f"  {b}")
+    else:
+        layout = cm.cache_layout
+        print(f"KV cache: {layout.family}, {layout.n_layers} layers, "
+              + ", ".join(f"{n} {h}x{d}" for n, (h, d) in layout.heads.items()))
     if args.dump_dir:
         print(f"pass dump written to {args.dump_dir} (summary.txt)")
     if args.print_ir:
@@ -333,143 +339,18 @@ def stats_line(stats, fp16_bytes: int | None = None) -> str:
         return "n/a" if math.isnan(x) else f"{x:.1f} tok/s"  # NaN: no decode step (a single new token)
 
     line = (f"[caramba] {stats.new_tokens} token{'' if stats.new_tokens == 1 else 's'}, {rate(stats.tokens_per_s)} "
-            f"(decode {rate(stats.decode_tokens_per_s)}), KV cache {stats.cache_kind}: {stats.cache_bytes:,} bytes")
+            f"(decode {rate(stats.decode_tokens_per_s)}), " + (
+                f"KV cache {stats.cache_kind}: {stats.cache_bytes:,} bytes" if stats.cache_kind != "none" else
+                "no KV cache (each step recomputed the conversation)"))
     if fp16_bytes is not None and stats.cache_kind != "fp16":
         line += f" (fp16 would be {fp16_bytes:,})"
     return line
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
+    from caramba.cli.generate import generate
 
-    from caramba.runtime.generate_config import GenerateConfig
-
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    # Everything that can be checked without the model is checked first: a typo costs no compile.
-    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-                "top_p": args.top_p, "seed": args.seed, "cache_kind": parse_cache_kind(args.cache_kind),
-                "cache_budget_mb": args.cache_budget_mb, "cache_plan_path": args.plan_file}
-    auto = GenerateConfig(**settings, max_seq_len=args.max_seq_len).cache_kind == "auto"
-    if not auto and args.plan_file is not None:
-        raise ValueError("--plan-file only applies to --cache-kind auto (a named kind is never measured)")
-    check_output_path(args.plan_file, "--plan-file", is_file=True)
-    try:
-        args.prompt.encode("utf-8")
-    except UnicodeEncodeError as e:  # the shell passed bytes that are not UTF-8 (Python keeps them as surrogates)
-        bad = os.fsencode(args.prompt[e.start:e.end])
-        raise ValueError(f"--prompt is not valid UTF-8 (byte {bad[:1].hex()} at character {e.start}); pass UTF-8 "
-                         f"text (check the terminal's or the script's encoding)") from None
-    with Status() as status:
-        gen, tok, ids, fp16_bytes = _prepare_generation(args, settings, auto, status)
-        steps = gen.generate_iter(ids)  # checks the prompt against max_seq_len before any work
-        status(f"prefill of {len(ids)} tokens (the first step also builds the target's kernels)")
-        first = [next(steps)]  # max_new_tokens >= 1: one token at least
-    return _stream(gen, tok.stream(), first, steps, fp16_bytes)
-
-
-def _prepare_generation(args: argparse.Namespace, settings: dict, auto: bool, status: Status):
-    """Load, check against the model, compile, pick the cache: (Generator, tokenizer, prompt ids, fp16 bytes)."""
-    import caramba
-    from caramba.models.presets import PRESETS
-    from caramba.models.sources import load_model
-    from caramba.runtime.executor import CacheConfig
-    from caramba.runtime.kv_cache import CacheSpec
-    from caramba.runtime.generate_config import GenerateConfig
-    from caramba.runtime.generator import Generator
-    from caramba.tokenizer import TOKENIZER_FILE, load_tokenizer
-
-    overrides = {"attention": args.attention} if args.attention else {}
-    status(f"loading {args.model}")
-    model = load_model(args.model, seed=args.seed, **overrides)
-    check_positions(args, model)
-    tok_spec = args.tokenizer
-    if tok_spec is None and args.model not in PRESETS and (Path(args.model) / TOKENIZER_FILE).is_file():
-        tok_spec = args.model
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    vocab = vocab if isinstance(vocab, int) else None  # a module without a config: the compiled model tells later
-    tok = load_tokenizer(tok_spec, vocab_size=vocab)
-    ids = tok.encode(args.prompt)
-    if not ids:
-        raise ValueError("--prompt is empty: the model needs at least one token to continue from")
-    from caramba.compiler import model_positions
-
-    limit = args.max_seq_len or (model_positions(model) or (0,))[0]  # 0: a module that declares no positions
-    what = f"--max-seq-len {limit}" if args.max_seq_len else f"the {limit} positions of {args.model}"
-    raise_it = " or raise --max-seq-len" if args.max_seq_len else ""
-    fit = limit - len(ids) + 1  # new tokens that fit (the last one is never fed back)
-    if limit and fit < 1:
-        raise ValueError(f"--prompt is {len(ids)} tokens, longer than {what}; shorten it{raise_it}")
-    if limit and args.max_new_tokens > fit:
-        raise ValueError(f"--prompt is {len(ids)} tokens: with {what} at most {fit} new tokens fit, not "
-                         f"--max-new-tokens {args.max_new_tokens}; shorten the prompt or lower --max-new-tokens"
-                         f"{raise_it}")
-    eos = args.eos_id if args.eos_id else tok.eos_token_id
-    _check_eos(args, eos, vocab)
-
-    start = time.perf_counter()
-    cm = caramba.compile(model, target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                         allow_extrapolation=args.allow_extrapolation, progress=status)
-    config = GenerateConfig(**settings, eos_token_id=eos, max_seq_len=args.max_seq_len).resolved(cm.max_positions)
-    layout = cm.cache_layout
-    fp16_bytes = CacheSpec.for_config(layout, CacheConfig.of(layout, "fp16", max_seq_len=config.max_seq_len), 1).nbytes
-    if not auto and config.cache_budget_mb is not None:
-        from caramba.runtime.cache_candidates import budget_bytes
-
-        need = CacheSpec.for_config(layout, CacheConfig.of(
-            layout, config.cache_kind, max_seq_len=config.max_seq_len, qblock=config.cache_qblock,
-            residual_len=config.cache_residual_len), 1).nbytes
-        if need > budget_bytes(config.cache_budget_mb):
-            raise ValueError(f"--cache-kind {args.cache_kind}: the KV cache for {config.max_seq_len} tokens takes "
-                             f"{need:,} bytes, over --cache-budget-mb {config.cache_budget_mb:g} "
-                             f"({budget_bytes(config.cache_budget_mb):,} bytes); pick a smaller kind, lower "
-                             f"--max-seq-len, or use --cache-kind auto")
-    print(f"[caramba] compiled {args.model} for {cm.target} ({cm.dtype}) in {time.perf_counter() - start:.1f}s; "
-          f"prompt {len(ids)} tokens, max_seq_len {config.max_seq_len}", file=sys.stderr, flush=True)
-    runs = cm
-    if auto:
-        from caramba.runtime.cache_policy import choose_cache
-
-        start = time.perf_counter()
-        decision = choose_cache(cm, config, 1, progress=lambda line: status(f"cache_kind auto: {line}"))
-        print(f"[caramba] cache_kind auto: {decision.candidate}, {decision.reason} ({time.perf_counter() - start:.1f}s)"
-              f":\n{decision.table}", file=sys.stderr, flush=True)
-        runs = cm.executor(decision.config)
-    status(f"lowering the KV cache into prefill and decode programs for {cm.target}")
-    return Generator(runs, config), tok, ids, fp16_bytes
-
-
-def _check_eos(args: argparse.Namespace, eos, vocab: int | None) -> None:
-    """EOS ids must be tokens of the model (an id past the vocabulary never ends a row, and pads finished rows)."""
-    if bad := sorted(t for t in ([] if eos is None else [eos] if isinstance(eos, int) else eos)
-                     if t < 0 or (vocab is not None and t >= vocab)):
-        what, fix = ("--eos-id", "a token id of the model's tokenizer") if args.eos_id else \
-            ("the tokenizer's EOS id", "the model's own tokenizer (--tokenizer) or an --eos-id")
-        raise ValueError(f"{what} {bad[0]} is outside the vocabulary of {args.model} [0, {vocab}); pass {fix}")
-
-
-def _stream(gen, stream, first: list, steps, fp16_bytes: int) -> int:
-    """Write each token's text to stdout as it comes, then the stats line; 130 after Ctrl-C (the text so far and the
-    stats are still written), 1 when the reader went away."""
-    out, code, eos = sys.stdout, 0, gen.config.eos_ids
-    if hasattr(out, "reconfigure"):
-        out.reconfigure(errors="replace")  # a terminal that cannot show a character gets "?", not a traceback
-    try:
-        try:
-            for t in itertools.chain(first, steps):
-                t = int(t[0])
-                if t not in eos:
-                    out.write(stream.push([t]))
-                    out.flush()
-        except KeyboardInterrupt:
-            code = 130
-        out.write(stream.flush() + "\n")
-        out.flush()
-    except BrokenPipeError:  # the reader went away (| head): stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    print(stats_line(gen.stats, fp16_bytes), file=sys.stderr, flush=True)
-    return code
+    return generate(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -493,7 +374,3 @@ def main(argv: list[str] | None = None) -> int:
         hint = "; check the path and its permissions" if isinstance(e, OSError) and e.errno else ""
         print(f"{command}: error: {e}{hint}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
