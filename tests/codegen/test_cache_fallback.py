@@ -208,3 +208,29 @@ def test_compile_report_lists_the_fallback_and_export_refuses_clearly(tmp_path, 
         caramba.export_onnx(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert os.listdir(tmp_path) == ["falcon"]
+
+
+def gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4,
+                                                                n_positions=64, bos_token_id=0, eos_token_id=0))
+
+
+def bloom():
+    return transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=256, hidden_size=64, n_layer=2,
+                                                                  n_head=4))
+
+
+@pytest.mark.parametrize("target", ("eager", "onnx"))
+@pytest.mark.parametrize("make, where", [(gpt2, ["model"]),
+                                         (bloom, ["transformer.h.0.self_attention", "transformer.h.1.self_attention"])])
+def test_gpt2_and_bloom_import_and_generate(make, where, target):
+    """GPT-2's Conv1D (addmm) and Bloom's ALiBi scores (baddbmm) import; neither takes the cache (learned
+    absolute positions; a softmax after an ALiBi bias), and both generate their own greedy tokens."""
+    torch.manual_seed(0)
+    model = make().eval()
+    cm = caramba.compile(model, target=target, max_seq_len=48)
+    assert [b.where for b in cm.cache_blockers] == where
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", caramba.CacheFallbackWarning)
+        out = caramba.Generator(cm, caramba.GenerateConfig(temperature=0, max_new_tokens=NEW)).generate([[7, 8, 9]])
+    assert out[0].tolist() == greedy(model, [[7, 8, 9]], NEW)[0]

@@ -214,3 +214,30 @@ def test_deferred_guards_are_kept_only_when_they_hold_for_every_length():
     assert not _always_true(s < 100, ranges)  # a real specialisation: false at the top of the range
     assert not _always_true(sympy.Eq(s % 2, 0), ranges)
     assert not _always_true(sympy.Symbol("other") > 0, ranges)  # unknown symbol: not proven
+
+
+class _AddMM(torch.nn.Module):
+    """addmm / baddbmm with coefficients (GPT-2's Conv1D and Bloom's ALiBi scores use them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(6, 6))
+        self.b = torch.nn.Parameter(torch.randn(6))
+        self.head = torch.nn.Embedding(11, 6)
+
+    def forward(self, ids):
+        x = self.head(ids)  # (B, T, 6)
+        y = torch.addmm(self.b, x.flatten(0, 1), self.w, beta=0.5, alpha=2.0).view_as(x)
+        y = y + torch.addmm(self.b, x.flatten(0, 1), self.w).view_as(x)
+        s = torch.baddbmm(torch.ones(1, 1, 1), y, x.transpose(1, 2), beta=-1.5, alpha=0.25)  # (B, T, T)
+        z = torch.baddbmm(torch.full((1, 1, 1), float("nan")), y, x.transpose(1, 2), beta=0)  # NaN input ignored
+        return (s + z) @ x @ self.head.weight.t()
+
+
+def test_addmm_and_baddbmm_with_coefficients_match_eager():
+    torch.manual_seed(0)
+    model = _AddMM().eval()
+    cm = caramba.compile(model, target="eager", max_seq_len=16)
+    ids = torch.randint(0, 11, (2, 7))
+    with torch.no_grad():
+        assert rel_err(cm(ids), model(ids)) <= 1e-5

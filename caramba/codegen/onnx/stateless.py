@@ -179,5 +179,15 @@ def _broadcast_rank(n: Node) -> int:
     return max(v.type.rank for v in n.inputs[1:])
 
 
-STATELESS_OPS = {"attention": _attention, "decoupled_attention": _attention, "cumsum": _cumsum, "diff": _diff,
+def _repeat(lw: Lowering, n: Node) -> list[str]:
+    """torch's Tensor.repeat: Tile, after leading size-1 dims when there are more repeats than dims."""
+    b, x = lw.b, lw[n.inputs[0]]
+    reps = list(n.attrs["repeats"])
+    extra = len(reps) - n.inputs[0].type.rank
+    if extra > 0:
+        x = b.op("Unsqueeze", [x, b.const(list(range(extra)))], "lead")
+    return [b.op("Tile", [x, b.shape(reps)], "repeat")]
+
+
+STATELESS_OPS = {"repeat": _repeat, "attention": _attention, "decoupled_attention": _attention, "cumsum": _cumsum, "diff": _diff,
                  "index": _index}
