@@ -24,6 +24,9 @@ With an fp16 residual ring (ctx.options["cache_residual_len"] > 0) every layer r
 `kv_window_mask(%position_ids, %len)` (2·ctx keys): each query reads a key exact iff it lies in that query's
 residual window, so prefill and speculative verification compute what one token at a time would (ops_cache.py).
 
+Position tables read at arange(0, seq) by an embedding or an index on dim 0 (GPT-2's learned positions, GPT-J's
+sin/cos table) are read at position_ids instead, the same way.
+
 A sliding window (the op's `window`) moves into the mask: position_mask / kv_window_mask {window}. Soft-capping
 stays on the attention op. Refused with a clear error: attention that is not causal or carries its own mask, a query
 length that is not the step's, position-dependent values other than such tables (an arange over seq still live).
@@ -48,7 +51,8 @@ PAST = "past"
 
 
 def insert_kv_cache(graph: Graph, ctx: PassContext) -> Graph:
-    """Counts: "attention" (layers cached), "tables" (position tables gathered at position_ids)."""
+    """Counts: "attention" (layers cached), "tables" (position tables gathered at position_ids), "lookups"
+    (position tables read at arange(seq), now read at position_ids)."""
     if "max_seq_len" not in ctx.options:
         raise ValueError("insert_kv_cache needs ctx.options['max_seq_len'] (the longest row the cache holds)")
     max_seq = int(ctx.options["max_seq_len"])
@@ -66,7 +70,13 @@ def insert_kv_cache(graph: Graph, ctx: PassContext) -> Graph:
     positions = graph.add_input(POSITIONS, TensorType((batch, seq), DType.i64))
     graph.add_symbol(PAST, 0, max_seq - 1)
     ctx.count("tables", _gather_tables(graph, positions, seq, max_seq))
-    retype(graph)
+    ctx.count("lookups", _position_lookups(graph, positions, seq, max_seq))
+    try:
+        retype(graph)
+    except ValueError as e:  # a shape rule: the graph assumed what the positions' batch dim changed
+        raise UnsupportedOpError(f"insert_kv_cache: with per-row positions the graph's shapes no longer fit ({e}); "
+                                 f"a model whose position values keep a literal batch of 1 cannot be re-indexed") \
+            from None
     total = symbolic.canonical(symbolic.symbol(PAST) + seq)
     ring = int(ctx.options.get("cache_residual_len", 0)) > 0
     masks: dict[int, Value] = {}  # one position mask per sliding window (0: plain causal)
@@ -137,6 +147,42 @@ def _gather_tables(graph: Graph, positions: Value, seq: sympy.Symbol, max_seq: i
         graph.replace_uses(node.outputs[0], out)
         count += 1
     return count
+
+
+def _position_lookups(graph: Graph, positions: Value, seq: sympy.Symbol, max_seq: int) -> int:
+    """Learned or precomputed position tables read at arange(0, seq) (GPT-2's wpe embedding, GPT-J's sin/cos
+    table indexed by position) -> the same table read at position_ids; returns how many."""
+    producers = graph.producers()
+    params = {v: name for name, v in graph.params.items()}
+    count = 0
+    for node in list(graph.nodes):
+        if node.op == "embedding":
+            table, idx = node.inputs
+        elif node.op == "index" and list(node.attrs["dims"]) == [0] and len(node.inputs) == 2:
+            table, idx = node.inputs
+        else:
+            continue
+        if table not in params or not _is_position_range(idx, producers, seq):
+            continue
+        if table.type.shape[0] < max_seq:
+            raise UnsupportedOpError(
+                f"insert_kv_cache: position table {params[table]} {table.type} holds {table.type.shape[0]} positions "
+                f"but the cache holds up to {max_seq}; generate with max_seq_len <= {table.type.shape[0]}")
+        inputs = (table, positions)
+        graph.nodes[graph.nodes.index(node)] = Node(node.op, inputs, node.outputs, node.attrs, node.loc)
+        count += 1
+    return count
+
+
+def _is_position_range(v: Value, producers, seq: sympy.Symbol) -> bool:
+    """v is arange(0, seq) or unsqueeze(arange(0, seq), 0): the positions of a stateless step."""
+    node = producers.get(v)
+    if node is not None and node.op == "unsqueeze" and node.attrs.get("dim") in (0, -2):
+        node = producers.get(node.inputs[0])
+    if node is None or node.op != "arange":
+        return False
+    a = node.attrs
+    return a.get("start", 0) == 0 and a.get("step", 1) == 1 and a.get("end") == seq
 
 
 def _cache_layer(graph: Graph, node: Node, layer: int, positions: Value, mask: Value | None, total) -> None:

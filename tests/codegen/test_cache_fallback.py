@@ -1,8 +1,8 @@
 """Models whose attention the KV cache cannot take still generate, on every target (issue 18 item 0).
 
 Three models the cache passes refuse, each for another reason: a transformers Falcon with ALiBi (its attention
-fuses, but with a position bias as its own mask), a transformers GPT-J (positions computed by an arange that is not
-a RoPE table the cache re-indexes) and a two-layer module whose second layer's scores go through a learned
+fuses, but with a position bias as its own mask), a transformers GPT-J (its sin/cos table is read at per-row positions fine, but
+the graph then expands it to a literal batch of 1) and a two-layer module whose second layer's scores go through a learned
 distance bias (its softmax is not recognised as attention at all; the first layer fuses). For each: the compiled
 model names the layers that fell back and why, cm(ids) equals the model on every target, and greedy generation
 (ragged rows, a continued conversation, a rollback) equals the model's own uncached loop token for token, through
@@ -74,7 +74,7 @@ MODELS = {"falcon_alibi": falcon_alibi, "gptj": gptj, "distance_bias": DistanceB
 # what each model's fallback names: (where, a phrase of why)
 BLOCKERS = {
     "falcon_alibi": [("transformer.h.0.self_attention", "ALiBi"), ("transformer.h.1.self_attention", "ALiBi")],
-    "gptj": [("model", "arange (module transformer)")],
+    "gptj": [("model", "a literal batch of 1")],
     "distance_bias": [("%softmax", "matmul -> div -> add -> masked_fill -> softmax")],
 }
 
@@ -221,16 +221,20 @@ def bloom():
 
 
 @pytest.mark.parametrize("target", ("eager", "onnx"))
-@pytest.mark.parametrize("make, where", [(gpt2, ["model"]),
+@pytest.mark.parametrize("make, where", [(gpt2, []),
                                          (bloom, ["transformer.h.0.self_attention", "transformer.h.1.self_attention"])])
 def test_gpt2_and_bloom_import_and_generate(make, where, target):
-    """GPT-2's Conv1D (addmm) and Bloom's ALiBi scores (baddbmm) import; neither takes the cache (learned
-    absolute positions; a softmax after an ALiBi bias), and both generate their own greedy tokens."""
+    """GPT-2's Conv1D (addmm) and Bloom's ALiBi scores (baddbmm) import. GPT-2's learned positions (its wpe read at
+    arange(seq)) are read at position_ids, so it takes the KV cache; Bloom (a softmax after an ALiBi bias) falls
+    back. Both generate their own greedy tokens."""
     torch.manual_seed(0)
     model = make().eval()
     cm = caramba.compile(model, target=target, max_seq_len=48)
     assert [b.where for b in cm.cache_blockers] == where
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", caramba.CacheFallbackWarning)
-        out = caramba.Generator(cm, caramba.GenerateConfig(temperature=0, max_new_tokens=NEW)).generate([[7, 8, 9]])
+        warnings.simplefilter("error" if not where else "ignore", caramba.CacheFallbackWarning)
+        gen = caramba.Generator(cm, caramba.GenerateConfig(temperature=0, max_new_tokens=NEW, cache_kind="fp32"))
+        out = gen.generate([[7, 8, 9], [4]])
+    assert gen.stats.cache_kind == ("none" if where else "fp32")
     assert out[0].tolist() == greedy(model, [[7, 8, 9]], NEW)[0]
+    assert out[1, 2:].tolist() == greedy(model, [[4]], NEW)[0]
