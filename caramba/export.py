@@ -22,7 +22,8 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, cache_kin
                 opset: int | None = None, max_seq_len: int | None = None, dtype: Any = "fp32",
                 cache_mode: str = "concat", cache_layout: str | None = None, ort_contrib: bool = False,
                 qblock: int = 32, external_data: bool | None = None, dump_dir: str | os.PathLike | None = None,
-                overwrite: bool = False, progress: Callable[[str], None] | None = None) -> ExportResult:
+                overwrite: bool = False, progress: Callable[[str], None] | None = None,
+                allow_extrapolation: bool = False) -> ExportResult:
     """Compile `model` for ONNX Runtime and write it to the directory `out_dir`: model.onnx (+ model.onnx.data),
     genai_config.json (where onnxruntime-genai can run it: a standard/GQA model with an fp32/fp16 cache in the
     optimum layout; otherwise `progress` gets one line saying why not) and caramba.json, written completely or not
@@ -37,13 +38,15 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, cache_kin
     what the runner binds; the only layout of the in-place modes). ort_contrib=True: mode "contrib", attention
     through com.microsoft GroupQueryAttention (ONNX Runtime only; limits in caramba/codegen/onnx/cache.py).
     external_data: None = only when the weights pass 1 GiB. progress: called with one line per phase.
+    max_seq_len past the positions the model declares is an error unless allow_extrapolation=True (as compile).
     """
     say = progress or (lambda line: log.info("%s", line))
     start = time.perf_counter()
     mode, layout, opset = check_export(out_dir, overwrite=overwrite, cache_mode=cache_mode, cache_layout=cache_layout,
                                        ort_contrib=ort_contrib, opset=opset, max_seq_len=max_seq_len)
     say(f"capturing {type(model).__name__} ({dtype})")
-    cm = compile(model, target=NAME, dtype=dtype, max_seq_len=max_seq_len, dump_dir=dump_dir)
+    cm = compile(model, target=NAME, dtype=dtype, max_seq_len=max_seq_len, dump_dir=dump_dir,
+                 allow_extrapolation=allow_extrapolation)
     if cm.cache_blockers:
         raise UnsupportedOpError(
             f"export-onnx writes a model with a KV cache, and this one takes none "

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,8 +119,13 @@ def test_compiling_past_the_model_positions_needs_the_explicit_opt_in(tiny, caps
                     "compile past them anyway (text degrades past the length a model was trained on, and the cache "
                     "grows with --max-seq-len)")
     code, _, err = cli(capsys, "export-onnx", "--model", "tiny", "-o", "never-written", "--max-seq-len", "4096")
-    assert code == 2 and err.splitlines()[-1].endswith("use --max-seq-len 512 or less, export-onnx does not "
-                                                       "extrapolate")  # after export's own progress lines
+    assert code == 2 and err.splitlines()[-1].endswith("use --max-seq-len 512 or less, or pass "
+                                                       "--allow-extrapolation to compile past them anyway (text "
+                                                       "degrades past the length a model was trained on, and the "
+                                                       "cache grows with --max-seq-len)")
+    with pytest.raises(ValueError, match="or allow_extrapolation=True"):
+        caramba.export_onnx(tiny, "never-written", max_seq_len=4096)
+    assert not Path("never-written").exists()
     code, out, err = cli(capsys, "compile", "--model", "tiny", "--target", "eager", "--max-seq-len", "600",
                          "--allow-extrapolation")
     assert code == 0 and "compiled tiny for eager" in out, err
@@ -211,6 +217,16 @@ def test_output_paths_are_checked_before_any_work(capsys, tmp_path):
         ".tmp: a name of caramba's own temporary files (.NAME.PID.HEX.tmp / .old, written through, then renamed or "
         "deleted); choose another name")
     assert not internal.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    with pytest.raises(ValueError, match=f"lies under {afile}, which is a file; choose a path whose parents are "
+                                         f"directories"):
+        caramba.export_onnx(Transformer(preset("tiny")).eval(), afile / "sub" / "deeper")
+
+
+def test_a_huge_max_seq_len_says_the_tables_stay_ops():
+    """Past what fold_tables folds, RoPE tables stay ops and the model falls back; the reason says so."""
+    cm = caramba.compile(Transformer(preset("tiny")).eval(), target="eager", max_seq_len=4_000_000,
+                         allow_extrapolation=True)
+    assert "at 4,000,000 positions RoPE tables exceed fold_tables.max_elements" in str(cm.cache_blockers[0])
 
 
 def test_an_os_error_is_one_line_that_names_the_path(capsys, monkeypatch):

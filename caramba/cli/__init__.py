@@ -148,6 +148,7 @@ def _add_export_parser(sub) -> None:
     e.add_argument("--ort-contrib", action="store_true", help="attention through com.microsoft "
                    "GroupQueryAttention (ONNX Runtime only; in-place caramba-layout cache plus head-major buffers)")
     e.add_argument("--max-seq-len", type=int, default=None, help="longest sequence (default: the model's maximum)")
+    _add_extrapolation_arg(e)
     e.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="compute dtype (default fp32)")
     e.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
                    help="weights in model.onnx.data (default: only past 1 GiB)")
@@ -181,7 +182,8 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     check_positions(args, model)
     result = export_onnx(model, out, cache_kind=cache_kind, opset=args.opset, max_seq_len=args.max_seq_len,
                          dtype=args.dtype, cache_mode=mode, cache_layout=layout, external_data=args.external_data,
-                         dump_dir=args.dump_dir, overwrite=args.force, progress=stderr_progress)
+                         dump_dir=args.dump_dir, overwrite=args.force, progress=stderr_progress,
+                         allow_extrapolation=args.allow_extrapolation)
     print(result.directory)
     return 0
 
@@ -302,14 +304,14 @@ def check_output_path(path: str | None, flag: str, *, is_file: bool = False) -> 
 
 
 def check_positions(args: argparse.Namespace, model) -> None:
-    """--max-seq-len past the positions the model declares needs --allow-extrapolation (export-onnx has none)."""
+    """--max-seq-len past the positions the model declares needs --allow-extrapolation."""
     from caramba.compiler import model_positions
 
     declared = model_positions(model)
     if args.max_seq_len is None or declared is None or args.max_seq_len <= declared[0] or \
             getattr(args, "allow_extrapolation", False):
         return
-    positions, where = declared  # export-onnx has no --allow-extrapolation: export_onnx() takes no such option
+    positions, where = declared
     fix = ("or pass --allow-extrapolation to compile past them anyway (text degrades past the length a model was "
            "trained on, and the cache grows with --max-seq-len)" if hasattr(args, "allow_extrapolation") else
            f"{args.command} does not extrapolate")

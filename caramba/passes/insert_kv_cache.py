@@ -43,6 +43,7 @@ from caramba.ir.retype import retype
 from caramba.ir.types import DType, TensorType
 from caramba.passes.base import PassContext
 from caramba.passes.dce import dce
+from caramba.passes.fold_tables import MAX_ELEMENTS
 from caramba.passes.kv_layout import CACHED_OPERANDS, attention_nodes, cache_layout, splice
 from caramba.passes.rewrite import Builder
 
@@ -89,7 +90,7 @@ def insert_kv_cache(graph: Graph, ctx: PassContext) -> Graph:
         _cache_layer(graph, node, layer, positions, masks.get(window), total)
         ctx.count("attention")
     dce(graph, PassContext())
-    _refuse_positions_left(graph, seq)
+    _refuse_positions_left(graph, seq, max_seq)
     return graph
 
 
@@ -219,11 +220,14 @@ def _cache_layer(graph: Graph, node: Node, layer: int, positions: Value, mask: V
     graph.replace_uses(node.outputs[0], out)
 
 
-def _refuse_positions_left(graph: Graph, seq: sympy.Symbol) -> None:
+def _refuse_positions_left(graph: Graph, seq: sympy.Symbol, max_seq: int) -> None:
     for node in graph.nodes:
         if node.op == "arange" and any(seq in getattr(v, "free_symbols", ()) for v in node.attrs.values()):
             where = f" (module {node.loc})" if node.loc else ""
+            # a table of max_seq positions x 8 or more features is past what fold_tables folds by default
+            big = f"; at {max_seq:,} positions RoPE tables exceed fold_tables.max_elements ({MAX_ELEMENTS:,} " \
+                  f"elements) and stay ops: lower max_seq_len" if max_seq * 8 > MAX_ELEMENTS else ""
             raise UnsupportedOpError(
                 f"insert_kv_cache: {node.op}{where} computes something from positions 0..seq-1 that is not a "
                 f"position table caramba can re-index; with a cache the step's tokens sit at past.. not at 0. "
-                f"Models whose only position-dependent values are RoPE tables are supported")
+                f"Models whose only position-dependent values are RoPE tables are supported{big}")

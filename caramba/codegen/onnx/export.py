@@ -125,6 +125,12 @@ def _check_target(out: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose another directory or pass overwrite=True "
                               f"(--force)")
+    for up in out.parents:  # the nearest existing ancestor must be a directory (not a file the path runs under)
+        if up.exists():
+            if not up.is_dir():
+                raise ValueError(f"{out} lies under {up}, which is a file; choose a path whose parents are "
+                                 f"directories")
+            break
     if not out.parent.exists():
         raise FileNotFoundError(f"the parent directory of {out} does not exist")
 
