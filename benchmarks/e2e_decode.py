@@ -8,7 +8,9 @@ Peers decode with a static fp16 KV cache written in plain PyTorch over the model
 recipe: preallocated (B, H_kv, T_max, d) buffers, index_copy_ at the position, attention over the whole buffer
 under a position mask), so every framework runs the same math: "eager" runs it as is, "compiled" runs it through
 torch.compile(mode="reduce-overhead") (CUDA graphs). caramba runs the model compiled for target "cuda" through its
-executor (Triton kernels, decode step replayed as a CUDA graph) with an fp16 cache (and q8_0).
+executor (Triton kernels, decode step replayed as a CUDA graph) with an fp16 cache (and q8_0); `--weights` adds
+columns with weight-only quantized linears (compile(weights=...): int8, int4, int4:g128:asym, ...; "float" is the
+model's own weights), whose roofline counts the quantized weight bytes.
 Each row: the cache is filled to `--context` tokens, then `--steps` decode steps are timed (CUDA events around
 the loop; warm-up steps first). Roofline: (weight bytes + cache bytes read per step) / measured copy bandwidth.
 """
@@ -133,7 +135,8 @@ VARIANTS = {"full": ({}, ()), "nogemv": ({"gemv": False}, ()), "base": ({"gemv":
             "nopdl": ({"pdl": False}, ())}  # kernels launched without programmatic dependent launch
 
 
-def bench_caramba(model, batch, context, steps, kind: str, variant: str = "full") -> tuple[float, int]:
+def bench_caramba(model, batch, context, steps, kind: str, variant: str = "full",
+                  weights: str = "float") -> tuple[float, int, int]:
     from caramba.runtime.executor import CacheConfig
 
     # torch 2.11's export of an fp16 SDPA call guards on the length unless the math backend is selected
@@ -141,7 +144,8 @@ def bench_caramba(model, batch, context, steps, kind: str, variant: str = "full"
 
     options, disabled = VARIANTS[variant]
     with sdpa_kernel([SDPBackend.MATH]):
-        cm = caramba.compile(model, target="cuda", target_options=options, disable_passes=list(disabled))
+        cm = caramba.compile(model, target="cuda", target_options=options, disable_passes=list(disabled),
+                             weights=None if weights == "float" else weights)
     ex = cm.executor(CacheConfig.of(cm.cache_layout, kind, max_seq_len=context + 3 * steps + 16))
     cache = ex.new_cache(batch)
     prompt = torch.randint(0, model.config.vocab_size, (batch, context))
@@ -169,7 +173,11 @@ def bench_caramba(model, batch, context, steps, kind: str, variant: str = "full"
               f"launches) ---")
         print(f"--- caramba {kind} {variant} B={batch}: 8 decode steps, by device time ---")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
-    return seconds, cache.spec.bytes_per_token
+    return seconds, cache.spec.bytes_per_token, cm.weight_bytes
+
+
+def label_of(kind: str, variant: str, weights: str) -> str:
+    return kind + ("" if variant == "full" else f" {variant}") + ("" if weights == "float" else f" w={weights}")
 
 
 def main() -> None:
@@ -180,12 +188,21 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--kinds", default="fp16,q8_0")
     ap.add_argument("--variants", default="full", help=f"comma list of caramba variants: {', '.join(VARIANTS)}")
+    ap.add_argument("--weights", default="float", help="comma list of weight formats for the caramba columns: float "
+                    "(the model's fp16 weights), int8, int4 (= int4:g32:sym), int4:g64, int4:g128:asym, ...")
     ap.add_argument("--skip", default="", help="comma list of columns to skip: eager, compiled, caramba")
     ap.add_argument("--profile", action="store_true", help="print where caramba's decode step spends device time")
     args = ap.parse_args()
     global PROFILE
     PROFILE = args.profile
     skip = set(filter(None, args.skip.split(",")))
+    formats = args.weights.split(",")
+    from caramba.ir.weight_quant import parse_weights
+
+    for w in formats:  # a typo fails before any GPU work
+        if w != "float":
+            parse_weights(w)
+    columns = list(itertools.product(args.kinds.split(","), args.variants.split(","), formats))
     bw = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}; copy bandwidth {bw / 1e12:.2f} TB/s; context {args.context}")
     rows = []
@@ -202,11 +219,12 @@ def main() -> None:
                 res["compiled"] = bench_peer(model, batch, args.context, args.steps, compiled=True)
             cache_bytes = StaticCacheDecoder(model, 1, 1).cache_bytes(1) * batch * args.context
             if "caramba" not in skip:
-                for kind, variant in itertools.product(args.kinds.split(","), args.variants.split(",")):
-                    s, per_token = bench_caramba(model, batch, args.context, args.steps, kind, variant)
-                    label = kind if variant == "full" else f"{kind} {variant}"
+                for kind, variant, weights in columns:
+                    s, per_token, wbytes = bench_caramba(model, batch, args.context, args.steps, kind, variant,
+                                                         weights)
+                    label = label_of(kind, variant, weights)
                     res[f"caramba {label}"] = s
-                    res[f"bytes {label}"] = weight_bytes + per_token * batch * args.context
+                    res[f"bytes {label}"] = wbytes + per_token * batch * args.context
             rows.append((name, batch, res, weight_bytes + cache_bytes))
             print(f"{name} B={batch}: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in res.items()
                                                    if not k.startswith("bytes")) + f" ({time.time() - t0:.0f}s)",
@@ -216,8 +234,8 @@ def main() -> None:
     for name, batch, res, fp16_bytes in rows:
         eager_tps = batch / res["eager"] if "eager" in res else float("nan")
         comp_tps = batch / res["compiled"] if "compiled" in res else float("nan")
-        for kind, variant in itertools.product(args.kinds.split(","), args.variants.split(",")):
-            kind = kind if variant == "full" else f"{kind} {variant}"
+        for kind, variant, weights in columns:
+            kind = label_of(kind, variant, weights)
             key = f"caramba {kind}"
             if key not in res:
                 continue

@@ -30,6 +30,7 @@ from caramba.ir.interpreter import Interpreter, bind_symbols
 from caramba.ir.retype import specialize
 from caramba.ir.types import DType
 from caramba.ir.verifier import verify
+from caramba.ir.weight_quant import StoredWeights, WeightQuantError, WeightSpec, parse_weights
 from caramba.passes.base import PassContext
 from caramba.passes.cache_fallback import Blocker, cache_blockers
 from caramba.passes.kv_layout import CacheConfig, cache_layout
@@ -60,8 +61,11 @@ class CompiledModel:
 
     def __init__(self, graph: Graph, target: str, dtype: DType, stats: CompileStats, capture: Capture,
                  imported_graph: Graph | None = None, debug_options: DebugOptions | None = None,
-                 target_options: dict[str, Any] | None = None) -> None:
+                 target_options: dict[str, Any] | None = None, weights: WeightSpec | None = None,
+                 quantize_embeddings: bool = False) -> None:
         self.graph = graph
+        self.weights = weights  # the weight quantization (compile(weights=...)), None for float weights
+        self.quantize_embeddings = quantize_embeddings
         self.imported_graph = imported_graph if imported_graph is not None else graph
         self.target = target
         self.backend: Backend = backends.get(target)
@@ -165,11 +169,17 @@ class CompiledModel:
         r = self.graph.symbols.get("seq")
         return r.hi if r is not None else 0
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of every weight the compiled graph reads (quantized codes, scales and zeros included)."""
+        return sum(t.numel() * t.element_size() for t in {id(w): w for w in self.graph.weights.values()}.values())
+
     def ir(self) -> str:
         return str(self.graph)
 
     def __repr__(self) -> str:
-        return (f"CompiledModel(target={self.target!r}, dtype={self.dtype}, nodes={len(self.graph.nodes)}, "
+        weights = f", weights={str(self.weights)!r}" if self.weights is not None else ""
+        return (f"CompiledModel(target={self.target!r}, dtype={self.dtype}{weights}, nodes={len(self.graph.nodes)}, "
                 f"params={len(self.graph.params)})")
 
 
@@ -252,7 +262,8 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
             print_after: str | Sequence[str] | None = None, disable_passes: str | Sequence[str] | None = None,
             verify_each: bool | None = None, check_numerics: bool | None = None,
             pass_limit: int | None = None, target_options: dict[str, Any] | None = None,
-            allow_extrapolation: bool = False, progress: Callable[[str], None] | None = None) -> CompiledModel:
+            allow_extrapolation: bool = False, progress: Callable[[str], None] | None = None,
+            weights: Any = None, quantize_embeddings: bool | None = None) -> CompiledModel:
     """Capture `model` once (batch and sequence length stay symbolic), run the target's pass pipeline, build it.
 
     dtype: fp32 / fp16 / bf16 (a torch.dtype or a name); the model is captured in that dtype without touching the
@@ -272,6 +283,7 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"caramba.compile expects a torch.nn.Module, got {type(model).__name__}")
     check_lengths(model, max_seq_len, max_batch, allow_extrapolation)
+    quant = weight_options(model, weights, quantize_embeddings)  # a bad spec fails before the capture
     if target != backends.AUTO:
         backends.get(target).check_options(target_options)  # a typo fails before anything else
     say = progress or (lambda line: None)
@@ -296,7 +308,7 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
     log.info("captured %s: %d nodes in %.2fs (target %s, %s)", type(model).__name__, len(imported.nodes),
              cap.seconds, chosen, want)
     say(f"running the {chosen} pipeline on {len(imported.nodes)} nodes")
-    result = run_pipeline(imported, passes, PassContext(target=chosen, dtype=want, needs=backend.needs),
+    result = run_pipeline(imported, passes, PassContext(target=chosen, dtype=want, needs=backend.needs, options=quant),
                           compile_options,
                           reference=lambda inputs: eager_logits(model, inputs),
                           info={"model": type(model).__name__, "target": chosen, "dtype": str(want)})
@@ -305,7 +317,33 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
         verify(graph)  # once at the end is cheap insurance; verify_each already checked every step
     stats = CompileStats(cap.seconds, import_seconds, graph.op_counts(), result.seconds, result.records)
     log.info("pipeline %s: %d -> %d nodes in %.3fs", chosen, len(imported.nodes), len(graph.nodes), result.seconds)
-    return CompiledModel(graph, chosen, want, stats, cap, imported, options, target_options)
+    return CompiledModel(graph, chosen, want, stats, cap, imported, options, target_options, weights=quant["weights"],
+                         quantize_embeddings=quant["quantize_embeddings"])
+
+
+def weight_options(model: torch.nn.Module, weights: Any, quantize_embeddings: bool | None) -> dict[str, Any]:
+    """The options of the quantize_weights pass: the spec; whether embeddings and the head are quantized; the
+    stored tensors of a quantized checkpoint (model.caramba_weights), whose format is the default and the only one
+    accepted; and the caller's float weights by name (taken before compile casts the model, so an fp16 compile
+    quantizes the same fp32 weights as an fp32 one)."""
+    spec = parse_weights(weights)
+    if quantize_embeddings is not None and not isinstance(quantize_embeddings, bool):
+        raise TypeError(f"quantize_embeddings must be True, False or None, got {quantize_embeddings!r}")
+    stored = getattr(model, "caramba_weights", None)
+    out: dict[str, Any] = {"weights": spec, "quantize_embeddings": bool(quantize_embeddings)}
+    if isinstance(stored, StoredWeights):
+        if spec is not None and spec != stored.spec:
+            raise WeightQuantError(f"this model holds {stored.spec} weights (loaded from a quantized checkpoint); "
+                                   f"compile it with weights=None or {str(stored.spec)!r}, or load the float "
+                                   f"checkpoint to quantize it as {spec} (re-quantizing decoded weights adds error)")
+        out.update(weights=stored.spec, quantized=stored.weights,
+                   quantize_embeddings=stored.embeddings if quantize_embeddings is None else quantize_embeddings)
+    if out["weights"] is None and quantize_embeddings:
+        raise WeightQuantError("quantize_embeddings=True quantizes the embeddings and the LM head along with the "
+                               "linear layers: give weights='int8' or 'int4' (...) too")
+    if out["weights"] is not None:
+        out["weight_source"] = {k: t for k, t in model.state_dict(keep_vars=False).items() if t.is_floating_point()}
+    return out
 
 
 def cast_model(model: torch.nn.Module, dtype: DType) -> torch.nn.Module:

@@ -11,6 +11,7 @@ import torch
 
 from caramba.codegen.onnx.backend import NAME
 from caramba.codegen.onnx.export import ExportResult, check_export, write_export
+from caramba.codegen.onnx.qops import check_weight_matmul
 from caramba.compiler import compile, lower
 from caramba.errors import UnsupportedOpError
 from caramba.passes.kv_layout import CacheConfig
@@ -23,7 +24,8 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, cache_kin
                 cache_mode: str = "concat", cache_layout: str | None = None, ort_contrib: bool = False,
                 qblock: int = 32, external_data: bool | None = None, dump_dir: str | os.PathLike | None = None,
                 overwrite: bool = False, progress: Callable[[str], None] | None = None,
-                allow_extrapolation: bool = False) -> ExportResult:
+                allow_extrapolation: bool = False, weights: Any = None, quantize_embeddings: bool | None = None,
+                weight_matmul: str | None = None) -> ExportResult:
     """Compile `model` for ONNX Runtime and write it to the directory `out_dir`: model.onnx (+ model.onnx.data),
     genai_config.json (where onnxruntime-genai can run it: a standard/GQA model with an fp32/fp16 cache in the
     optimum layout; otherwise `progress` gets one line saying why not) and caramba.json, written completely or not
@@ -39,14 +41,18 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, cache_kin
     through com.microsoft GroupQueryAttention (ONNX Runtime only; limits in caramba/codegen/onnx/cache.py).
     external_data: None = only when the weights pass 1 GiB. progress: called with one line per phase.
     max_seq_len past the positions the model declares is an error unless allow_extrapolation=True (as compile).
+    weights / quantize_embeddings: weight-only quantization, as caramba.compile; weight_matmul: how int4 weights
+    multiply, "nbits" (com.microsoft MatMulNBits, the default: exact in any ONNX Runtime session) or "dq" (standard
+    DequantizeLinear + MatMul); int8 is always DequantizeLinear (codegen/onnx/qops.py).
     """
     say = progress or (lambda line: log.info("%s", line))
     start = time.perf_counter()
+    weight_matmul = check_weight_matmul(weight_matmul)  # a typo fails before the capture
     mode, layout, opset = check_export(out_dir, overwrite=overwrite, cache_mode=cache_mode, cache_layout=cache_layout,
                                        ort_contrib=ort_contrib, opset=opset, max_seq_len=max_seq_len)
     say(f"capturing {type(model).__name__} ({dtype})")
     cm = compile(model, target=NAME, dtype=dtype, max_seq_len=max_seq_len, dump_dir=dump_dir,
-                 allow_extrapolation=allow_extrapolation)
+                 allow_extrapolation=allow_extrapolation, weights=weights, quantize_embeddings=quantize_embeddings)
     if cm.cache_blockers:
         raise UnsupportedOpError(
             f"export-onnx writes a model with a KV cache, and this one takes none "
@@ -57,4 +63,5 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, cache_kin
     program = lower(cm, config)
     return write_export(program, model, out_dir, cache_mode=mode, cache_layout=layout, opset=opset,
                         external_data=external_data, dump_dir=dump_dir, say=say, start=start,
-                        overwrite=overwrite)
+                        overwrite=overwrite, weights=str(cm.weights) if cm.weights else None,
+                        weight_matmul=weight_matmul)

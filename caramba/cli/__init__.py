@@ -62,6 +62,22 @@ def _add_extrapolation_arg(p: argparse.ArgumentParser) -> None:
                    "the model declares (its config's max_seq_len / max_position_embeddings); text degrades there")
 
 
+def _add_weights_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default=None, help="weight-only quantization of the linear layers: int8 (per output "
+                   "channel), int4 (= int4:g32:sym), int4:g64, int4:g128:asym, ... (default: float weights; a "
+                   "quantized checkpoint keeps its own format)")
+    p.add_argument("--weights-embeddings", action="store_true", default=None, help="also quantize the embedding "
+                   "table and the LM head (with --weights)")
+
+
+def weight_line(cm) -> str | None:
+    """`weights: int4:g32:sym (embeddings and head float), 1,212,800 bytes of weights` for a quantized model."""
+    if cm.weights is None:
+        return None
+    which = "embeddings and head too" if cm.quantize_embeddings else "embeddings and head float"
+    return f"weights: {cm.weights} ({which}), {cm.weight_bytes:,} bytes of weights"
+
+
 def _add_debug_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dump-dir", default=None, help="write the IR after every pass, diffs, DOT drawings and a "
                    "summary into this directory")
@@ -89,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--print-ir", action="store_true", help="print the final IR to stdout")
     c.add_argument("--max-seq-len", type=int, default=None, help="largest sequence length the graph accepts")
     _add_extrapolation_arg(c)
+    _add_weights_args(c)
     _add_debug_args(c)
     c.set_defaults(func=cmd_compile)
     b = sub.add_parser("bisect", help="name the first pass whose output drifts from eager PyTorch (exit 1 if one does)")
@@ -150,6 +167,10 @@ def _add_export_parser(sub) -> None:
     e.add_argument("--max-seq-len", type=int, default=None, help="longest sequence (default: the model's maximum)")
     _add_extrapolation_arg(e)
     e.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"], help="compute dtype (default fp32)")
+    _add_weights_args(e)
+    e.add_argument("--weight-matmul", default=None, choices=["nbits", "dq"], help="how int4 weights multiply: "
+                   "nbits (com.microsoft MatMulNBits, the default: exact in any ONNX Runtime session) or dq (standard "
+                   "DequantizeLinear + MatMul)")
     e.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
                    help="weights in model.onnx.data (default: only past 1 GiB)")
     e.add_argument("--dump-dir", default=None, help="write the pass dump (and a copy of model.onnx) here")
@@ -183,7 +204,8 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     result = export_onnx(model, out, cache_kind=cache_kind, opset=args.opset, max_seq_len=args.max_seq_len,
                          dtype=args.dtype, cache_mode=mode, cache_layout=layout, external_data=args.external_data,
                          dump_dir=args.dump_dir, overwrite=args.force, progress=stderr_progress,
-                         allow_extrapolation=args.allow_extrapolation)
+                         allow_extrapolation=args.allow_extrapolation, weights=args.weights,
+                         quantize_embeddings=args.weights_embeddings, weight_matmul=args.weight_matmul)
     print(result.directory)
     return 0
 
@@ -220,6 +242,7 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--plan-file", default=None, help="where --cache-kind auto keeps its measured choice")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's, one per core)")
     _add_extrapolation_arg(g)
+    _add_weights_args(g)
     g.set_defaults(func=cmd_generate)
 
 
@@ -238,11 +261,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
                              dump_dir=args.dump_dir, print_after=args.print_after, disable_passes=args.disable_passes,
                              pass_limit=args.pass_limit, check_numerics=args.check_numerics,
                              verify_each=args.verify_each, allow_extrapolation=args.allow_extrapolation,
-                             progress=status)
+                             progress=status, weights=args.weights, quantize_embeddings=args.weights_embeddings)
     print(f"compiled {args.model} for {cm.target} ({cm.dtype}) in {time.perf_counter() - start:.2f}s: "
           f"{len(cm.graph.nodes)} nodes, {len(cm.graph.params)} weights "
           f"({len(cm.imported_graph.nodes)} nodes imported, passes {cm.stats.pass_seconds * 1e3:.1f} ms)")
     print("ops: " + ", ".join(f"{op} {n}" for op, n in cm.graph.op_counts().items()))
+    if line := weight_line(cm):
+        print(line)
     if cm.cache_blockers:  # the report's fallback lines: which layers take no KV cache, and why
         print(f"KV cache: none, generation recomputes every step; {len(cm.cache_blockers)} fell back:")
         for b in cm.cache_blockers:
@@ -367,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--max-new-tokens must be at least 1")
         if getattr(args, "threads", None) is not None and args.threads < 1:
             parser.error("--threads must be at least 1")
+        if getattr(args, "weights", None) is not None:  # a typo costs no load or compile
+            from caramba.ir.weight_quant import parse_weights
+
+            parse_weights(args.weights)
         return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C while loading, compiling or measuring: nothing half-written is left
         print(f"{command}: interrupted", file=sys.stderr)

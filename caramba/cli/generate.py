@@ -82,7 +82,8 @@ def _prepare_generation(args: argparse.Namespace, settings: dict, auto: bool, st
 
     start = time.perf_counter()
     cm = caramba.compile(model, target=args.target, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                         allow_extrapolation=args.allow_extrapolation, progress=status)
+                         allow_extrapolation=args.allow_extrapolation, progress=status, weights=args.weights,
+                         quantize_embeddings=args.weights_embeddings)
     config = GenerateConfig(**settings, eos_token_id=eos, max_seq_len=args.max_seq_len).resolved(cm.max_positions)
     if cm.cache_blockers:  # some attention layer was not fused: generation recomputes instead of caching
         from caramba.compiler import fallback_message
@@ -105,8 +106,10 @@ def _prepare_generation(args: argparse.Namespace, settings: dict, auto: bool, st
                              f"{need:,} bytes, over --cache-budget-mb {config.cache_budget_mb:g} "
                              f"({budget_bytes(config.cache_budget_mb):,} bytes); pick a smaller kind, lower "
                              f"--max-seq-len, or use --cache-kind auto")
-    print(f"[caramba] compiled {args.model} for {cm.target} ({cm.dtype}) in {time.perf_counter() - start:.1f}s; "
-          f"prompt {len(ids)} tokens, max_seq_len {config.max_seq_len}", file=sys.stderr, flush=True)
+    weights = f", weights {cm.weights}" if cm.weights is not None else ""
+    print(f"[caramba] compiled {args.model} for {cm.target} ({cm.dtype}{weights}) in "
+          f"{time.perf_counter() - start:.1f}s; prompt {len(ids)} tokens, max_seq_len {config.max_seq_len}",
+          file=sys.stderr, flush=True)
     runs = cm
     if auto:
         from caramba.runtime.cache_policy import choose_cache

@@ -73,7 +73,10 @@ class Kernels:
         norm(op, *inputs, **attrs)       rms_norm, rms_norm_fp32, layer_norm, add_rms_norm, add_layer_norm
         rope(x, cos, sin, **attrs)
         swiglu(gate, up, **attrs)
-        linear(op, *inputs, constant_weight, **attrs)   linear, swiglu_linear, rms_norm_linear, add_rms_norm_linear
+        linear(op, *inputs, constant_weight, **attrs)   linear, swiglu_linear, rms_norm_linear, add_rms_norm_linear,
+                                         and their weight-only quantized twins qlinear, swiglu_qlinear,
+                                         rms_norm_qlinear, add_rms_norm_qlinear (ir/ops_quant.py: codes, scales
+                                         [, zeros][, bias] in the weight's place, the format in the attributes)
     The cache families read and write the KVCache through CacheViews (ir/cache_format.py):
         kv_append(items, starts, error)  items: (view, x (B, T, F), rope or None) of one layer, one launch; rope =
                                          (cos, sin, head_dim, rotary_dim, interleaved) when `rope_in_append`

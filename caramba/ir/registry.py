@@ -87,4 +87,4 @@ def all_ops() -> dict[str, OpDef]:
 
 def _ensure_loaded() -> None:
     # The definitions register themselves on import; importing here keeps `registry` free of import cycles.
-    from caramba.ir import ops_attention, ops_cache, ops_core, ops_fused, ops_views  # noqa: F401
+    from caramba.ir import ops_attention, ops_cache, ops_core, ops_fused, ops_quant, ops_views  # noqa: F401

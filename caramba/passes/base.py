@@ -21,7 +21,8 @@ class TargetNeeds:
     fused_ops: the fused ops (and graph forms) its executor implements; a fusion whose product is not here does
     not run, so the op stays as the ops it was made of. Beyond GENERIC_FUSED_OPS: "linear_slices" (linears over
     one input merged into one product whose outputs are column slices read in place: fuse_linears),
-    "swiglu_linear", "rms_norm_linear" (fuse_norm_linear, with "add_rms_norm_linear").
+    "swiglu_linear", "rms_norm_linear" (fuse_norm_linear, with "add_rms_norm_linear"); their quantized twins
+    "swiglu_qlinear", "rms_norm_qlinear", "add_rms_norm_qlinear" (compile(weights=...)).
     cache_kinds / residual_ring: what its caches may hold; lowering refuses anything else with a clear error.
     chunking: partitions for one cached attention op of an entry graph (choose_chunking); None: one partition.
     """

@@ -22,6 +22,11 @@ embedding, would be copied: not fused), all of one dtype and input width, with a
 concatenated the same way). The fused node sits where the group's first linear was; every user of the old
 outputs comes after it. The old weights become dead params (DCE drops them), so memory stays the same.
 
+Quantized weights (qlinear, compile(weights=...)): the same, concatenating codes, scales and zeros along the output
+dim, when every member has one format (the same attributes) and every one of those tensors is a param read by it
+alone. Every format quantizes each output row on its own, so the concatenated codes are the codes of the
+concatenated weight: the fused product decodes exactly the weights the separate ones did.
+
 Rounding: each output element is the same dot product of the same row and column; a library may block the
 reduction differently for another output width, so results agree within the dtype's rounding, not bit for bit.
 Counts: "linears" (linears merged away), "groups".
@@ -36,10 +41,20 @@ from caramba.passes.base import PassContext
 from caramba.passes.fold_constants import add_const
 
 
+_FUSABLE = ("linear", "qlinear")
+
+
 def _fusable(node: Node, graph: Graph, params: set[Value], users: dict[Value, list[Node]]) -> bool:
-    if node.op != "linear" or len(node.inputs) < 2 or node.inputs[1].type.rank != 2:
+    if node.op not in _FUSABLE or len(node.inputs) < 2 or node.inputs[1].type.rank != 2:
         return False
     return all(w in params and w.name in graph.weights and len(users.get(w, [])) == 1 for w in node.inputs[1:])
+
+
+def _key(node: Node) -> tuple:
+    """What members of one group share: op, input, attributes (a quantized format), and per weight tensor (weight,
+    bias; or codes, scales, zeros, bias) its dtype and every dim but the output one."""
+    attrs = tuple(sorted((k, str(v)) for k, v in node.attrs.items()))
+    return (node.op, node.inputs[0], attrs, tuple((v.type.dtype, v.type.shape[1:]) for v in node.inputs[1:]))
 
 
 def fuse_linears(graph: Graph, ctx: PassContext) -> Graph:
@@ -48,30 +63,24 @@ def fuse_linears(graph: Graph, ctx: PassContext) -> Graph:
     groups: dict[tuple, list[int]] = {}
     for i, node in enumerate(graph.nodes):
         if _fusable(node, graph, params, users):
-            # one input, one input width, the same dtypes of weight (and bias, present on all or none)
-            key = (node.inputs[0], node.inputs[1].type.shape[1], tuple(v.type.dtype for v in node.inputs[1:]))
-            groups.setdefault(key, []).append(i)
+            groups.setdefault(_key(node), []).append(i)
     replaced: dict[int, list[Node] | None] = {}
-    for (x, _k, dtypes), members in groups.items():
+    for (op, x, _attrs, _types), members in groups.items():
         if len(members) < 2:
             continue
         nodes = [graph.nodes[i] for i in members]
-        weights = [graph.weights[n.inputs[1].name] for n in nodes]
-        if len({(w.dtype, w.device) for w in weights}) != 1:
+        tensors = [[graph.weights[v.name] for v in n.inputs[1:]] for n in nodes]
+        if len({(t.dtype, t.device) for ts in tensors for t in ts[:1]}) != 1:
             continue
-        rows = [int(w.shape[0]) for w in weights]
+        rows = [int(ts[0].shape[0]) for ts in tensors]
         total = sum(rows)
-        w_type = nodes[0].inputs[1].type
-        w_cat = add_const(graph, TensorType((total, w_type.shape[1]), w_type.dtype), torch.cat(weights, 0))
-        inputs = [x, w_cat]
-        if len(dtypes) == 2:
-            b_type = nodes[0].inputs[2].type
-            b_cat = add_const(graph, TensorType((total,), b_type.dtype),
-                              torch.cat([graph.weights[n.inputs[2].name] for n in nodes], 0))
-            inputs.append(b_cat)
+        inputs = [x]
+        for j, v in enumerate(nodes[0].inputs[1:]):
+            cat = torch.cat([ts[j] for ts in tensors], 0)
+            inputs.append(add_const(graph, TensorType((total, *v.type.shape[1:]), v.type.dtype), cat))
         out0 = nodes[0].output.type
         fused_out = Value(graph.fresh_name("linears"), out0.with_shape(out0.shape[:-1] + (total,)))
-        fused = Node("linear", tuple(inputs), (fused_out,), {}, nodes[0].loc)
+        fused = Node(op, tuple(inputs), (fused_out,), dict(nodes[0].attrs), nodes[0].loc)
         new_nodes = [fused]
         start = 0
         for n, r in zip(nodes, rows):

@@ -22,7 +22,10 @@ Not fused: a normed value also read by another node (or by two linears) or retur
 bias is computed after the norm (the fused node takes the norm's place, before every reader of s);
 layer norms (their centring needs the mean before the products). A norm without weight is given a vector of
 ones in its output dtype (one const per width and dtype): multiplying by one changes no bit. cuda only: other
-targets have no kernel for the ops. Counts: `rms_norm_linear`, `add_rms_norm_linear`.
+targets have no kernel for the ops. A quantized projection (qlinear, compile(weights=...)) folds its norm the same
+way into rms_norm_qlinear / add_rms_norm_qlinear (its codes, scales, zeros and bias after the norm weight, the
+norm's attributes and the format's together), when the target implements those. Counts: `rms_norm_linear`,
+`add_rms_norm_linear`, `rms_norm_qlinear`, `add_rms_norm_qlinear`.
 """
 from __future__ import annotations
 
@@ -36,12 +39,14 @@ from caramba.passes.fold_constants import add_const
 
 # norm -> the fused op, and how many of the norm's inputs are data (the norm weight, if any, comes next)
 FUSED = {"rms_norm_fp32": ("rms_norm_linear", 1), "add_rms_norm": ("add_rms_norm_linear", 2)}
+# the quantized product's twins
+Q_FUSED = {"rms_norm_fp32": "rms_norm_qlinear", "add_rms_norm": "add_rms_norm_qlinear"}
 
 
 def _norm_read_only_by(linear: Node, producers: dict[Value, Node], users: dict[Value, list[Node]],
                        outputs: set[Value]) -> Node | None:
     """The rms norm whose normed value is `linear`'s input and is read nowhere else, or None."""
-    if linear.op != "linear":
+    if linear.op not in ("linear", "qlinear"):
         return None
     normed = linear.inputs[0]
     norm = producers.get(normed)
@@ -77,6 +82,10 @@ def fuse_norm_linear(graph: Graph, ctx: PassContext) -> Graph:
         if norm is None or any(v in producers and index[producers[v]] > index[norm] for v in linear.inputs[1:]):
             continue
         op, n_data = FUSED[norm.op]
+        if linear.op == "qlinear":
+            op = Q_FUSED[norm.op]
+            if not ctx.needs.implements(op):
+                continue
         data, weight = norm.inputs[:n_data], norm.inputs[n_data:]
         if not weight:
             width = data[0].type.shape[-1]
@@ -85,8 +94,8 @@ def fuse_norm_linear(graph: Graph, ctx: PassContext) -> Graph:
             w = graph.weights.get(linear.inputs[1].name)
             weight = (ones(width, norm.outputs[-1].type, w.device if w is not None else torch.device("cpu")),)
         # s (add_rms_norm's first output) keeps its Value, the linear's output its own: no use needs rewiring
-        fused = Node(op, (*data, *weight, *linear.inputs[1:]), (*norm.outputs[:-1], linear.output), norm.attrs,
-                     norm.loc)
+        fused = Node(op, (*data, *weight, *linear.inputs[1:]), (*norm.outputs[:-1], linear.output),
+                     {**norm.attrs, **linear.attrs}, norm.loc)
         _check_types(fused)
         fused_at[norm] = fused
         folded.add(linear)

@@ -27,6 +27,7 @@ from caramba.passes.fuse_swiglu import fuse_swiglu
 from caramba.passes.fuse_swiglu_linear import fuse_swiglu_linear
 from caramba.passes.insert_kv_cache import insert_kv_cache
 from caramba.passes.insert_kv_dequant import insert_kv_dequant
+from caramba.passes.quantize_weights import quantize_weights
 from caramba.passes.base import TargetNeeds
 from caramba.passes.manager import Pass
 
@@ -42,6 +43,7 @@ FUSE_ROPE = Pass("fuse_rope", fuse_rope)
 FUSE_ATTENTION = Pass("fuse_attention", fuse_attention)
 FUSE_DECOUPLED_ATTENTION = Pass("fuse_decoupled_attention", fuse_decoupled_attention)
 FUSE_SWIGLU = Pass("fuse_swiglu", fuse_swiglu)
+QUANTIZE_WEIGHTS = Pass("quantize_weights", quantize_weights)
 FUSE_LINEARS = Pass("fuse_linears", fuse_linears)
 FUSE_SWIGLU_LINEAR = Pass("fuse_swiglu_linear", fuse_swiglu_linear)
 FUSE_NORM_LINEAR = Pass("fuse_norm_linear", fuse_norm_linear)
@@ -86,6 +88,11 @@ def pipeline_for(needs: TargetNeeds) -> list[Pass]:
         *_if(needs, "decoupled_attention", FUSE_DECOUPLED_ATTENTION),
         # The MLP's gate, independent of the others.
         *_if(needs, "swiglu", FUSE_SWIGLU),
+        # Weight-only quantization (compile(weights=...); nothing otherwise): linear -> qlinear over codes and
+        # scales. Before the linear fusions, which treat qlinear as they treat linear (concatenated codes, the
+        # activation or the norm folded in), so every fused form has a quantized twin and a quantized checkpoint's
+        # tensors, found by their param names, are used as stored (never re-quantized).
+        QUANTIZE_WEIGHTS,
         # Linears over one input (q/k/v projections, gate/up) become one product and column slices: at decode each
         # is a weight-bound matrix-vector product, and one launch over the concatenated weights replaces several
         # small ones. Only for targets whose kernels read the slices in place; others keep separate products.

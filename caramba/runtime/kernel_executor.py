@@ -48,10 +48,14 @@ log = logging.getLogger("caramba")
 # op -> the Kernels method of its family
 FAMILIES = {"rms_norm": "norm", "rms_norm_fp32": "norm", "layer_norm": "norm", "add_rms_norm": "norm",
             "add_layer_norm": "norm", "rope": "rope", "swiglu": "swiglu", "linear": "linear",
-            "swiglu_linear": "linear", "rms_norm_linear": "linear", "add_rms_norm_linear": "linear"}
+            "swiglu_linear": "linear", "rms_norm_linear": "linear", "add_rms_norm_linear": "linear",
+            # weight-only quantized (ir/ops_quant.py): the linear family too; a backend without them runs the reference
+            "qlinear": "linear", "swiglu_qlinear": "linear", "rms_norm_qlinear": "linear",
+            "add_rms_norm_qlinear": "linear"}
 ATTENTION_OPS = ("cached_attention", "cached_decoupled_attention")
 # the weight input of each linear-family op: a graph param no kernel writes (a backend may read it early)
-WEIGHT_INPUT = {"linear": 1, "swiglu_linear": 2, "rms_norm_linear": 2, "add_rms_norm_linear": 3}
+WEIGHT_INPUT = {"linear": 1, "swiglu_linear": 2, "rms_norm_linear": 2, "add_rms_norm_linear": 3,
+                "qlinear": 1, "swiglu_qlinear": 2, "rms_norm_qlinear": 2, "add_rms_norm_qlinear": 3}  # q: the codes
 
 
 class KernelExecutor(Executor):

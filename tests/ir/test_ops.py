@@ -591,6 +591,45 @@ FUSED = [
 ]
 
 
+# Weight-only quantized ops (ops_quant.py): the weight decoded by hand from the layout of ir/weight_quant.py (int8:
+# codes * row scale; int4: nibbles low first, (u - zero) * group scale, padding dropped), then the float formula.
+def _qw(spec: str, n: int, k: int):
+    from caramba.ir.weight_quant import quantize_weight
+
+    q = quantize_weight(randn(n, k), spec)
+    return q, [t for t in (q.codes, q.scales, q.zeros) if t is not None], q.spec.attrs(k, DType.f32)
+
+
+def _decode(codes, scales, zeros=None, *, group=0, k=0):
+    if group == 0:
+        return codes.float() * scales[:, None]
+    u = torch.stack([codes & 15, codes >> 4], -1).flatten(-2).float()
+    cols = torch.arange(u.shape[-1]) // group
+    z = 8.0 if zeros is None else zeros[..., cols].float()
+    return ((u - z) * scales[..., cols].float())[..., :k]
+
+
+_q8, _q8t, _q8a = _qw("int8", 4, 7)
+_q4, _q4t, _q4a = _qw("int4:g32:asym", 4, 40)  # K = 40: a padded second group
+_q4s, _q4st, _q4sa = _qw("int4:g64:sym", 6, 7)
+QUANT = [
+    case("qlinear-int8", "qlinear", [randn(3, 5, 7), *_q8t], _q8a, lambda x, c, s: x @ _decode(c, s).T),
+    case("qlinear-int4-asym-bias", "qlinear", [randn(3, 40), *_q4t, randn(4)], _q4a,
+         lambda x, c, s, z, b: x @ _decode(c, s, z, group=32, k=40).T + b),
+    case("swiglu_qlinear", "swiglu_qlinear", [randn(3, 5, 7), randn(3, 5, 7), *_q4st], _q4sa,
+         lambda g, u, c, s: (g * torch.sigmoid(g) * u) @ _decode(c, s, group=64, k=7).T),
+    case("rms_norm_qlinear", "rms_norm_qlinear", [randn(3, 5, 7), randn(7), *_q8t], {"eps": 1e-6, **_q8a},
+         lambda x, nw, c, s: rms_fp32(x, nw, eps=1e-6) @ _decode(c, s).T),
+    case("add_rms_norm_qlinear", "add_rms_norm_qlinear", [randn(3, 40), randn(3, 40), randn(40), *_q4t],
+         {"eps": 1e-6, **_q4a},
+         lambda a, b, nw, c, s, z: (a + b, rms_fp32(a + b, nw, eps=1e-6) @ _decode(c, s, z, group=32, k=40).T)),
+    case("qembedding-int4", "qembedding", [torch.tensor([[3, 0, 1], [2, 2, 3]]), *_q4t], _q4a,
+         lambda i, c, s, z: _decode(c[i], s[i], z[i], group=32, k=40)),
+    case("qembedding-int8", "qembedding", [torch.tensor([1, 3, 0]), *_q8t], _q8a,
+         lambda i, c, s: _decode(c, s)[i]),
+]
+
+
 # Stateless KV-cache ops. The storage formats' own reference (caramba.ir.quant, property-tested against
 # SPEC §3 in tests/runtime/test_quant.py) is the reference here; these cases check the ops' shape rules and wiring.
 def _quantized(kind: str):
@@ -622,7 +661,7 @@ CACHE = [
            {"kind": k, "features": 40, "qblock": 32, "dtype": DType.f32}, _dequantized(k, 40)) for k in ("q8_0", "q4_0", "nf4")],
 ]
 
-CASES = UNARY + ARITH + COMPARE + REDUCE + VIEWS + CREATE + NN + FUSED + CACHE
+CASES = UNARY + ARITH + COMPARE + REDUCE + VIEWS + CREATE + NN + FUSED + QUANT + CACHE
 
 
 @pytest.mark.parametrize("c", CASES)

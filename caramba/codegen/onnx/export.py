@@ -68,11 +68,14 @@ def check_export(out_dir: str | os.PathLike, *, overwrite: bool, cache_mode: str
 def write_export(program: CachedProgram, model: torch.nn.Module, out_dir: str | os.PathLike, *, cache_mode: str,
                  cache_layout: str, opset: int, external_data: bool | None = None,
                  dump_dir: str | os.PathLike | None = None, say: Callable[[str], None], start: float,
-                 overwrite: bool = False) -> ExportResult:
-    """Build the ONNX model of a lowered program and publish the export directory (module doc)."""
+                 overwrite: bool = False, weights: str | None = None,
+                 weight_matmul: str | None = None) -> ExportResult:
+    """Build the ONNX model of a lowered program and publish the export directory (module doc). weights: the
+    weight quantization's name (metadata caramba.weights); weight_matmul: how int4 weights multiply (qops.py)."""
     out, config = Path(out_dir), program.config
     om = build_model(program.prefill, program.layout, config.kind_map, max_seq_len=config.max_seq_len,
-                     qblock=config.qblock, mode=cache_mode, opset=opset, cache_layout=cache_layout)
+                     qblock=config.qblock, mode=cache_mode, opset=opset, cache_layout=cache_layout,
+                     extra_metadata={"caramba.weights": weights} if weights else None, weight_matmul=weight_matmul)
     weight_bytes = sum(t.numel() * t.element_size() for t in program.prefill.weights.values())
     external = weight_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
     say(f"writing {len(om.proto.graph.node)} ONNX nodes, {weight_bytes / 2**20:.1f} MiB of weights"

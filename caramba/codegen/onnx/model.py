@@ -16,6 +16,7 @@ import onnx
 from caramba.codegen.onnx import cache as kv
 from caramba.codegen.onnx.emit import Builder
 from caramba.codegen.onnx.ops import OPS, Lowering
+from caramba.codegen.onnx.qops import check_weight_matmul
 from caramba.errors import UnsupportedOpError
 from caramba.ir.graph import Graph, Node, Value
 from caramba.ir.registry import get_op
@@ -56,11 +57,11 @@ def resolve_opset(mode: str, opset: int | None) -> int:
 
 def build_model(graph: Graph, layout: CacheLayout, kinds: dict[str, str], *, max_seq_len: int, qblock: int = 32,
                 residual_len: int = 0, mode: str = "concat", opset: int | None = None, cache_layout: str = "caramba",
-                extra_metadata: dict[str, str] | None = None) -> OnnxModel:
+                extra_metadata: dict[str, str] | None = None, weight_matmul: str | None = None) -> OnnxModel:
     """Translate a cached entry graph (after lower()) into one ONNX model with the KV cache as inputs/outputs.
 
     mode and layout: see cache.py (layout "optimum", head-major float caches and an attention_mask input, goes
-    with mode "concat" only)."""
+    with mode "concat" only). weight_matmul: how int4 weights multiply (qops.py: "nbits" or "dq")."""
     opset = resolve_opset(mode, opset)
     if cache_layout not in kv.LAYOUTS:
         raise ValueError(f"cache layout must be one of {', '.join(kv.LAYOUTS)}, got {cache_layout!r}")
@@ -76,6 +77,7 @@ def build_model(graph: Graph, layout: CacheLayout, kinds: dict[str, str], *, max
                                  f"{[v.name for v in graph.inputs]}; lower the model for a cache first")
     b = Builder(opset)
     lw = Lowering(b, lambda v: _transposed(b, graph, v), graph)
+    lw.weight_matmul = check_weight_matmul(weight_matmul)
     ids = b.add_input("input_ids", DType.i64, ["batch_size", "sequence_length"])
     mask = None
     if cache_layout == "optimum":

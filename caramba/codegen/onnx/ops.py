@@ -493,3 +493,6 @@ def lower_node(lw: Lowering, n: Node) -> list[str]:
                                  f"compile with target='eager' to run it, or report the op")
     return fn(lw, n)
 
+
+
+from caramba.codegen.onnx import qops  # noqa: E402,F401  (registers qlinear / qembedding in OPS)

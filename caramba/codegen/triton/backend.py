@@ -63,7 +63,8 @@ BACKEND = Backend(
     summary="Triton kernels on NVIDIA GPUs; CUDA-graph decode, programmatic dependent launch on Hopper",
     availability=availability,
     needs=TargetNeeds(fused_ops=GENERIC_FUSED_OPS | {"linear_slices", "swiglu_linear", "rms_norm_linear",
-                                                     "add_rms_norm_linear"}, chunking=partitions),
+                                                     "add_rms_norm_linear", "swiglu_qlinear", "rms_norm_qlinear",
+                                                     "add_rms_norm_qlinear"}, chunking=partitions),
     # cuda_graphs: the decode step as a CUDA graph (default on a GPU); gemv: one-row linears through the GEMV
     # kernel (else cuBLAS); graph_segments: graphs the decode step is captured as; check_values: when the cache
     # append's error bits are read ("deferred" by the next call, "step", "off"); pdl: programmatic dependent launch

@@ -1,9 +1,10 @@
 """Target "cuda"'s kernels behind the backend interface (codegen/backend.py Kernels): which launch function of
-attention.py, norms.py, rope.py, swiglu.py, gemv.py and kv_append.py runs each fused op family.
+attention.py, norms.py, rope.py, swiglu.py, gemv.py, qlinear.py and kv_append.py runs each fused op family.
 
 Linears with a few rows (decode) go to the GEMV kernel, larger ones to cuBLAS (gemv.linear decides per call);
-target option gemv=False keeps every product on cuBLAS. Decode attention's split-K partitions are refined per
-batch at launch from the device's chunking plan (decode_chunking).
+quantized ones (the linear family's q ops) to qlinear.py's kernels at every row count. Target option gemv=False
+keeps every float product on cuBLAS and every quantized one on its torch reference (decode, then cuBLAS). Decode
+attention's split-K partitions are refined per batch at launch from the device's chunking plan (decode_chunking).
 """
 from __future__ import annotations
 
@@ -31,8 +32,14 @@ _LAUNCHERS = {
     "swiglu_linear": ("gemv", "swiglu_linear"),  # the activation computed in the GEMV's loop
     "rms_norm_linear": ("gemv", "rms_norm_linear"),  # the norm folded into the GEMV: rstd scales the products
     "add_rms_norm_linear": ("gemv", "add_rms_norm_linear"),  # the same, and the residual add written once
+    # weight-only quantized weights (compile(weights=...)): decoded in registers, one row or many (qlinear.py)
+    "qlinear": ("qlinear", "qlinear"),
+    "swiglu_qlinear": ("qlinear", "swiglu_qlinear"),
+    "rms_norm_qlinear": ("qlinear", "rms_norm_qlinear"),
+    "add_rms_norm_qlinear": ("qlinear", "add_rms_norm_qlinear"),
 }
-_LINEARS = frozenset({"linear", "swiglu_linear", "rms_norm_linear", "add_rms_norm_linear"})
+_LINEARS = frozenset({"linear", "swiglu_linear", "rms_norm_linear", "add_rms_norm_linear", "qlinear",
+                      "swiglu_qlinear", "rms_norm_qlinear", "add_rms_norm_qlinear"})
 CACHE_OPS = frozenset({"kv_append", "cached_attention", "cached_decoupled_attention"})
 
 
