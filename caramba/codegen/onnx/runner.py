@@ -16,9 +16,14 @@ cache per step:
   the compute dtype): the executor keeps per layer a key buffer (batch, kv_heads, capacity, dk) (DBA:
   [k_sem ‖ k_geo] per head) and a value buffer, holding every cached token as read through its storage kind; the
   model writes the step's tokens into both the KVCache and these buffers, so each step moves only its own tokens
-  and attention reads neither a concat nor a dequantized copy of the past. Capacity grows in steps of
-  cache.CAPACITY_STEP positions (Attention's cost follows the buffer, not the used length). Memory: one extra
-  compute-dtype copy of the cache (the concat mode keeps two compact copies of the stored bytes).
+  and attention reads neither a concat nor a dequantized copy of the past. The buffers bound to ORT have a capacity
+  that grows in steps of cache.CAPACITY_STEP positions (Attention's cost follows the buffer, not the used length),
+  but they are views of the front of one flat storage per buffer sized for the cache's max_seq_len, allocated (and
+  zeroed, so resident) once, at a cache's first step: a step past the capacity re-lays the rows out in place, so
+  memory does not grow with the conversation (issue 18 item 4; growing by reallocation did: +12% RSS over one
+  20k-token conversation of the tiny preset, benchmarks/long_generation.py); a rebuild re-views it at the capacity
+  the cache needs now. Memory: one extra compute-dtype copy of the cache at its full length (the concat mode keeps
+  two compact copies of the stored bytes, also allocated at the full length on the first step).
 - mode "contrib" (opt-in: ort_contrib=True): the same buffers, read and written by com.microsoft
   GroupQueryAttention with past and present bound to one buffer (limits in cache.py; a multi-token step with a
   past runs row by row, as the op requires batch 1 there).
@@ -111,16 +116,49 @@ class _Compact:
 
 @dataclass
 class _Attention:
-    """The attention buffers of modes shadow/contrib: per layer (batch, kv_heads, capacity, d) key and value."""
+    """The attention buffers of modes shadow/contrib: per layer (batch, kv_heads, capacity, d) key and value, each a
+    view of the front of a flat storage (`stores`, keys then values) that holds `reserve` positions."""
 
     key: list[torch.Tensor]
     value: list[torch.Tensor]
+    stores: list[torch.Tensor]
+    reserve: int
     owner: int = -1
     lengths: tuple = ()
 
     @property
     def capacity(self) -> int:
         return self.key[0].shape[2]
+
+    def resize(self, capacity: int, keep: bool = True) -> None:
+        """Re-view the stores at `capacity` positions (<= reserve); keep=True (growing only) moves every row's
+        positions to its new place and zeroes the new ones, keep=False leaves the contents to a rebuild."""
+        old = self.capacity
+        assert capacity <= self.reserve and (not keep or capacity >= old)
+        if capacity == old:
+            return
+        views = []
+        for store, buf in zip(self.stores, self.key + self.value):
+            b, h, _, d = buf.shape
+            if keep:
+                _move_rows(store, b * h, old * d, capacity * d)
+            views.append(store[: b * h * capacity * d].view(b, h, capacity, d))
+            if keep:
+                views[-1][:, :, old:].zero_()
+        n = len(self.key)
+        self.key, self.value = views[:n], views[n:]
+
+
+def _move_rows(flat: torch.Tensor, rows: int, old: int, new: int) -> None:
+    """In `flat`, move `rows` rows of `old` elements laid out back to back to a stride of `new` >= old elements, in
+    place: the last row first, each in chunks no longer than its shift, so no copy reads what it overwrites."""
+    for r in range(rows - 1, 0, -1):
+        src, dst = r * old, r * new
+        end = old
+        while end > 0:
+            start = max(0, end - (dst - src))
+            flat[dst + start: dst + end].copy_(flat[src + start: src + end])
+            end = start
 
 
 class OnnxRunner:
@@ -144,6 +182,7 @@ class OnnxRunner:
         self._models: dict[str, tuple[OnnxModel, object]] = {}
         self._compact: _Compact | None = None
         self._attn: _Attention | None = None
+        self._trial = False  # _measure's trial steps: attention storage for the trial's length only
         self.mode = self._measure() if mode == "auto" else mode
         self.model, self.session = self._build(self.mode)
 
@@ -206,27 +245,31 @@ class OnnxRunner:
         return self._run_inplace(ids, pos, cache, attn)
 
     def _sync_attention(self, cache: KVCache, needed: int) -> _Attention:
-        """The attention buffers for `cache`, holding at least `needed` positions, rebuilt when out of sync."""
-        a = self._attn
-        if a is None or a.owner != id(cache) or a.key[0].shape[0] != cache.spec.batch:
-            a = self._attn = self._new_attention(cache, _bucket(needed, self.max_seq_len), -1)
-        elif a.capacity < needed:
-            grown = self._new_attention(cache, _bucket(needed, self.max_seq_len), a.owner)
-            for old, new in zip(a.key + a.value, grown.key + grown.value):
-                new[:, :, : a.capacity] = old
-            grown.lengths = a.lengths
-            a = self._attn = grown
+        """The attention buffers for `cache`, holding at least `needed` positions, rebuilt when out of sync. Their
+        storage holds the cache's max_seq_len positions (during _measure's trial steps just `needed`) and is
+        allocated once per batch size and length; growing past the capacity re-lays it out in place."""
+        a, capacity = self._attn, _bucket(needed, self.max_seq_len)
+        reserve = capacity if self._trial else _bucket(cache.spec.max_seq_len, self.max_seq_len)
+        if a is None or a.key[0].shape[0] != cache.spec.batch or a.reserve < reserve:
+            self._attn = a = None  # the old storage goes before the new one comes
+            a = self._attn = self._new_attention(cache, reserve, capacity)
         if a.owner != id(cache) or a.lengths != _lengths(cache):
+            a.resize(capacity, keep=False)  # a rebuild rewrites every position
             self._rebuild(a, cache)
             a.owner, a.lengths = id(cache), _lengths(cache)
+        elif a.capacity < needed:
+            a.resize(capacity)
         return a
 
-    def _new_attention(self, cache: KVCache, capacity: int, owner: int) -> _Attention:
+    def _new_attention(self, cache: KVCache, reserve: int, capacity: int) -> _Attention:
         b, dtype = cache.spec.batch, self.layout.dtype.torch
-        key, value = self.model.attention_parts[0], self.model.attention_parts[1]
+        parts = [self.model.attention_parts[0]] * self.layout.n_layers + \
+                [self.model.attention_parts[1]] * self.layout.n_layers  # the keys, then the values
+        stores = [torch.zeros(b * p.heads * reserve * p.width, dtype=dtype) for p in parts]
+        views = [s[: b * p.heads * capacity * p.width].view(b, p.heads, capacity, p.width)
+                 for s, p in zip(stores, parts)]
         n = self.layout.n_layers
-        return _Attention([torch.zeros(b, key.heads, capacity, key.width, dtype=dtype) for _ in range(n)],
-                          [torch.zeros(b, value.heads, capacity, value.width, dtype=dtype) for _ in range(n)], owner)
+        return _Attention(views[:n], views[n:], stores, reserve)
 
     def _rebuild(self, a: _Attention, cache: KVCache) -> None:
         """Fill the buffers from the KVCache through the reference dequantization (caramba layout -> head-major)."""
@@ -281,6 +324,7 @@ class OnnxRunner:
         """Time one decode step of each mode at a cache filled to min(max_seq_len - 1, 1024) tokens (batch 1)."""
         times = {}
         length = min(self.max_seq_len - 1, 1024)
+        self._trial = True
         for mode in MEASURED_MODES:
             self.mode, (self.model, self.session) = mode, self._build(mode)
             self._compact = self._attn = None
@@ -298,11 +342,11 @@ class OnnxRunner:
             times[mode] = best
         chosen = min(times, key=times.get)
         self._compact = self._attn = None
+        self._trial = False
         log.info("onnx cache mode: %s (decode step at %d tokens: %s)", chosen, length,
                  ", ".join(f"{m} {t * 1e3:.2f} ms" for m, t in times.items()))
         self.timings = times
         return chosen
-
 
     def _resync(self, cache: KVCache, needed: int) -> None:
         if self.mode == "concat":
