@@ -90,7 +90,8 @@ class TorchKernels(Kernels):
 
     @staticmethod
     def _attend(q, k, v, scales, positions, attrs):
-        """q[i] (B, H, S, d_i) against every key j <= the query's position; fp32 softmax."""
+        """q[i] (B, H, S, d_i) against every key j <= the query's position (and j > position - window when the
+        op has a sliding window), the scores soft-capped when it has a cap; fp32 softmax."""
         n = int(positions.max()) + 1
         heads, kv_heads = q[0].shape[1], attrs["kv_heads"]
 
@@ -101,7 +102,10 @@ class TorchKernels(Kernels):
             x = x.view(x.shape[0], n, kv_heads, -1).transpose(1, 2)
             return x.repeat_interleave(heads // kv_heads, dim=1)
         scores = sum(s * (qi.float() @ read(ki).transpose(-1, -2)) for qi, ki, s in zip(q, k, scales))
-        visible = torch.arange(n) <= positions[:, None, :, None]  # (B, 1, S, n)
+        if attrs.get("softcap", 0.0):
+            scores = attrs["softcap"] * torch.tanh(scores / attrs["softcap"])
+        keys, at = torch.arange(n), positions[:, None, :, None]
+        visible = (keys <= at) & (keys > at - attrs["window"]) if attrs.get("window", 0) else keys <= at  # (B,1,S,n)
         p = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
         return (p @ read(v)).to(q[0].dtype)
 

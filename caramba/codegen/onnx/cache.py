@@ -96,12 +96,21 @@ def cache_parts(n_layers: int, heads: dict[str, tuple[int, int]], kinds: dict[st
     return parts
 
 
+# ONNX Runtime's GroupQueryAttention (CPU) takes only head sizes that are multiples of this
+GQA_HEAD_MULTIPLE = 8
+
+
 def attention_dims(family: str, heads: dict[str, tuple[int, int]], mode: str) -> tuple[int, int, int]:
-    """(kv_heads, key head dim, value head dim) of the attention buffers; contrib pads both to the larger."""
+    """(kv_heads, key head dim, value head dim) of the attention buffers; contrib pads both to the larger, rounded
+    up to a multiple of GQA_HEAD_MULTIPLE (zero columns of q and k leave the scores, whose scale is explicit,
+    unchanged; zero columns of v are sliced off the output)."""
     h = heads["v"][0]
     dk = sum(heads[n][1] for n in KEY_TENSORS[family])
     dv = heads["v"][1]
-    return (h, max(dk, dv), max(dk, dv)) if mode == "contrib" else (h, dk, dv)
+    if mode != "contrib":
+        return h, dk, dv
+    d = -(-max(dk, dv) // GQA_HEAD_MULTIPLE) * GQA_HEAD_MULTIPLE
+    return h, d, d
 
 
 def attention_parts(n_layers: int, family: str, heads: dict[str, tuple[int, int]], mode: str,
