@@ -123,8 +123,8 @@ class CompiledModel:
         device = self.backend.device()
         if self.backend.stateless is not None:
             return self.backend.stateless(self.graph, device, self.target_options)
-        weights = {k: w.to(device) for k, w in self.graph.weights.items()}
-        return lambda ids: Interpreter(self.graph, weights).run(ids.to(device))[0]
+        run = Interpreter(self.graph, {k: w.to(device) for k, w in self.graph.weights.items()}).run
+        return lambda ids: run(ids.to(device))[0]
 
     def recompute_executor(self, max_seq_len: int) -> RecomputeExecutor:
         """The executor of a model without a KV cache (cache_blockers): each step runs the whole conversation

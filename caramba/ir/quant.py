@@ -223,7 +223,7 @@ def _fp16_scale(d: torch.Tensor, kind: CacheKind, xb: torch.Tensor) -> torch.Ten
     return d16
 
 
-def _divide(xb: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+def safe_divide(xb: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """xb / d with d = 0 giving 0 (a zero block, or a scale that underflowed fp16): never 0/0 = NaN."""
     zero = d == 0
     return torch.where(zero, 0.0, xb / torch.where(zero, 1.0, d))
@@ -252,7 +252,7 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 def _quantize_q8_0(xb: torch.Tensor, kind: CacheKind) -> tuple[torch.Tensor, torch.Tensor]:
     d = _fp16_scale(xb.abs().amax(-1, keepdim=True) / 127, kind, xb)  # (..., nb, 1)
     # The clamp only bites when d16 is an fp16 subnormal rounded well below amax / 127.
-    q = _divide(xb, d.float()).round().clamp(-127, 127).to(torch.int8)
+    q = safe_divide(xb, d.float()).round().clamp(-127, 127).to(torch.int8)
     return q.flatten(-2), d.squeeze(-1)
 
 
@@ -277,7 +277,7 @@ def _signed_absmax(xb: torch.Tensor) -> torch.Tensor:
 def _quantize_q4_0(xb: torch.Tensor, kind: CacheKind) -> tuple[torch.Tensor, torch.Tensor]:
     d = _fp16_scale(_signed_absmax(xb) / -8, kind, xb)  # (..., nb, 1)
     # m / d = -8 -> code 0; the opposite extreme -m lands on +8 and is clamped to 15 (x̂ = 7 d): llama.cpp's range.
-    q = (_divide(xb, d.float()).round() + 8).clamp(0, 15).to(torch.uint8)
+    q = (safe_divide(xb, d.float()).round() + 8).clamp(0, 15).to(torch.uint8)
     return pack_nibbles(q.flatten(-2)), d.squeeze(-1)
 
 
@@ -296,7 +296,7 @@ def _dequantize_q4_0(codes: torch.Tensor, d: torch.Tensor, qblock: int) -> torch
 # ---------------------------------------------------------------------------------------------------------------
 def _quantize_nf4(xb: torch.Tensor, kind: CacheKind) -> tuple[torch.Tensor, torch.Tensor]:
     d = _fp16_scale(xb.abs().amax(-1, keepdim=True), kind, xb)  # (..., nb, 1)
-    v = _divide(xb, d.float()).contiguous()
+    v = safe_divide(xb, d.float()).contiguous()
     q = torch.bucketize(v, _NF4_MIDPOINTS_T.to(v.device)).to(torch.uint8)
     return pack_nibbles(q.flatten(-2)), d.squeeze(-1)
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from caramba.errors import CarambaError
-from caramba.ir.quant import pack_nibbles, unpack_nibbles
+from caramba.ir.quant import pack_nibbles, safe_divide, unpack_nibbles
 
 INT4_GROUPS = (32, 64, 128)
 # how a quantized weight W's tensors are named, as graph params and in a quantized checkpoint: W.qcodes, ...
@@ -215,7 +215,7 @@ def quantize_weight(w: torch.Tensor, spec: WeightSpec | str) -> QWeight:
     x = w.detach().float()
     if spec.bits == 8:
         s = x.abs().amax(1) / 127
-        q = _divide(x, s[:, None]).round().clamp(-127, 127).to(torch.int8)
+        q = safe_divide(x, s[:, None]).round().clamp(-127, 127).to(torch.int8)
         return QWeight(spec, q.contiguous(), s.contiguous(), None, k)
     g = spec.group
     xb = F.pad(x, (0, padded_inputs(k, g) - k)).unflatten(-1, (-1, g))  # (N, G, g)
@@ -227,9 +227,9 @@ def quantize_weight(w: torch.Tensor, spec: WeightSpec | str) -> QWeight:
     else:
         lo, hi = xb.amin(-1, keepdim=True).clamp(max=0), xb.amax(-1, keepdim=True).clamp(min=0)
         d = _fp16((hi - lo) / 15, spec)
-        z = _divide(-lo, d.float()).round().clamp(0, 15)
+        z = safe_divide(-lo, d.float()).round().clamp(0, 15)
         zeros = z.squeeze(-1).to(torch.uint8).contiguous()
-    u = (_divide(xb, d.float()).round() + z).clamp(0, 15).to(torch.uint8)
+    u = (safe_divide(xb, d.float()).round() + z).clamp(0, 15).to(torch.uint8)
     return QWeight(spec, pack_nibbles(u.flatten(-2)).contiguous(), d.squeeze(-1).contiguous(), zeros, k)
 
 
@@ -254,12 +254,6 @@ def _fp16(d: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
         raise WeightQuantError(f"cannot quantize to {spec}: a group's scale {d.abs().max().item():g} overflows fp16; "
                                f"keep this weight in float or use int8 (fp32 scales)")
     return d16
-
-
-def _divide(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """x / d with d = 0 giving 0 (a zero row or group): never 0/0 = NaN."""
-    zero = d == 0
-    return torch.where(zero, 0.0, x / torch.where(zero, 1.0, d))
 
 
 # ---------------------------------------------------------------------------------------------------------------

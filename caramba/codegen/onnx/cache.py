@@ -306,7 +306,7 @@ class CacheLowering:
         return b.op("Reshape", [x32, b.const([0, 0, fp // self.qblock, self.qblock])], "blocks")
 
     def _divide(self, xb: str, d16: str) -> str:
-        """xb / fp32(d16), 0 where d16 == 0 (quant._divide)."""
+        """xb / fp32(d16), 0 where d16 == 0 (quant.safe_divide)."""
         b = self.b
         d = b.op("Cast", [d16], "d32", to=onnx_dtype(DType.f32))
         zero = b.op("Equal", [d, b.const(0.0, DType.f32)], "d_zero")

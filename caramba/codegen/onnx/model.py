@@ -91,7 +91,20 @@ def build_model(graph: Graph, layout: CacheLayout, kinds: dict[str, str], *, max
     attn = kv.attention_parts(layout.n_layers, layout.family, layout.heads, mode, layout.dtype)
     cl = kv.CacheLowering(lw, mode, cache_layout, parts, attn, pos, seq, qblock, layout.heads, kinds, max_seq_len,
                           mask)
-    table = {**OPS, **kv.register(cl)}
+    vocab = lower_graph(lw, graph, {**OPS, **kv.register(cl)})
+    for value, part in sorted(cl.outputs, key=lambda o: (o[1].part == "attention", o[1].layer)):
+        b.add_output(value, part.output, part.dtype, cl.dims(part, "present"))
+    meta = metadata(layout, kinds, qblock=qblock, max_seq_len=max_seq_len, mode=mode, cache_layout=cache_layout,
+                    attention=attn)
+    meta.update(extra_metadata or {})
+    return OnnxModel(b.model("caramba", meta), mode, opset, parts, int(vocab), attention_parts=attn,
+                     layout=cache_layout, metadata=meta)
+
+
+def lower_graph(lw: Lowering, graph: Graph, table: dict) -> int:
+    """Every param as an initializer (linear weights only as their transposes), every node through `table`, and
+    the logits as output "logits"; returns the vocabulary size. Graph inputs must already have their names."""
+    b = lw.b
     linear_weights = {n.inputs[1] for n in graph.nodes if n.op == "linear"}
     other_uses = {v for n in graph.nodes for i, v in enumerate(n.inputs) if not (n.op == "linear" and i == 1)}
     for name, v in graph.params.items():
@@ -108,13 +121,7 @@ def build_model(graph: Graph, layout: CacheLayout, kinds: dict[str, str], *, max
     logits = graph.outputs[0]
     vocab = logits.type.shape[-1]
     b.add_output(lw[logits], "logits", logits.type.dtype, ["batch_size", "sequence_length", vocab])
-    for value, part in sorted(cl.outputs, key=lambda o: (o[1].part == "attention", o[1].layer)):
-        b.add_output(value, part.output, part.dtype, cl.dims(part, "present"))
-    meta = metadata(layout, kinds, qblock=qblock, max_seq_len=max_seq_len, mode=mode, cache_layout=cache_layout,
-                    attention=attn)
-    meta.update(extra_metadata or {})
-    return OnnxModel(b.model("caramba", meta), mode, opset, parts, int(vocab), attention_parts=attn,
-                     layout=cache_layout, metadata=meta)
+    return vocab
 
 
 def _transposed(b: Builder, graph: Graph, v: Value) -> str:

@@ -16,11 +16,10 @@ import numpy as np
 import torch
 
 from caramba.codegen.onnx.emit import Builder
-from caramba.codegen.onnx.model import OnnxModel, _transposed, check
+from caramba.codegen.onnx.model import OnnxModel, _transposed, check, lower_graph
 from caramba.codegen.onnx.ops import OPS, Lowering, _axis
 from caramba.errors import UnsupportedOpError
 from caramba.ir.graph import Graph, Node
-from caramba.ir.registry import get_op
 from caramba.ir.types import DType
 
 OPSET = 23
@@ -39,23 +38,7 @@ def build_stateless_model(graph: Graph, opset: int = OPSET) -> OnnxModel:
     for i, sym in enumerate((batch, seq)):
         if not isinstance(sym, int):
             b.bind_dim(str(sym), b.op("Shape", [ids], str(sym), start=i, end=i + 1))
-    table = {**OPS, **STATELESS_OPS}
-    linear_weights = {n.inputs[1] for n in graph.nodes if n.op == "linear"}
-    other_uses = {v for n in graph.nodes for i, v in enumerate(n.inputs) if not (n.op == "linear" and i == 1)}
-    for name, v in graph.params.items():
-        if v in other_uses or v not in linear_weights:
-            lw.names[v] = b.initializer(name, graph.weights[name])
-    for node in graph.nodes:
-        node = Node(node.op, node.inputs, node.outputs, get_op(node.op).full_attrs(node.attrs), node.loc)
-        fn = table.get(node.op)
-        if fn is None:
-            raise UnsupportedOpError(f"the ONNX codegen has no lowering for IR op {node.op!r} (at "
-                                     f"{node.loc or 'top level'}); compile with target='eager' to run it")
-        for v, out in zip(node.outputs, fn(lw, node)):
-            lw.names[v] = out
-    logits = graph.outputs[0]
-    vocab = logits.type.shape[-1]
-    b.add_output(lw[logits], "logits", logits.type.dtype, ["batch_size", "sequence_length", vocab])
+    vocab = lower_graph(lw, graph, {**OPS, **STATELESS_OPS})
     model = OnnxModel(b.model("caramba-stateless"), "stateless", opset, [], int(vocab))
     check(model.proto)
     return model
