@@ -2,9 +2,11 @@
 
     python benchmarks/decode_attention.py                     # the issue's grid, skipping caches over --max-gb
     python benchmarks/decode_attention.py --quick             # B=1, T=4k only
+    python benchmarks/decode_attention.py --sweep-dims        # non-power-of-two and large widths, T=32k, B 1 and 8
 
 One query token per row against a cache of k_sem, k_geo, v with 32 heads (H_kv = H, as BASELINES.md), head dims
-(sem, geo, v). Peers on the same fp16 data: eager ((q_s·k_sᵀ)·s_s + (q_g·k_gᵀ)·s_g, fp32 softmax, ·v), sdpa_cat
+(sem, geo, v); or (a --dims entry "dD" or "dD/G") MHA / GQA: 32 query heads of head dim D against k and v with
+32 / G kv heads (peers: eager and compiled group the queries per kv head; sdpa runs with enable_gqa). Peers on the same fp16 data: eager ((q_s·k_sᵀ)·s_s + (q_g·k_gᵀ)·s_g, fp32 softmax, ·v), sdpa_cat
 (F.scaled_dot_product_attention on [q_s·s_s ‖ q_g·s_g] and [k_s ‖ k_g] with scale 1), compiled (torch.compile of
 eager). caramba reads a KVCache of the given kind through codegen/triton (dequantising in registers, split-K),
 timed as replays of a CUDA graph holding >= 8 calls in a row (the executor replays the decode step, ~8 kernels a
@@ -15,7 +17,9 @@ under 256 MB rotate over up to 8 copies (in the graph's calls) so that replays d
 --lengths, --dims pick part of the grid. --combine fused,two times split-K's combine both ways
 (AttentionKnobs.fused_combine: the partitions' last program merges them, or a second launch), one row each; --pdl
 on,off times the kernels launched with and without programmatic dependent launch (jit_helpers); --sweep [P,...]
-also times the given partition counts. Prints a markdown table last.
+also times the given partition counts. --sweep-dims runs SWEEP_DIMS (DBA widths that are not powers of two or are
+large, and MHA / GQA head dims 80 .. 256 at ratios 1, 4, 8) at T = 32k, B 1 and 8 unless --lengths / --batches say
+otherwise, and prints the worst and best ratio per kind under the table. Prints a markdown table last.
 
     python benchmarks/decode_attention.py --batches 1,8 --lengths 4096,32768 --kinds fp16,q8_0,q4_0 \
         --combine fused,two --sweep 4,8,12,16,32 --no-compile
@@ -23,6 +27,7 @@ also times the given partition counts. Prints a markdown table last.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import math
 import sys
@@ -60,11 +65,70 @@ def sdpa_cat(q_s, q_g, k_s, k_g, v, s_s, s_g):
     return F.scaled_dot_product_attention(q, k, v, scale=1.0)
 
 
-def filled_cache(b: int, t: int, dims: tuple[int, int, int], kind: str) -> KVCache:
+SWEEP_DIMS = ("32-32-96,48-80-96,16-48-112,64-64-128,8-16-24,40-72-136,128-128-256,"
+              "d80,d96,d112,d128,d256,d80/4,d96/4,d112/4,d128/4,d256/4,d80/8,d128/8,d256/8")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """DBA (dims = (sem, geo, v), H_kv = H) or MHA / GQA (dims = (d,), H / H_kv = group)."""
+
+    dims: tuple[int, ...]
+    group: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "Shape":
+        try:
+            if text.startswith("d"):
+                d, _, g = text[1:].partition("/")
+                if int(d) > 0 and int(g or 1) > 0 and HEADS % int(g or 1) == 0:
+                    return cls((int(d),), int(g or 1))
+            dims = tuple(int(x) for x in text.split("-"))
+        except ValueError:
+            dims = ()
+        if len(dims) != 3:
+            raise SystemExit(f"decode_attention: --dims entry {text!r} is neither SEM-GEO-V (e.g. 32-64-64) nor dD "
+                             f"or dD/G (e.g. d128/4)")
+        return cls(dims)
+
+    @property
+    def dba(self) -> bool:
+        return len(self.dims) == 3
+
+    @property
+    def kv_heads(self) -> int:
+        return HEADS // self.group
+
+    @property
+    def cache_dims(self) -> tuple[int, ...]:
+        """Head dim per cached tensor, in the cache's order (k_sem, k_geo, v or k, v)."""
+        return self.dims if self.dba else (self.dims[0], self.dims[0])
+
+    def __str__(self) -> str:
+        return "-".join(map(str, self.dims)) if self.dba else \
+            f"d{self.dims[0]}" + (f"/{self.group}" if self.group > 1 else "")
+
+
+def eager_gqa(q, k, v, scale):
+    """q (B, H, 1, d) against k, v (B, H_kv, T, d): the query heads grouped per kv head, fp32 softmax."""
+    b, h, _, d = q.shape
+    qg = q.reshape(b, k.shape[1], h // k.shape[1], d)
+    p = ((qg @ k.transpose(-1, -2)) * scale).float().softmax(-1).to(v.dtype)
+    return (p @ v).reshape(b, h, 1, -1)
+
+
+def sdpa_gqa(q, k, v, scale):
+    return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def filled_cache(b: int, t: int, shape: Shape, kind: str) -> KVCache:
     """A cache of t positions per row with random codes and scales (the kernel's speed does not depend on the
     values, and filling through quantize would need the fp16 cache's memory again)."""
-    ds, dg, dv = dims
-    spec = CacheSpec.decoupled(1, b, t, HEADS * ds, HEADS * dg, HEADS * dv, kind, device="cuda")
+    if shape.dba:
+        ds, dg, dv = shape.dims
+        spec = CacheSpec.decoupled(1, b, t, HEADS * ds, HEADS * dg, HEADS * dv, kind, device="cuda")
+    else:
+        spec = CacheSpec.standard(1, b, t, shape.kv_heads * shape.dims[0], kind, device="cuda")
     cache = KVCache(spec)
     for store in (cache.view(0, n) for n in cache.spec.names):
         if store.codes.dtype.is_floating_point:
@@ -107,9 +171,11 @@ def per_call(fns, **bench) -> float:
     return do_bench(replay, return_mode="median", **bench) / calls
 
 
-def kernel_bytes(cache: KVCache, b: int, t: int, dims) -> int:
+def kernel_bytes(cache: KVCache, b: int, t: int, shape: Shape) -> int:
+    """Cache codes + scales of every valid position, the fp16 queries and the fp16 output."""
     per_token = cache.spec.bytes_per_token_per_layer
-    return b * t * per_token + b * HEADS * (dims[0] + dims[1] + dims[2]) * 2 * 2
+    q_out = sum(shape.dims[:-1]) + shape.dims[-1] if shape.dba else 2 * shape.dims[0]
+    return b * t * per_token + b * HEADS * q_out * 2
 
 
 def main() -> None:
@@ -124,10 +190,16 @@ def main() -> None:
                     "(default: AttentionKnobs().fused_combine, off)")
     ap.add_argument("--pdl", default="on", help="on, off or on,off: kernels launched with programmatic dependent "
                     "launch (jit_helpers.pdl; on: where the GPU and Triton support it)")
-    ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--lengths", default="4096,32768,131072")
-    ap.add_argument("--dims", default="32-64-64,16-32-64")
+    ap.add_argument("--batches", default=None, help="default 1,8,32 (--sweep-dims: 1,8)")
+    ap.add_argument("--lengths", default=None, help="default 4096,32768,131072 (--sweep-dims: 32768)")
+    ap.add_argument("--dims", default=None, help="SEM-GEO-V (DBA), dD (MHA) or dD/G (GQA, G query heads per kv "
+                    "head), comma-separated; default 32-64-64,16-32-64 (--sweep-dims: SWEEP_DIMS)")
+    ap.add_argument("--sweep-dims", action="store_true", help="the widths of SWEEP_DIMS at T=32k, B 1 and 8")
     args = ap.parse_args()
+    sweep_dims = args.sweep_dims
+    args.batches = args.batches or ("1,8" if sweep_dims else "1,8,32")
+    args.lengths = args.lengths or ("32768" if sweep_dims else "4096,32768,131072")
+    args.dims = args.dims or (SWEEP_DIMS if sweep_dims else "32-64-64,16-32-64")
     from triton.testing import do_bench
 
     from caramba.codegen.triton import kernels
@@ -138,51 +210,66 @@ def main() -> None:
     bw = copy_bandwidth()
     dev = torch.cuda.get_device_name()
     print(f"device: {dev}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
-    dims_list = [tuple(int(x) for x in d.split("-")) for d in args.dims.split(",")]
-    grid = [(1, 4096, (32, 64, 64))] if args.quick else [
-        (b, t, d) for d in dims_list for b in map(int, args.batches.split(","))
+    shapes = [Shape.parse(d) for d in args.dims.split(",")]
+    grid = [(1, 4096, Shape((32, 64, 64)))] if args.quick else [
+        (b, t, d) for d in shapes for b in map(int, args.batches.split(","))
         for t in map(int, args.lengths.split(","))]
     compiled = None if args.no_compile else torch.compile(eager, dynamic=True)
+    compiled_gqa = None if args.no_compile else torch.compile(eager_gqa, dynamic=True)
     rows = []
-    for b, t, dims in grid:
-        ds, dg, dv = dims
-        fp16_bytes = b * t * HEADS * (ds + dg + dv) * 2
+    for b, t, shape in grid:
+        fp16_bytes = b * t * shape.kv_heads * sum(shape.cache_dims) * 2
         if fp16_bytes > args.max_gb * 2 ** 30:
-            rows.append((b, t, dims, None))
+            rows.append((b, t, shape, None))
             continue
-        s_s, s_g = 1 / math.sqrt(ds), 1 / math.sqrt(dg)
-        q_s = torch.randn(b, HEADS, 1, ds, device="cuda", dtype=torch.float16)
-        q_g = torch.randn(b, HEADS, 1, dg, device="cuda", dtype=torch.float16)
-        k_s = torch.randn(b, HEADS, t, ds, device="cuda", dtype=torch.float16)
-        k_g = torch.randn(b, HEADS, t, dg, device="cuda", dtype=torch.float16)
-        v = torch.randn(b, HEADS, t, dv, device="cuda", dtype=torch.float16)
-        peers = {"eager": lambda: eager(q_s, q_g, k_s, k_g, v, s_s, s_g),
-                 "sdpa_cat": lambda: sdpa_cat(q_s, q_g, k_s, k_g, v, s_s, s_g)}
-        if compiled is not None:
-            peers["compiled"] = lambda: compiled(q_s, q_g, k_s, k_g, v, s_s, s_g)
-        peer_ms = {name: do_bench(fn, warmup=25, rep=100, return_mode="median") for name, fn in peers.items()}
-        del k_s, k_g, v
+
+        def randn(*size):
+            return torch.randn(*size, device="cuda", dtype=torch.float16)
+        if shape.dba:
+            ds, dg, dv = shape.dims
+            s_s, s_g = 1 / math.sqrt(ds), 1 / math.sqrt(dg)
+            q_terms, scales = [randn(b, HEADS, 1, ds), randn(b, HEADS, 1, dg)], [s_s, s_g]
+            k_s, k_g, v = randn(b, HEADS, t, ds), randn(b, HEADS, t, dg), randn(b, HEADS, t, dv)
+            args_ = (*q_terms, k_s, k_g, v, s_s, s_g)
+            peers = {"eager": lambda: eager(*args_), "sdpa_cat": lambda: sdpa_cat(*args_)}
+            if compiled is not None:
+                peers["compiled"] = lambda: compiled(*args_)
+        else:
+            d = shape.dims[0]
+            q_terms, scales = [randn(b, HEADS, 1, d)], [1 / math.sqrt(d)]
+            k, v = randn(b, shape.kv_heads, t, d), randn(b, shape.kv_heads, t, d)
+            args_ = (q_terms[0], k, v, scales[0])
+            peers = {"eager": lambda: eager_gqa(*args_), "sdpa": lambda: sdpa_gqa(*args_)}
+            if compiled_gqa is not None:
+                peers["compiled"] = lambda: compiled_gqa(*args_)
+        peer_ms = {}
+        for name, fn in peers.items():
+            try:
+                peer_ms[name] = do_bench(fn, warmup=25, rep=100, return_mode="median")
+            except Exception as e:  # noqa: BLE001  a peer this torch refuses (e.g. enable_gqa): left out
+                print(f"  peer {name} at B={b} T={t} {shape}: {type(e).__name__}: {str(e)[:100]}", flush=True)
+        args_ = v = k_s = k_g = k = None  # the fp16 copies go before the caches come
         torch.cuda.empty_cache()
         results = {}
         combines = args.combine.split(",") if args.combine else \
             ["fused" if AttentionKnobs().fused_combine else "two"]
         for kind in args.kinds.split(","):
-            cache = filled_cache(b, t, dims, kind)
+            cache = filled_cache(b, t, shape, kind)
             # caches under ~4x L2 rotate over copies, so replays do not read from L2
             copies = max(1, min(8, math.ceil(ROTATE_BYTES / (b * t * cache.spec.bytes_per_token_per_layer))))
-            caches = [cache] + [filled_cache(b, t, dims, kind) for _ in range(copies - 1)]
-            limit = kernel_bytes(cache, b, t, dims) / bw * 1e3
+            caches = [cache] + [filled_cache(b, t, shape, kind) for _ in range(copies - 1)]
+            limit = kernel_bytes(cache, b, t, shape) / bw * 1e3
             pdls = args.pdl.split(",")
             for combine, pdl in itertools.product(combines, pdls):
                 label = " ".join([kind, *([combine] if len(combines) > 1 else []),
                                   *([f"pdl={pdl}"] if len(pdls) > 1 else [])])
                 knobs = AttentionKnobs(fused_combine=combine == "fused")
                 with pdl_enabled(pdl == "on"):  # read at each launch, so when the graph is captured
-                    calls = [kernels.bench_decode(c.layers[0], q_s, q_g, s_s, s_g, HEADS, knobs=knobs)
+                    calls = [kernels.bench_decode(c.layers[0], q_terms, scales, HEADS, knobs=knobs)
                              for c in caches]
                     results[label] = (per_call(calls, warmup=25, rep=100), limit)
                     if args.sweep:
-                        sweep = {p: per_call([kernels.bench_decode(c.layers[0], q_s, q_g, s_s, s_g, HEADS, p,
+                        sweep = {p: per_call([kernels.bench_decode(c.layers[0], q_terms, scales, HEADS, p,
                                                                    knobs=knobs)
                                               for c in caches], warmup=10, rep=50)
                                  for p in map(int, args.sweep.split(","))}
@@ -191,23 +278,32 @@ def main() -> None:
                 del calls
             del cache, caches
             torch.cuda.empty_cache()
-        rows.append((b, t, dims, (peer_ms, results)))
+        rows.append((b, t, shape, (peer_ms, results)))
         best = min(peer_ms.values())
-        print(f"B={b} T={t} dims={dims}: peers " + ", ".join(f"{k} {v:.3f}" for k, v in peer_ms.items()) + "; " +
+        print(f"B={b} T={t} dims={shape}: peers " + ", ".join(f"{k} {v:.3f}" for k, v in peer_ms.items()) + "; " +
               ", ".join(f"{k} {ms:.3f} ms ({limit / ms:.0%} of copy bw, {best / ms:.2f}x best peer)"
                         for k, (ms, limit) in results.items()), flush=True)
-    print(f"\n| B | T | dims | eager | sdpa_cat | compiled | best peer | kind | caramba ms | limit ms | % copy bw | "
-          f"x best peer |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for b, t, dims, res in rows:
+    print("\n| B | T | dims | H/H_kv | eager | sdpa(_cat) | compiled | best peer | kind | caramba ms | limit ms | "
+          "% copy bw | x best peer |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    spread: dict[str, list[tuple[float, float, str]]] = {}
+    for b, t, shape, res in rows:
         if res is None:
-            print(f"| {b} | {t} | {dims} | skipped: fp16 cache over --max-gb | | | | | | | | |")
+            print(f"| {b} | {t} | {shape} | | skipped: fp16 cache over --max-gb | | | | | | | | |")
             continue
         peer_ms, results = res
         best = min(peer_ms.values())
         for kind, (ms, limit) in results.items():
-            cells = [f"{peer_ms.get(p, float('nan')):.3f}" for p in ("eager", "sdpa_cat", "compiled")]
-            print(f"| {b} | {t} | {','.join(map(str, dims))} | {' | '.join(cells)} | {best:.3f} | {kind} | {ms:.3f} | "
-                  f"{limit:.4f} | {limit / ms:.0%} | {best / ms:.2f} |")
+            sdpa = peer_ms.get("sdpa_cat", peer_ms.get("sdpa", float("nan")))
+            cells = [f"{x:.3f}" for x in (peer_ms.get("eager", float("nan")), sdpa,
+                                           peer_ms.get("compiled", float("nan")))]
+            print(f"| {b} | {t} | {shape} | {HEADS}/{shape.kv_heads} | {' | '.join(cells)} | {best:.3f} | {kind} | "
+                  f"{ms:.3f} | {limit:.4f} | {limit / ms:.0%} | {best / ms:.2f} |")
+            spread.setdefault(kind, []).append((limit / ms, best / ms, f"B={b} T={t} {shape}"))
+    for kind, xs in spread.items():
+        lo_bw, hi_bw = min(xs), max(xs)
+        lo_peer, hi_peer = min(xs, key=lambda r: r[1]), max(xs, key=lambda r: r[1])
+        print(f"{kind}: % copy bw worst {lo_bw[0]:.0%} ({lo_bw[2]}), best {hi_bw[0]:.0%} ({hi_bw[2]}); x best peer "
+              f"worst {lo_peer[1]:.2f} ({lo_peer[2]}), best {hi_peer[1]:.2f} ({hi_peer[2]})")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ swiglu / rms_norm / add_rms_norm prologues) and several (qgemm). TRITON_INTERPRE
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
 
 import pytest
@@ -30,6 +31,7 @@ from tests.codegen.kernel_helpers import BF16, DEVICE, F16, F32, assert_product,
 
 SPECS = ["int8"] + [f"int4:g{g}:{s}" for g in INT4_GROUPS for s in ("sym", "asym")]
 SMALL = Q.Config(block_n=16, block_k=32, block_m=16)  # several K tiles, a partial last one
+PLAIN = dataclasses.replace(SMALL, fast=False)  # one row: the per-element decode (fp32 rows always take it)
 
 
 def quantized(n: int, k: int, spec: str, dtype: torch.dtype, bias: bool, seed: int = 0):
@@ -53,10 +55,27 @@ def exact(x: torch.Tensor, q, dtype: torch.dtype, bias: torch.Tensor | None) -> 
 def test_qlinear_every_format_on_odd_shapes(spec, n, k, rows):
     q, codes, scales, extra, b, a = quantized(n, k, spec, F16, bias=rows == 5)
     x = randn(rows, k, dtype=F16, seed=7)
-    for config in (None, SMALL):
+    for config in (None, SMALL, PLAIN):
         y = Q.qlinear(x, codes, scales, *extra, config=config, **a)
         assert y.shape == (rows, n) and y.dtype == F16
         assert_product(y, exact(x, q, F16, b), reference("qlinear", x, codes, scales, *extra, **a), F16)
+
+
+@pytest.mark.parametrize("spec", ["int8", "int4:g32:sym", "int4:g128:asym"])
+def test_the_fast_gemv_on_a_long_row_with_a_large_mean(spec):
+    """The fast one-row body sums m·x with m = 3 + c/128 (int8) or 2 + n/8 (int4) and takes the offset out per
+    row or group: a row whose values share a large mean (cancellation) over a long K stays within the product's
+    tolerance, and the kernel rendered is the fast one (its bit patterns) for fp16 rows, the plain one for fp32."""
+    n, k = 12, 2051
+    q, codes, scales, extra, b, a = quantized(n, k, spec, F16, bias=False, seed=4)
+    x = (6.0 + randn(1, k, seed=9)).to(F16)
+    y = Q.qlinear(x, codes, scales, *extra, config=Q.Config(block_n=4, block_k=256), **a)
+    assert_product(y, exact(x, q, F16, None), reference("qlinear", x, codes, scales, *extra, **a), F16)
+    assert Q.fast_gemv(F16, a["group"], 256) and Q.fast_gemv(BF16, a["group"], 256)
+    assert not Q.fast_gemv(F32, a["group"], 256)
+    rendered = [p.read_text() for p in source.cache_dir().glob("qgemv*.py")]
+    magic = "0x40400000" if spec == "int8" else "0x40000000"
+    assert any(magic in text and f"weights {spec}" in text for text in rendered)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)

@@ -105,27 +105,30 @@ def decode_chunking(q: Sequence[torch.Tensor], attrs: Mapping[str, Any], max_seq
     return device_plan(q[0].device).step_choice(q, attrs, max_seq_len)
 
 
-def bench_decode(lc: Any, q_s: torch.Tensor, q_g: torch.Tensor, s_s: float, s_g: float, heads: int,
+def bench_decode(lc: Any, q_terms: Sequence[torch.Tensor], scales: Sequence[float], heads: int,
                  partitions: int | None = None, knobs: attention.AttentionKnobs | None = None
                  ) -> Callable[[], torch.Tensor]:
-    """A DBA decode-attention call over layer cache `lc` (benchmarks/decode_attention.py), with the chunking
-    the cuda plan chooses for its shape unless `partitions` is given; knobs: attention.AttentionKnobs (None: the
-    defaults)."""
-    b = q_s.shape[0]
-    lengths = torch.tensor(lc.lengths, dtype=torch.int32, device=q_s.device)
-    kv_heads = lc.spec.tensors[0].features // q_s.shape[-1]
-    if partitions is None:
-        key = ChunkKey.of(b, max(lc.lengths), (q_s.shape[-1], q_g.shape[-1], lc.view("v").features // kv_heads),
-                          [str(k) for k in lc.spec.kinds.values()], kv_heads, heads)
-        partitions = device_plan(q_s.device).choose(key).partitions
-    k = [lc.view("k_sem"), lc.view("k_geo")]
+    """A decode-attention call over layer cache `lc` (benchmarks/decode_attention.py): `q_terms` (B, H, 1, d_i) one
+    per key tensor of the cache (MHA/GQA: [q] against k; DBA: [q_sem, q_geo] against k_sem, k_geo), with the
+    chunking the cuda plan chooses for its shape unless `partitions` is given; knobs: attention.AttentionKnobs
+    (None: the defaults)."""
+    q0 = q_terms[0]
+    b = q0.shape[0]
+    lengths = torch.tensor(lc.lengths, dtype=torch.int32, device=q0.device)
+    keys = [n for n in lc.spec.names if n != "v"]
+    kv_heads = lc.spec.tensors[0].features // q0.shape[-1]
     v = lc.view("v")
-    q = [q_s[:, :, 0], q_g[:, :, 0]]
-    out = torch.empty(b, heads, v.features // kv_heads, dtype=q_s.dtype, device=q_s.device)
-    workspace = attention.decode_workspace(b, heads, partitions, v.features // kv_heads, q_s.device) \
-        if partitions > 1 else None
+    dv = v.features // kv_heads
+    if partitions is None:
+        key = ChunkKey.of(b, max(lc.lengths), (*(q.shape[-1] for q in q_terms), dv),
+                          [str(k) for k in lc.spec.kinds.values()], kv_heads, heads)
+        partitions = device_plan(q0.device).choose(key).partitions
+    k = [lc.view(n) for n in keys]
+    q = [x[:, :, 0] for x in q_terms]
+    out = torch.empty(b, heads, dv, dtype=q0.dtype, device=q0.device)
+    workspace = attention.decode_workspace(b, heads, partitions, dv, q0.device) if partitions > 1 else None
 
     def run() -> torch.Tensor:
-        return attention.decode_attention(q, k, v, lengths, scales=[s_s, s_g], kv_heads=kv_heads,
+        return attention.decode_attention(q, k, v, lengths, scales=list(scales), kv_heads=kv_heads,
                                           partitions=partitions, out=out, workspace=workspace, knobs=knobs)
     return run

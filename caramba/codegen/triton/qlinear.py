@@ -76,6 +76,49 @@ $SCALE
 kernel = $NAME  # the name profilers show
 '''
 
+# The fast one-row body (fp16 / bf16 rows): codes become fp32 through their bits, no conversion instruction, and
+# the scale multiplies a group's (int4) or the row's (int8) sum once. int8: bits 0x40400000 + (c << 15) are the
+# float 3 + c/128, so sum(c·x) = 128·sum(m·x) - 384·sum(x) and y = scale · that. int4: a byte's low nibble n
+# shifted to bits 19..22 of 0x40000000 is the float 2 + n/8 (high nibble likewise), so a group's
+# sum((n - z)·x) = 8·sum(m·x) - (16 + z)·sum(x), times the group's scale; the tile is (rows, groups, bytes) and
+# the even / odd features of x split from the row.
+_FAST_INT8 = '''
+    sx = tl.zeros([$BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, $BLOCK_K):
+        kk = k0 + rk
+        kmask = kk < K
+$LOAD_X
+        c = tl.load(c_ptr + rn_in[:, None] * K + kk[None, :], mask=kmask[None, :], other=0)
+        m = (c.to(tl.int32) * 32768 + 0x40400000).to(tl.float32, bitcast=True)
+        acc += m * x[None, :]
+        sx += x
+    y = sc * (128.0 * tl.sum(acc, axis=1) - 384.0 * tl.sum(sx, axis=0))
+'''
+_FAST_INT4 = '''
+    gg = tl.arange(0, $GROUPS)
+    jj = tl.arange(0, $HALF)
+    accg = tl.zeros([$BLOCK_N, $GROUPS], dtype=tl.float32)
+    for k0 in range(0, K, $BLOCK_K):
+        kk = k0 + rk
+        kmask = kk < K
+$LOAD_X
+        xe, xo = tl.split(tl.reshape(x, ($GROUPS, $HALF, 2)))
+        kb = k0 // 2 + gg[:, None] * $HALF + jj[None, :]
+        c = tl.load(c_ptr + rn_in[:, None, None] * KB + kb[None, :, :], mask=(kb < KB)[None, :, :],
+                    other=0).to(tl.int32)
+        lo = (((c << 19) & 0x780000) | 0x40000000).to(tl.float32, bitcast=True)
+        hi = (((c << 15) & 0x780000) | 0x40000000).to(tl.float32, bitcast=True)
+        sm = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)
+        sxg = tl.sum(xe + xo, axis=1)
+        g = k0 // $GROUP + gg
+        gi = rn_in[:, None] * NG + g[None, :]
+        gmask = (g < NG)[None, :]
+        d = tl.load(sc_ptr + gi, mask=gmask, other=0.0).to(tl.float32)
+        z = $ZERO
+        accg += d * (8.0 * sm - (16.0 + z) * sxg[None, :])
+    y = tl.sum(accg, axis=1)
+'''
+
 _GEMM = '''"""caramba qgemm: x $X_DTYPE (M rows) -> y $DTYPE, weights $FORMAT, tiles $BLOCK_M x $BLOCK_N x $BLOCK_K."""
 import triton
 import triton.language as tl
@@ -136,13 +179,36 @@ def _format(bits: int, group: int, zero_point: bool) -> str:
     return "int8" if bits == 8 else f"int4:g{group}:{'asym' if zero_point else 'sym'}"
 
 
+def _fast_body(prologue: str, bits: int, group: int, zero_point: bool, x_dtype: torch.dtype,
+               nw_dtype: torch.dtype | None, block_k: int) -> str:
+    """The K loop and y of the fast one-row kernel (_FAST_INT8 / _FAST_INT4)."""
+    load_x = _load_x(prologue, x_dtype, nw_dtype or x_dtype, True, "kk", 8)
+    if bits == 8:
+        return source.render(_FAST_INT8, BLOCK_K=block_k, LOAD_X=load_x)
+    zero = "tl.load(z_ptr + gi, mask=gmask, other=0).to(tl.float32)" if zero_point else "8.0"
+    return source.render(_FAST_INT4, BLOCK_N="$BLOCK_N", BLOCK_K=block_k, GROUPS=block_k // group,
+                         HALF=group // 2, GROUP=group, LOAD_X=load_x, ZERO=zero)
+
+
+def fast_gemv(x_dtype: torch.dtype, group: int, block_k: int) -> bool:
+    """The fast body runs for fp16 / bf16 rows (fp32 keeps the exact per-element decode: its sums' tolerance is
+    fp32's) with tiles of whole groups."""
+    return x_dtype != torch.float32 and block_k % max(group, 1) == 0
+
+
 @functools.lru_cache(maxsize=None)
 def _gemv(prologue: str, bits: int, group: int, zero_point: bool, x_dtype: torch.dtype, nw_dtype: torch.dtype | None,
-          w_dtype: torch.dtype, block_n: int, block_k: int):
+          w_dtype: torch.dtype, block_n: int, block_k: int, fast: bool = False):
     name = {"x": "qgemv", "swiglu": "qgemv_swiglu", "rms_norm": "qgemv_rms_norm",
             "add_rms_norm": "qgemv_add_rms_norm"}[prologue]
+    template = _GEMV
+    if fast:
+        head, _, tail = _GEMV.partition("    for k0 in range(0, K, $BLOCK_K):")
+        tail = tail[tail.index("$SCALE"):]
+        template = head + _fast_body(prologue, bits, group, zero_point, x_dtype, nw_dtype, block_k).lstrip("\n") \
+            + tail
     text = source.render(
-        _GEMV, NAME=name, X_DTYPE=TL_DTYPE[x_dtype], DTYPE=TL_DTYPE[w_dtype], WHAT=_WHAT[prologue],
+        template, NAME=name, X_DTYPE=TL_DTYPE[x_dtype], DTYPE=TL_DTYPE[w_dtype], WHAT=_WHAT[prologue],
         FORMAT=_format(bits, group, zero_point), BLOCK_N=block_n, BLOCK_K=block_k, HELPERS=HELPERS,
         PDL_PROLOGUE=PDL_PROLOGUE.rstrip("\n"), INIT=_init(prologue, block_k), ROW_SCALE=_row_scale(bits),
         LOAD_X=_load_x(prologue, x_dtype, nw_dtype or x_dtype, True, "kk", 8),
@@ -180,6 +246,7 @@ class Config:
     block_m: int = 32
     warps: int = 4
     stages: int = 2
+    fast: bool = True  # one row, fp16 / bf16: codes decoded through their bits, scales per group (_FAST_INT8/4)
 
 
 def choose(rows: int, n: int, k: int) -> Config:
@@ -271,6 +338,8 @@ def _launch_gemv(prologue: str, x: torch.Tensor, u: torch.Tensor | None, norm_we
     """One row through qgemv: (s for add_rms_norm else None, y (..., N))."""
     n, k = codes.shape[0], a["in_features"]
     cfg = config or choose(1, n, k)
+    block_k = max(cfg.block_k, a["group"]) if a["bits"] == 4 else cfg.block_k  # whole groups a tile
+    fast = cfg.fast and fast_gemv(x.dtype, a["group"], block_k)
     row = x if x.is_contiguous() else x.contiguous()
     u = row if u is None else (u if u.is_contiguous() else u.contiguous())
     nw = row if norm_weight is None else norm_weight.contiguous()
@@ -278,7 +347,7 @@ def _launch_gemv(prologue: str, x: torch.Tensor, u: torch.Tensor | None, norm_we
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     kernel = _gemv(prologue, a["bits"], a["group"], a["zero_point"], x.dtype,
                    None if norm_weight is None else norm_weight.dtype, a["weight_dtype"].torch, cfg.block_n,
-                   cfg.block_k)
+                   block_k if fast else cfg.block_k, fast)
     kernel[(-(-n // cfg.block_n),)](row, u, nw, codes, scales, scales if zeros is None else zeros,
                                     bias if bias is not None else y, s if s is not None else y, y, n, k,
                                     codes.shape[1], scales.shape[-1] if scales.dim() == 2 else 1, float(eps),
