@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", default="auto", choices=targets.names())
     c.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: the model's)")
     c.add_argument("--print-ir", action="store_true", help="print the final IR to stdout")
+    c.add_argument("--check-layers", action="store_true", help="compare every layer's fused graph with its siblings' "
+                   "and print each layer that fused differently (exit 1 if one did)")
     c.add_argument("--max-seq-len", type=int, default=None, help="largest sequence length the graph accepts")
     _add_extrapolation_arg(c)
     _add_weights_args(c)
@@ -280,6 +282,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(f"pass dump written to {args.dump_dir} (summary.txt)")
     if args.print_ir:
         print(cm.ir(), end="")
+    if args.check_layers:
+        from caramba.analysis import check_layers
+
+        check = check_layers(cm.graph)
+        print(check.report(), end="")
+        return 0 if check.ok else 1
     return 0
 
 

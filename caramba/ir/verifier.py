@@ -1,4 +1,9 @@
-"""The verifier: use-def links, op signatures, attributes and types re-derived by each op's shape rule."""
+"""The verifier: use-def links, op signatures, attributes and types re-derived by each op's shape rule.
+
+Every input defined by an earlier node is what makes `nodes` a topological order, and a graph with a topological
+order has no cycle: one forward sweep over the IR's own lists checks both. networkx (caramba.analysis.graphs) only
+runs once that check has failed, to say which: a node out of order, or a cycle no order can fix.
+"""
 from __future__ import annotations
 
 from caramba.errors import VerificationError
@@ -22,7 +27,7 @@ def verify(g: Graph) -> None:
         if p.name != name:
             raise VerificationError(f"param {name!r} is bound to value %{p.name}")
     for node in g.nodes:
-        _check_node(node, defined, ranges)
+        _check_node(g, node, defined, ranges)
         for v in node.outputs:
             if v.name in names:
                 raise VerificationError(f"%{v.name} is defined twice; second definition at:\n  {_where(node)}")
@@ -36,13 +41,15 @@ def verify(g: Graph) -> None:
         raise VerificationError(f"symbols {sorted(unknown)} appear in types but are not declared with 'symbol'")
 
 
-def _check_node(node: Node, defined: set, ranges: dict) -> None:
+def _check_node(g: Graph, node: Node, defined: set, ranges: dict) -> None:
     if not has_op(node.op):
         raise VerificationError(f"unknown op {node.op!r} at:\n  {_where(node)}")
     opdef = get_op(node.op)
     for v in node.inputs:
         if v not in defined:
-            raise VerificationError(f"%{v.name} is used before it is defined (or is not in this graph) at:\n  {_where(node)}")
+            from caramba.analysis.graphs import explain_undefined_use  # networkx loads only for a broken graph
+
+            raise VerificationError(f"{explain_undefined_use(g, node, v)} at:\n  {_where(node)}")
     lo, hi = opdef.arity()
     if len(node.inputs) < lo or (hi is not None and len(node.inputs) > hi):
         raise VerificationError(f"{node.op} takes {lo}..{hi if hi is not None else 'any'} tensor inputs "
