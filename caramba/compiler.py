@@ -34,7 +34,7 @@ from caramba.ir.weight_quant import StoredWeights, WeightQuantError, WeightSpec,
 from caramba.passes.base import PassContext
 from caramba.passes.cache_fallback import Blocker, cache_blockers
 from caramba.passes.kv_layout import CacheConfig, cache_layout
-from caramba.passes.manager import PassRecord, check_names
+from caramba.passes.manager import Instrument, PassRecord, check_names
 from caramba.passes.pipeline import cache_pipeline_for, entry_pipeline_for, pipeline_for
 from caramba.runtime.executor import Executor, build_executor, vocab_size_of
 from caramba.runtime.recompute import RecomputeExecutor
@@ -263,7 +263,7 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
             verify_each: bool | None = None, check_numerics: bool | None = None,
             pass_limit: int | None = None, target_options: dict[str, Any] | None = None,
             allow_extrapolation: bool = False, progress: Callable[[str], None] | None = None,
-            weights: Any = None, quantize_embeddings: bool | None = None) -> CompiledModel:
+            weights: Any = None, quantize_embeddings: bool | None = None, report: Any = None) -> CompiledModel:
     """Capture `model` once (batch and sequence length stay symbolic), run the target's pass pipeline, build it.
 
     dtype: fp32 / fp16 / bf16 (a torch.dtype or a name); the model is captured in that dtype without touching the
@@ -277,7 +277,9 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
     list) prints the IR to stderr after those passes when they changed it; disable_passes skips passes by name;
     verify_each runs the verifier after every pass (default: on under pytest and in debug runs); check_numerics
     compares every pass's output with eager PyTorch on a fixed input (see summary max_err); pass_limit runs only
-    the first N passes. target_options: settings of the target's executor, checked here against what its
+    the first N passes; report writes one self-contained HTML page of the compile (a path, or a
+    caramba.report.Report naming the cache to report; also written when a pass fails). target_options: settings
+    of the target's executor, checked here against what its
     backend declares (`caramba targets` lists them; e.g. onnx mode, cuda cuda_graphs / gemv / pdl).
     """
     if not isinstance(model, torch.nn.Module):
@@ -292,7 +294,10 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
     backend.check_options(target_options)
     want = resolve_dtype(dtype, model)
     options = DebugOptions.resolve(dump_dir=dump_dir, print_after=print_after, disable_passes=disable_passes,
-                                   pass_limit=pass_limit, verify_each=verify_each, check_numerics=check_numerics)
+                                   pass_limit=pass_limit, verify_each=verify_each, check_numerics=check_numerics,
+                                   report=report)
+    if options.report and options.check_numerics and any(p.is_meta for p in model.parameters()):
+        options = replace(options, check_numerics=False)  # meta weights: no values to compare
     passes = pipeline_for(backend.needs)
     every = passes + cache_pipeline_for(backend.needs) + entry_pipeline_for(backend.needs)
     check_names(every, options.disable_passes, options.print_after)  # before the capture: fail fast on a typo
@@ -308,17 +313,26 @@ def compile(model: torch.nn.Module, target: str = "auto", *, dtype: Any = None, 
     log.info("captured %s: %d nodes in %.2fs (target %s, %s)", type(model).__name__, len(imported.nodes),
              cap.seconds, chosen, want)
     say(f"running the {chosen} pipeline on {len(imported.nodes)} nodes")
+    info = {"model": type(model).__name__, "target": chosen, "dtype": str(want)}
+    collector = None
+    if options.report:
+        from caramba.report.collect import ReportCollector
+
+        collector = ReportCollector(options.report, info=info)
     result = run_pipeline(imported, passes, PassContext(target=chosen, dtype=want, needs=backend.needs, options=quant),
-                          compile_options,
-                          reference=lambda inputs: eager_logits(model, inputs),
-                          info={"model": type(model).__name__, "target": chosen, "dtype": str(want)})
+                          compile_options, reference=lambda inputs: eager_logits(model, inputs), info=info,
+                          instruments=[collector] if collector else ())
     graph = result.graph
     if not options.verify_each:
         verify(graph)  # once at the end is cheap insurance; verify_each already checked every step
     stats = CompileStats(cap.seconds, import_seconds, graph.op_counts(), result.seconds, result.records)
     log.info("pipeline %s: %d -> %d nodes in %.3fs", chosen, len(imported.nodes), len(graph.nodes), result.seconds)
-    return CompiledModel(graph, chosen, want, stats, cap, imported, options, target_options, weights=quant["weights"],
-                         quantize_embeddings=quant["quantize_embeddings"])
+    cm = CompiledModel(graph, chosen, want, stats, cap, imported, options, target_options, weights=quant["weights"],
+                       quantize_embeddings=quant["quantize_embeddings"])
+    if collector is not None:
+        say("writing the report")
+        collector.finish(cm, model)
+    return cm
 
 
 def weight_options(model: torch.nn.Module, weights: Any, quantize_embeddings: bool | None) -> dict[str, Any]:
@@ -367,12 +381,13 @@ def cast_model(model: torch.nn.Module, dtype: DType) -> torch.nn.Module:
     return out
 
 
-def lower(cm: CompiledModel, config: CacheConfig, *, partitions: int | None = None) -> CachedProgram:
+def lower(cm: CompiledModel, config: CacheConfig, *, partitions: int | None = None,
+          instruments: Sequence[Instrument] = ()) -> CachedProgram:
     """Run the cache passes on cm.graph for `config` and build the prefill and decode entries of its target.
 
     The target's backend must store every kind of `config` (and the residual ring when asked for): anything else
     is refused here with a clear error. Dumps (when cm was compiled with dump_dir) go to <dump_dir>/kv-<label>/
-    and .../kv-<label>/decode/.
+    and .../kv-<label>/decode/. instruments observe each of its three pipeline runs (the report's collector).
     """
     needs = cm.backend.needs
     refused = sorted({k for _, k in config.kinds} - needs.cache_kinds)
@@ -396,7 +411,7 @@ def lower(cm: CompiledModel, config: CacheConfig, *, partitions: int | None = No
                        dump_dir=os.path.join(debug.dump_dir, subdir) if debug.dump_dir else None)
         ctx = PassContext(target=cm.target, dtype=cm.dtype, needs=needs, options={**options, "entry": entry})
         return run_pipeline(graph, passes, ctx, opts, info={"target": cm.target, "cache": config.label,
-                                                             "entry": entry})
+                                                             "entry": entry}, instruments=instruments)
 
     base = run(cm.graph.copy(), cache_pipeline_for(needs), "prefill", f"kv-{label}")
     prefill = run(base.graph, entry_pipeline_for(needs), "prefill", f"kv-{label}/prefill")

@@ -55,6 +55,11 @@ def _path(value: Any) -> str | None:
     return str(value) if value not in (None, "") else None
 
 
+def _report(value: Any) -> Any:
+    """A path, or a caramba.report.Report (a path and the cache configuration to report), kept as given."""
+    return value if hasattr(value, "path") else _path(value)
+
+
 def _bool(value: Any) -> bool:
     return value if isinstance(value, bool) else parse_bool(str(value))
 
@@ -72,6 +77,8 @@ FLAGS: dict[str, Flag] = {f.name: f for f in (
          "run the verifier after every pass; default on under pytest and in debug runs (any other flag set)"),
     Flag("check_numerics", "CARAMBA_CHECK_NUMERICS", _bool, False, "bool",
          "after every pass run the interpreter on a fixed input and record the max error against eager PyTorch"),
+    Flag("report", "CARAMBA_REPORT", _report, None, "file",
+         "write one self-contained HTML page of the compile here (turns check_numerics on unless it is set)"),
 )}
 
 
@@ -87,6 +94,11 @@ def get(name: str, explicit: Any = None) -> Any:
         return flag.parse(text)
     except ValueError as e:
         raise ValueError(f"{flag.env}={text!r}: {e}") from None
+
+
+def given(name: str, explicit: Any = None) -> bool:
+    """Whether flag `name` was set, by its keyword or its environment variable (not left to its default)."""
+    return explicit is not None or bool(os.environ.get(FLAGS[name].env, "").strip())
 
 
 def cache_dir() -> Path:

@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bisect)
     _add_generate_parser(sub)
     _add_export_parser(sub)
+    from caramba.cli.report import add_parser as add_report_parser  # here: it imports this module
+
+    add_report_parser(sub)
     t = sub.add_parser("targets", help="list every target, whether it runs on this machine and why not")
     t.set_defaults(func=cmd_targets)
     return ap

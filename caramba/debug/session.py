@@ -22,22 +22,27 @@ class DebugOptions:
     pass_limit: int | None = None
     verify_each: bool = False
     check_numerics: bool = False
+    report: Any = None  # a path or a caramba.report.Report
 
     @classmethod
     def resolve(cls, *, dump_dir: Any = None, print_after: Any = None, disable_passes: Any = None,
                 pass_limit: Any = None, verify_each: bool | None = None,
-                check_numerics: bool | None = None) -> "DebugOptions":
-        """Keywords (None: not given) over CARAMBA_* variables over defaults; see caramba.flags."""
+                check_numerics: bool | None = None, report: Any = None) -> "DebugOptions":
+        """Keywords (None: not given) over CARAMBA_* variables over defaults; see caramba.flags. A report turns
+        check_numerics on unless it is set (its timeline shows every pass's error)."""
+        report = flags.get("report", report)
+        numerics = flags.get("check_numerics", check_numerics) if flags.given("check_numerics", check_numerics) \
+            else bool(report)
         opts = cls(dump_dir=flags.get("dump_dir", dump_dir), print_after=flags.get("print_after", print_after),
                    disable_passes=flags.get("disable_passes", disable_passes),
-                   pass_limit=flags.get("pass_limit", pass_limit),
-                   check_numerics=flags.get("check_numerics", check_numerics))
+                   pass_limit=flags.get("pass_limit", pass_limit), check_numerics=numerics, report=report)
         verify = flags.resolve_verify_each(verify_each, opts.debug_run)
         return replace(opts, verify_each=verify)
 
     @property
     def debug_run(self) -> bool:
-        return bool(self.dump_dir or self.print_after or self.pass_limit is not None or self.check_numerics)
+        return bool(self.dump_dir or self.print_after or self.pass_limit is not None or self.check_numerics
+                    or self.report)
 
 
 def run_pipeline(graph: Graph, passes: Sequence[Pass], ctx: PassContext, options: DebugOptions, *,
