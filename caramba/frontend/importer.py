@@ -124,7 +124,20 @@ def bound_args(node: torch.fx.Node) -> dict[str, Any]:
 
 
 def import_capture(cap: Capture) -> Graph:
-    """The IR graph of a captured model; its params carry the model's weight names and tensors."""
+    """The IR graph of a captured model; its params carry the model's weight names and tensors.
+
+    A capture traced without stack traces (the default: they are slow to record) that fails to import is
+    captured again with them, so that the UnsupportedOpError names the source line of the op."""
+    try:
+        return _import(cap)
+    except UnsupportedOpError:
+        again = cap.with_stack_traces() if cap.with_stack_traces is not None else None
+        if again is None:
+            raise
+    return _import(again)  # raises the same error, now with "at File ..."
+
+
+def _import(cap: Capture) -> Graph:
     ep = cap.program
     g = Graph("forward")
     ctx = ImportContext(g, prefix=cap.prefix)
