@@ -9,10 +9,14 @@ backend (caramba.codegen.backend): a kernel backend's kernels run under the shar
     ex = cm.executor(CacheConfig.of(layout, "q8_0", max_seq_len=2048))
     cache = ex.new_cache(batch)
     logits = ex.forward(input_ids, positions, cache)   # (B, S, V); appends the S tokens of every row
+    # forward(..., logits_at=n - 1): (B, 1, V), row b's logits at offset n[b] - 1 of the step only
     ex.check()                                          # errors a target reports late (deferred append checks)
 
 forward's contract: positions (B, S) int64 are contiguous per row and row b starts at its cached length; the S
 tokens of every row are appended (the caller truncates rows that carried padding with cache.truncate_rows).
+logits_at (B,) picks one offset into the step per row, the only logits a sampling loop reads after a prefill:
+a kernel backend then runs the LM head (and the position-wise ops before it) on those B rows alone, not B·S
+(kernel_executor.position_tail); the others gather what they computed.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from caramba.passes.kv_layout import CacheConfig, CacheLayout
 from caramba.runtime.kv_cache import CacheSpec, KVCache
 
 __all__ = ["CacheConfig", "CachedProgram", "CompiledLike", "Executor", "RunnerExecutor", "build_executor",
-           "vocab_size_of"]
+           "take_positions", "vocab_size_of"]
 
 
 @runtime_checkable
@@ -87,10 +91,18 @@ class Executor(ABC):
         if self.device.type != "cpu":
             torch.accelerator.synchronize(self.device)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (B, S, V) for the S new tokens of every row; appends them to `cache` (see the module doc)."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, S, V) for the S new tokens of every row; appends them to `cache` (see the module doc).
+
+        logits_at, a (B,) integer tensor of offsets into the step (0 <= logits_at[b] < S): (B, 1, V), row b's
+        logits at offset logits_at[b] only. A prefill's sampler reads one position per row, and the head over all
+        of them costs B·S·V (a 128k vocabulary: GBs of logits and a fifth of a 1B model's prefill); the cache is
+        appended the same either way."""
         self._check(input_ids, positions, cache)
-        return self._forward(input_ids, positions, cache)
+        if logits_at is None:
+            return self._forward(input_ids, positions, cache)
+        return self._forward(input_ids, positions, cache, logits_at=self._check_logits_at(logits_at, input_ids))
 
     def check(self) -> None:
         """Raise now any error of a step run so far that this executor reports late (target cuda's deferred
@@ -99,7 +111,23 @@ class Executor(ABC):
         the step's own forward."""
 
     @abstractmethod
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor: ...
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                 logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """forward after its checks; logits_at, when given, is checked and on the CPU."""
+
+    def _check_logits_at(self, logits_at: object, input_ids: torch.Tensor) -> torch.Tensor:
+        """logits_at as a checked (B,) int64 CPU tensor (one read of it: a prefill's cost, decode passes None)."""
+        batch, seq = input_ids.shape
+        if not isinstance(logits_at, torch.Tensor) or logits_at.dtype not in (torch.int64, torch.int32) or \
+                tuple(logits_at.shape) != (batch,):
+            got = f"{logits_at.dtype} {list(logits_at.shape)}" if isinstance(logits_at, torch.Tensor) else \
+                type(logits_at).__name__
+            raise InputError(f"logits_at must be a (batch={batch},) integer tensor of offsets into the step, got "
+                             f"{got}")
+        at = logits_at.cpu().long()
+        if batch and not 0 <= int(at.min()) <= int(at.max()) < seq:
+            raise InputError(f"logits_at offsets must lie in [0, {seq}) (the step's {seq} tokens), got {at.tolist()}")
+        return at
 
     def _check(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> None:
         """Plain Python on the step's sizes and starts (one read of positions[:, 0]): a decode step pays it on the
@@ -121,7 +149,10 @@ class Executor(ABC):
 
 
 class RunnerExecutor(Executor):
-    """A whole-graph backend's Runner (e.g. ONNX Runtime) behind the Executor interface."""
+    """A whole-graph backend's Runner (e.g. ONNX Runtime) behind the Executor interface.
+
+    logits_at gathers from the full logits: the exported graph computes the head at every position (what it
+    returns is fixed when it is exported), so only the copy out is saved, not the work."""
 
     def __init__(self, program: CachedProgram, vocab_size: int, backend: Backend, options: Mapping[str, Any]) -> None:
         super().__init__(program, vocab_size, backend.device())
@@ -132,8 +163,16 @@ class RunnerExecutor(Executor):
             raise AttributeError(name)
         return getattr(self.runner, name)
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self.runner.run(input_ids, positions, cache)
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                 logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.runner.run(input_ids, positions, cache)
+        return logits if logits_at is None else take_positions(logits, logits_at)
+
+
+def take_positions(x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """(B, 1, ...): x[b, at[b]] of a (B, S, ...) tensor, a fresh dense tensor on x's device."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    return x[rows, at.to(x.device)][:, None]
 
 
 def vocab_size_of(graph: Graph) -> int:

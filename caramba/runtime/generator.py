@@ -257,14 +257,14 @@ class Generator:
         ids = torch.tensor([f + [pad] * (width - len(f)) for f in feed], dtype=torch.int64)
         pos = torch.tensor(starts, dtype=torch.int64)[:, None] + torch.arange(width)
         t0 = time.perf_counter()
-        try:
-            logits = ex.forward(ids, pos, cache)
+        try:  # only each row's last position is sampled: the head runs on those B rows (Executor.forward)
+            logits = ex.forward(ids, pos, cache, logits_at=torch.tensor(n) - 1)
         except BaseException:
             self.tokens = before  # nothing happened: the conversation and the cache are as they were
             cache.truncate_rows(starts)
             raise
         cache.truncate_rows([s + k for s, k in zip(starts, n)])
-        last = logits[torch.arange(batch), torch.tensor(n) - 1].float()
+        last = logits[:, 0].float()
         self.stats.prefill_seconds = time.perf_counter() - t0
         done = torch.zeros(batch, dtype=torch.bool)
         eos_t = torch.tensor(sorted(eos), dtype=torch.int64)

@@ -24,6 +24,9 @@ else is written once, here:
   while the device runs (before the replay when a residual ring's window starts, which the replay reads, depend
   on it). Nothing in the decode graph may depend on the cache length as a shape (checked when built), so it is
   never recaptured as the cache grows.
+- logits_at (a prefill that samples one position per row): the prefill graph's position tail (position_tail: the
+  LM head and the ops before it that act on each position alone) is found once; its first nodes read their
+  activations gathered at each row's offset, (B, 1, D), so the head runs on B rows, not B·S. Decode is untouched.
 """
 from __future__ import annotations
 
@@ -40,8 +43,9 @@ from caramba.ir.graph import Graph, Node, Value
 from caramba.ir.interpreter import Interpreter
 from caramba.ir.registry import get_op
 from caramba.runtime.append_errors import CHECK_MODES, Pending, Slots, undo, undo_pending
-from caramba.runtime.executor import Executor, vocab_size_of
+from caramba.runtime.executor import Executor, take_positions, vocab_size_of
 from caramba.runtime.kv_cache import KVCache
+from caramba.runtime.position_tail import POSITIONWISE, position_tail
 
 log = logging.getLogger("caramba")
 
@@ -83,6 +87,8 @@ class KernelExecutor(Executor):
         if kernels.rope_in_append and kernels.has("kv_append"):
             self._ropes = {**fused_ropes(program.prefill), **fused_ropes(program.decode)}
         self._rope_tables: dict[Node, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tail = position_tail(program.prefill)  # node -> its inputs to gather at logits_at
+        self._at: torch.Tensor | None = None  # the running prefill's logits_at on the device (None: every position)
         self._prefill = Interpreter(program.prefill, weights, impl_for=self._impl_for("prefill"))
         self._decode = Interpreter(program.decode, weights, impl_for=self._impl_for("decode"))
         if self.launch.graphs:
@@ -98,13 +104,15 @@ class KernelExecutor(Executor):
         self.stats = {"eager_steps": 0, "graph_replays": 0, "captures": 0}
 
     # -- the executor interface ----------------------------------------------------------------------------------
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                 logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """Inputs may live on the CPU (as the Generator makes them) or on the device; the bookkeeping reads the
         CPU copy, so a decode step never waits for the device before it is launched."""
         with self.launch.scope():  # launches and captures alike
-            return self._step(input_ids, positions, cache)
+            return self._step(input_ids, positions, cache, logits_at)
 
-    def _step(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def _step(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+              logits_at: torch.Tensor | None = None) -> torch.Tensor:
         self._step_memo = None  # (positions, starts, ready) of the step being run: see _starts_ready
         starts = positions[:, 0].tolist()
         n_new = positions.shape[1]
@@ -118,8 +126,15 @@ class KernelExecutor(Executor):
         else:
             self.stats["eager_steps"] += 1
             run = self._decode if n_new == 1 else self._prefill
-            logits = run.run(_dense(input_ids, self.device), _dense(positions, self.device), state=cache,
-                             symbols={"past": past})[0]
+            # a decode step's one position is logits_at's (checked: 0); a prefill's tail reads the gathered rows
+            self._at = logits_at.to(self.device) if logits_at is not None and n_new > 1 else None
+            try:
+                logits = run.run(_dense(input_ids, self.device), _dense(positions, self.device), state=cache,
+                                 symbols={"past": past})[0]
+            finally:
+                self._at = None
+        if logits_at is not None and logits.shape[1] != 1:  # no position tail (the head reads a mixing op): gather
+            logits = take_positions(logits, logits_at)
         if deferred:
             self._pending.append(self._slots.send(self._error, cache, starts))
             while len(self._pending) > 1:  # the step before this one: done, or nearly, while the device runs this
@@ -174,8 +189,14 @@ class KernelExecutor(Executor):
     def _impl_for(self, entry: str) -> Callable[[Node], Callable | None]:
         params = {id(v) for v in getattr(self.program, entry).params.values()}
         k = self.kernels
+        gathers = self._tail if entry == "prefill" else {}  # decode's one position needs no gather
 
         def impl(node: Node) -> Callable | None:
+            f = kernel(node)
+            at = gathers.get(node)
+            return self._gathering(f or get_op(node.op).impl, at) if at else f
+
+        def kernel(node: Node) -> Callable | None:
             if node in self._ropes:
                 return self._deferred_rope(node)
             if not k.has(node.op):
@@ -195,6 +216,16 @@ class KernelExecutor(Executor):
                 return bound
             return getattr(k, family)
         return impl
+
+    def _gathering(self, f: Callable, inputs: tuple[int, ...]) -> Callable:
+        """f (a first node of the position tail) reading its `inputs` at the running prefill's logits_at: (B, S, D)
+        -> (B, 1, D) rows, from which the rest of the tail computes only those rows."""
+        def gathered(*args, **attrs):
+            at = self._at
+            if at is not None:
+                args = tuple(take_positions(x, at) if i in inputs else x for i, x in enumerate(args))
+            return f(*args, **attrs)
+        return gathered
 
     def window(self, cache: KVCache) -> torch.Tensor:
         """(n_layers, batch) int32 on the device: each layer's ring window starts for the current step."""
@@ -419,5 +450,5 @@ def _to_device(weights: dict[str, torch.Tensor], device: torch.device) -> dict[s
     return out
 
 
-__all__ = ["ATTENTION_OPS", "FAMILIES", "InterpreterExecutor", "KernelExecutor", "check_static", "fused_ropes",
-           "vocab_size_of"]
+__all__ = ["ATTENTION_OPS", "FAMILIES", "POSITIONWISE", "InterpreterExecutor", "KernelExecutor", "check_static",
+           "fused_ropes", "position_tail", "vocab_size_of"]

@@ -110,10 +110,13 @@ class RecomputeExecutor(Executor):
             raise InputError(f"batch must be at least 1, got {batch}")
         return TokenCache(batch, self.max_seq_len, self.device)
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: TokenCache) -> torch.Tensor:
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: TokenCache,
+                 logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """logits_at picks the positions read back (B, 1): the stateless model computes every position anyway."""
         cache.append(input_ids, positions[:, 0].tolist())
         full = cache.ids[:, :cache.max_length]
         logits = self.run(full.to(self.device))  # (B, L, V)
-        at = positions.to(logits.device)
+        at = positions if logits_at is None else positions.gather(1, logits_at.to(positions.device)[:, None])
+        at = at.to(logits.device)
         rows = torch.arange(at.shape[0], device=logits.device)[:, None]
         return logits[rows, at]

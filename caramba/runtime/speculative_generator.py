@@ -301,9 +301,10 @@ def _shortest_layer(cache: KVCache) -> list[int]:
     return [min(col) for col in zip(*(cache.lengths(i) for i in range(cache.spec.n_layers)))]
 
 
-def _append(ex: Executor, cache: KVCache, rows: Sequence[Sequence[int]], pad: int) -> torch.Tensor:
+def _append(ex: Executor, cache: KVCache, rows: Sequence[Sequence[int]], pad: int,
+            logits_at: torch.Tensor | None = None) -> torch.Tensor:
     """Feed row b the tokens rows[b] at its own next positions (right-padded to one width; rows may be empty) and
-    keep only the real ones in the cache. Returns the (B, width, V) logits."""
+    keep only the real ones in the cache. Returns the (B, width, V) logits, or (B, 1, V) at logits_at."""
     held = list(cache.lengths(0))
     width = max(len(r) for r in rows)
     if width == 0:
@@ -311,7 +312,7 @@ def _append(ex: Executor, cache: KVCache, rows: Sequence[Sequence[int]], pad: in
     ids = torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows], dtype=torch.int64)
     pos = torch.tensor(held, dtype=torch.int64)[:, None] + torch.arange(width)
     try:
-        logits = ex.forward(ids, pos, cache)
+        logits = ex.forward(ids, pos, cache, logits_at=logits_at)
     finally:
         # The padding goes, and so does whatever a pass that failed halfway appended to some layers only.
         cache.truncate_rows([min(h + len(r), s) for h, r, s in zip(held, rows, _shortest_layer(cache))])
@@ -327,6 +328,9 @@ def _feed(ex: Executor, cache: KVCache, seqs: Sequence[Sequence[int]], extra: to
     assert min(lead) >= 1, f"every row must have a pending token to feed, got {lead}"
     e = 0 if extra is None else extra.shape[1]
     tails = extra.tolist() if e else [[] for _ in seqs]
-    logits = _append(ex, cache, [list(s[h:]) + t for s, h, t in zip(seqs, held, tails)], pad)
+    rows = [list(s[h:]) + t for s, h, t in zip(seqs, held, tails)]
+    if not e:  # the draft's catch-up (a whole prompt, the first round): one position per row is read
+        return _append(ex, cache, rows, pad, logits_at=torch.tensor(lead) - 1)
+    logits = _append(ex, cache, rows, pad)
     at = (torch.tensor(lead)[:, None] - 1 + torch.arange(e + 1)).to(logits.device)
     return logits.gather(1, at[:, :, None].expand(-1, -1, logits.shape[-1]))
