@@ -40,9 +40,8 @@ ROTATE = 512 << 20
 
 
 def sweep_configs() -> list[Q.Config]:
-    tiles = [(4, 256), (4, 512), (8, 128), (8, 256), (8, 512), (16, 128), (16, 256), (32, 128)]
-    return [Q.Config(block_n=n, block_k=k, warps=w, stages=s)
-            for (n, k), w, s in itertools.product(tiles, (4, 8), (2, 3))]
+    tiles = [(4, 1024), (4, 2048), (8, 512), (8, 1024), (8, 2048), (16, 512), (16, 1024)]
+    return [Q.Config(block_n=n, block_k=k, warps=w, stages=2) for (n, k), w in itertools.product(tiles, (4, 8))]
 
 
 def copies(n_bytes: int) -> int:

@@ -115,9 +115,11 @@ def test_the_fused_prologues(spec, rows):
 
 def test_what_the_kernels_do_not_take_runs_the_reference():
     q, codes, scales, extra, b, a = quantized(9, 40, "int4:g32:sym", F16, bias=False)
-    x = randn(2, 40, dtype=F32, seed=3)  # an fp32 row against fp16 weights: the reference (torch promotion)
-    a32 = {**a, "weight_dtype": DType.f32}
-    assert torch.equal(Q.qlinear(x, codes, scales, **a32), reference("qlinear", x, codes, scales, **a32))
+    strided = codes.t().contiguous().t()  # the same codes, not contiguous: no kernel reads them
+    assert not strided.is_contiguous()
+    for rows in (1, 2):
+        x = randn(rows, 40, dtype=F16, seed=3)
+        assert torch.equal(Q.qlinear(x, strided, scales, **a), reference("qlinear", x, strided, scales, **a))
 
 
 def test_every_rendered_kernel_waits_before_it_touches_memory():

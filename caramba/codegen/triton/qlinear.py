@@ -250,9 +250,12 @@ class Config:
 
 
 def choose(rows: int, n: int, k: int) -> Config:
-    """Not yet measured on a GPU: gemv.py's (8, <=256) one-row tile; 32 x 64 x 64 tensor-core tiles for more rows."""
+    """One row: (8, 1024) tiles, 8 warps, 2 stages, gemv.py's measured choice for fp16 weights, NOT yet timed for
+    quantized ones (the device time ran out): the former (8, 256) x 4 warps guess, timed on an H100 on 2026-12-08
+    (benchmarks/qlinear.py), kept too few bytes in flight: int8 19-69% and int4 7-34% of copy bandwidth, slower
+    than the fp16 GEMV on every shape but the widest. 32 x 64 x 64 tensor-core tiles for more rows (not timed)."""
     if rows == 1:
-        return Config(block_n=8, block_k=min(256, max(32, 1 << (k - 1).bit_length())))
+        return Config(block_n=8, block_k=min(1024, max(64, 1 << (k - 1).bit_length())), warps=8, stages=2)
     return Config(block_n=64, block_k=64, block_m=32 if rows <= 32 else 64)
 
 
