@@ -380,3 +380,15 @@ def test_ctrl_c_halfway_through_the_layers_of_a_step(tiny, monkeypatch, ring, n)
     rest = gen.generate([prompt])[0, len(prompt):].tolist() if gen.tokens is None else \
         [int(t[0]) for t in gen.generate_iter([[]])]
     assert (prompt + got + rest)[:len(reference)] == reference
+
+
+def test_a_cache_config_whose_ring_is_longer_than_the_cache_is_refused_when_made(tiny):
+    """Found by the differential fuzzing: a residual ring longer than max_seq_len was refused only when the first
+    cache was allocated; the config itself now refuses it, saying what to change."""
+    from caramba.ir.cache_format import CacheError
+    from caramba.runtime.executor import CacheConfig
+
+    layout = caramba.compile(tiny, target="eager").cache_layout
+    with pytest.raises(CacheError, match=r"residual_len \(9\) exceeds max_seq_len \(8\).*lower residual_len"):
+        CacheConfig.of(layout, "q8_0", max_seq_len=8, residual_len=9)
+    assert CacheConfig.of(layout, "q8_0", max_seq_len=8, residual_len=8).residual_len == 8

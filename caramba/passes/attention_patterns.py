@@ -34,20 +34,22 @@ def scaled(scores: Pat, scale: str) -> list[Pat]:
 
 def capped(scores: Sequence[Pat]) -> list[Pat]:
     """Each scores form as is, and soft-capped: cap · tanh(s / cap) (or s · (1 / cap)); the nodes bound to
-    "cap_in_op" and "cap_out_op", the factors to "cap_in" and "cap_out" (describe checks they agree)."""
+    "cap_in_op" and "cap_out_op", the factors to "cap_in" and "cap_out" (describe checks they agree). A cap of 1
+    is tanh(s) alone: canonicalize folds the divide and the multiply by 1 away (found by tests/differential)."""
     out = list(scores)
     for s in scores:
         inner = Pat(("div", "mul"), s, scalar=Var.float("cap_in"), reverse=False, name="cap_in_op")
         out.append(Pat("mul", Pat("tanh", inner, name="cap_tanh"), scalar=Var.float("cap_out"), reverse=False,
                        name="cap_out_op"))
+        out.append(Pat("tanh", s, name="cap_tanh"))
     return out
 
 
 def softcap_of(m: Match) -> float | None:
-    """The matched soft cap (0.0 when there is none), None when its two factors disagree."""
+    """The matched soft cap (0.0 when there is none; 1.0 for a bare tanh), None when its two factors disagree."""
     op = m.get("cap_in_op")
     if op is None:
-        return 0.0
+        return 1.0 if m.get("cap_tanh") is not None else 0.0
     if m["cap_in"] == 0:
         return None
     cap = m["cap_in"] if op.op == "div" else 1.0 / m["cap_in"]
@@ -269,7 +271,8 @@ def describe_chain(m: Match, views: Views) -> Attn | None:
     if found is None or softcap is None or m["kt"].type.rank < 2:
         return None
     if softcap:
-        views.state.dead.extend([m["cap_in_op"], m["cap_tanh"], m["cap_out_op"]])
+        capping = (m.get("cap_in_op"), m["cap_tanh"], m.get("cap_out_op"))  # a cap of 1: the tanh alone
+        views.state.dead.extend(n for n in capping if n is not None)
     k = views.key(m["kt"])
     q, factor, _ = views.scalar_factor(m["q"])
     return Attn(q, k, m["v"], factor * scale_of(m, "scale"), found[0], None, m.root.output.type, softcap, found[1])

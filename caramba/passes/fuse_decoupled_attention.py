@@ -52,7 +52,8 @@ def describe_two_scores(m: Match, views: Views) -> Dba | None:
     if found is None or softcap is None:
         return None
     if softcap:
-        views.state.dead.extend([m["cap_in_op"], m["cap_tanh"], m["cap_out_op"]])
+        capping = (m.get("cap_in_op"), m["cap_tanh"], m.get("cap_out_op"))  # a cap of 1: the tanh alone
+        views.state.dead.extend(n for n in capping if n is not None)
     sides = []
     for side in ("sem", "geo"):
         q, factor, _ = views.scalar_factor(m[f"q_{side}"])

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from caramba.errors import UnsupportedOpError
-from caramba.ir.cache_format import KindSpec, resolve_kinds
+from caramba.ir.cache_format import CacheError, KindSpec, resolve_kinds
 from caramba.ir.graph import Graph, Node
 from caramba.ir.types import DType
 
@@ -43,6 +43,13 @@ class CacheConfig:
     max_seq_len: int
     qblock: int = 32
     residual_len: int = 0
+
+    def __post_init__(self) -> None:
+        # here, not only when a cache is allocated: an executor built for this config could never make one
+        if isinstance(self.residual_len, int) and isinstance(self.max_seq_len, int) and \
+                self.residual_len > self.max_seq_len:
+            raise CacheError(f"residual_len ({self.residual_len}) exceeds max_seq_len ({self.max_seq_len}): the fp16 "
+                             f"ring keeps at most every position exact; lower residual_len or raise max_seq_len")
 
     @classmethod
     def of(cls, layout: CacheLayout, kind: KindSpec, *, max_seq_len: int, qblock: int = 32,

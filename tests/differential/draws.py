@@ -157,8 +157,10 @@ def caches(draw, names: tuple[str, ...], tokens: int) -> dict[str, Any]:
     ring = 0
     if kinds & set(QUANTIZED) and draw(st.booleans()):  # the fp16 residual ring: block-scaled kinds only
         ring = draw(st.integers(1, 9))
-    return {"kind": kind, "qblock": draw(st.sampled_from([32, 8, 4, 16, 2, 6, 12, 24])), "residual_len": ring,
-            "max_seq_len": tokens + draw(st.integers(0, 8)),
+    max_seq_len = tokens + draw(st.integers(0, 8))
+    return {"kind": kind, "qblock": draw(st.sampled_from([32, 8, 4, 16, 2, 6, 12, 24])),
+            "residual_len": min(ring, max_seq_len),  # a ring longer than the cache is refused (CacheConfig)
+            "max_seq_len": max_seq_len,
             "partitions": draw(st.sampled_from([None, 1, 2, 3]))}
 
 
