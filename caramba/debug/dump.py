@@ -36,6 +36,19 @@ def unified_diff(before: str, after: str, name: str) -> str:
                                         fromfile=f"before/{name}", tofile=f"after/{name}"))
 
 
+def reproducer_text(record: PassRecord, error: Exception, passes: Sequence[Pass], before_text: str) -> str:
+    """A failing pass's reproducer: a comment header (the error, the pipeline, the failing pass), then the IR the
+    pass failed on."""
+    message = str(error).strip()
+    header = [f"// caramba reproducer: pass {record.label} failed: {type(error).__name__}",
+              *[f"//   {line}" for line in message.splitlines()[:20]],
+              f"// pipeline: {','.join(p.name for p in passes)}",
+              f"// failing pass: {record.name} (number {record.index} of {len(passes)})",
+              "// the IR below is the input of the failing pass (parse it with caramba.ir.parse_graph;",
+              "// weights are not part of the text, so attach any tensors the pass needs to graph.weights)"]
+    return "\n".join(header) + "\n" + before_text
+
+
 class DumpWriter(Instrument):
     """Writes a dump of one pipeline run into `directory` (see the module docstring for the layout)."""
 
@@ -68,14 +81,7 @@ class DumpWriter(Instrument):
     def on_failure(self, record: PassRecord, before: Graph, before_text: str, error: Exception,
                    passes: Sequence[Pass]) -> str | None:
         message = str(error).strip()
-        pipeline = ",".join(p.name for p in passes)
-        header = [f"// caramba reproducer: pass {record.label} failed: {type(error).__name__}",
-                  *[f"//   {line}" for line in message.splitlines()[:20]],
-                  f"// pipeline: {pipeline}",
-                  f"// failing pass: {record.name} (number {record.index} of {len(passes)})",
-                  "// the IR below is the input of the failing pass (parse it with caramba.ir.parse_graph;",
-                  "// weights are not part of the text, so attach any tensors the pass needs to graph.weights)"]
-        self._write("reproducer.ir", "\n".join(header) + "\n" + before_text)
+        self._write("reproducer.ir", reproducer_text(record, error, passes, before_text))
         self.failure = {"index": record.index, "name": record.name, "error": message,
                         "reproducer": "reproducer.ir"}
         self._save_manifest()

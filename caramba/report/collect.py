@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
+from caramba.debug.dump import reproducer_text
 from caramba.fsutil import atomic_write_text
 from caramba.ir.graph import Graph, Node, Value
 from caramba.ir.printer import format_attr, format_node
@@ -264,25 +265,15 @@ class ReportCollector(Instrument):
 
     def on_failure(self, record: PassRecord, before: Graph, before_text: str, error: Exception,
                    passes: Sequence[Pass]) -> str | None:
-        message = str(error).strip()
-        described = f"{type(error).__name__}: {message}"
-        header = [f"// caramba reproducer: pass {record.label} failed: {type(error).__name__}",
-                  *[f"//   {line}" for line in message.splitlines()[:20]],
-                  f"// pipeline: {','.join(p.name for p in passes)}",
-                  f"// failing pass: {record.name} (number {record.index} of {len(passes)})",
-                  "// the IR below is the input of the failing pass (parse it with caramba.ir.parse_graph;",
-                  "// weights are not part of the text, so attach any tensors the pass needs to graph.weights)"]
-        if not self.runs or record.index == 0:  # the input graph itself is invalid: no pass ran, no after_pipeline
-            if not self.runs:
-                self.runs.append(RunView("compile", before.name, [PassView(record, "the input graph")],
-                                         len(before.nodes)))
-                self.input_text = before_text
-            self.failure = Failure(self.runs[-1].label, record.index, record.name, described,
-                                   "\n".join(header) + "\n" + before_text)
+        fresh = not self.runs
+        if fresh:  # the input graph itself is invalid: no pass ran
+            self.runs.append(RunView("compile", before.name, [PassView(record, "the input graph")], len(before.nodes)))
+            self.input_text = before_text
+        self.failure = Failure(self.runs[-1].label, record.index, record.name,
+                               f"{type(error).__name__}: {str(error).strip()}",
+                               reproducer_text(record, error, passes, before_text))
+        if fresh or record.index == 0:  # no after_pipeline follows: write the page now
             self.write()
-            return str(self.path)
-        self.failure = Failure(self.runs[-1].label, record.index, record.name, described,
-                               "\n".join(header) + "\n" + before_text)
         return str(self.path)
 
     def after_pipeline(self, records: list[PassRecord], graph: Graph, failed: PassRecord | None) -> None:

@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
+from caramba.analysis.graphs import value_bytes
 from caramba.ir.graph import Graph, Node
 from caramba.ir.printer import format_attr
 from caramba.ir.registry import get_op
@@ -66,10 +67,7 @@ def _bindings(graph: Graph, context: int) -> dict[str, int]:
 
 def _value_bytes(v, bindings: dict[str, int]) -> int:
     try:
-        n = 1
-        for d in v.type.concrete(bindings):
-            n *= int(d)
-        return n * v.type.dtype.itemsize
+        return value_bytes(v, bindings)
     except Exception:  # a shape this estimate cannot evaluate counts nothing
         return 0
 

@@ -16,7 +16,7 @@ forward's contract: positions (B, S) int64 are contiguous per row and row b star
 tokens of every row are appended (the caller truncates rows that carried padding with cache.truncate_rows).
 logits_at (B,) picks one offset into the step per row, the only logits a sampling loop reads after a prefill:
 a kernel backend then runs the LM head (and the position-wise ops before it) on those B rows alone, not B·S
-(kernel_executor.position_tail); the others gather what they computed.
+(runtime/position_tail.py); the others gather what they computed.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ else is written once, here:
   while the device runs (before the replay when a residual ring's window starts, which the replay reads, depend
   on it). Nothing in the decode graph may depend on the cache length as a shape (checked when built), so it is
   never recaptured as the cache grows.
-- logits_at (a prefill that samples one position per row): the prefill graph's position tail (position_tail: the
+- logits_at (a prefill that samples one position per row): the prefill graph's position tail (position_tail.py: the
   LM head and the ops before it that act on each position alone) is found once; its first nodes read their
   activations gathered at each row's offset, (B, 1, D), so the head runs on B rows, not B·S. Decode is untouched.
 """
@@ -45,7 +45,7 @@ from caramba.ir.registry import get_op
 from caramba.runtime.append_errors import CHECK_MODES, Pending, Slots, undo, undo_pending
 from caramba.runtime.executor import Executor, take_positions, vocab_size_of
 from caramba.runtime.kv_cache import KVCache
-from caramba.runtime.position_tail import POSITIONWISE, position_tail
+from caramba.runtime.position_tail import position_tail
 
 log = logging.getLogger("caramba")
 
@@ -450,5 +450,5 @@ def _to_device(weights: dict[str, torch.Tensor], device: torch.device) -> dict[s
     return out
 
 
-__all__ = ["ATTENTION_OPS", "FAMILIES", "POSITIONWISE", "InterpreterExecutor", "KernelExecutor", "check_static",
-           "fused_ropes", "position_tail", "vocab_size_of"]
+__all__ = ["ATTENTION_OPS", "FAMILIES", "InterpreterExecutor", "KernelExecutor", "check_static", "fused_ropes",
+           "vocab_size_of"]

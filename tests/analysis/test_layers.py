@@ -11,18 +11,14 @@ import caramba
 from caramba.analysis import check_layers, fusion_coverage, layer_mismatches, layer_of, layer_subgraphs
 from caramba.cli import main
 from caramba.models import Transformer, preset
+from caramba.models.transformer import RMSNorm
 
 N_LAYERS, PLANTED = 6, 3
 
 
-class PowRMSNorm(nn.Module):
+class PowRMSNorm(RMSNorm):
     """RMSNorm with the root written as pow(., -0.5): the same numbers (one rounding apart), but fuse_rms_norm
     matches rsqrt or 1 / sqrt, so this norm stays primitive ops."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()

@@ -46,4 +46,4 @@ def test_the_page_opens_offline_without_errors_and_a_click_shows_a_pass(browser,
     assert js(f"{detail}.hidden") and not js("document.getElementById('pass-0-1').hidden")
     js("document.querySelector('button[data-open=\"0\"][data-scope=\"graph\"]').click()")
     assert js("[...document.querySelectorAll('details.layer')].every(d => !d.open)")
-    assert page.errors == [] and page.seconds < 10
+    assert page.errors == []  # (how long it takes to open: benchmarks/report_size.py, not a test)

@@ -38,7 +38,8 @@ import torch
 
 from caramba.codegen.triton import norms, source
 from caramba.codegen.triton.gemv import _WHAT, _init, _load_x, _scale
-from caramba.codegen.triton.jit_helpers import HELPERS, PDL_PROLOGUE, TL_DTYPE, from_f32, launch_kwargs, round_f32
+from caramba.codegen.triton.jit_helpers import (HELPERS, PDL_PROLOGUE, TL_DTYPE, from_f32, launch_kwargs, next_pow2,
+                                              round_f32)
 from caramba.codegen.triton.swiglu import swiglu
 from caramba.ir.ops_quant import split_extra
 from caramba.ir.registry import get_op
@@ -255,7 +256,7 @@ def choose(rows: int, n: int, k: int) -> Config:
     (benchmarks/qlinear.py), kept too few bytes in flight: int8 19-69% and int4 7-34% of copy bandwidth, slower
     than the fp16 GEMV on every shape but the widest. 32 x 64 x 64 tensor-core tiles for more rows (not timed)."""
     if rows == 1:
-        return Config(block_n=8, block_k=min(1024, max(64, 1 << (k - 1).bit_length())), warps=8, stages=2)
+        return Config(block_n=8, block_k=min(1024, max(64, next_pow2(k))), warps=8, stages=2)
     return Config(block_n=64, block_k=64, block_m=32 if rows <= 32 else 64)
 
 
